@@ -1,0 +1,371 @@
+"""Command-line front ends: ``ldct <group> <command>`` and ``ldct-best``.
+
+Thin argparse wrappers over library functions. Each command group is added by its own
+``_add_<group>_commands(sub)`` function; handlers import what they need lazily, so ``ldct --help``
+and the data commands start fast (Ray, MLflow and timm take seconds to import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="DICOM trees, the HU cache, the built-in set, LDCT baselines")
+    cmds = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+    p = cmds.add_parser(
+        "builtin",
+        help="write the built-in DICOM set (phantoms + CT_small, simulated quarter dose) in Mayo layout",
+    )
+    p.add_argument("out", help="output directory (missing, empty, or a previous built-in tree)")
+    p.add_argument(
+        "--dose", type=float, default=0.25, help="low-dose fraction of the full dose (default 0.25)"
+    )
+    p.add_argument("--phantoms", type=int, default=6, help="number of phantom patients PH01.. (default 6)")
+    p.add_argument("--slices", type=int, default=4, help="slices per phantom (default 4)")
+    p.add_argument("--size", type=int, default=256, help="phantom image size in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_data_builtin)
+
+    p = cmds.add_parser("index", help="read a DICOM tree once into the per-patient HU cache (incremental)")
+    p.add_argument("root", help="DICOM root (Mayo 2016 or TCIA LDCT-and-Projection-data layout)")
+    p.add_argument("--cache", required=True, help="cache directory (arrays + manifest.json)")
+    p.add_argument("--thickness", default="3mm", help="Mayo series thickness: 3mm or 1mm (default 3mm)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and list bad files instead of stopping")
+    p.add_argument("--val", nargs="+", default=[], metavar="P", help="validation patients")
+    p.add_argument("--test", nargs="+", default=[], metavar="P", help="test patients")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_data_index)
+
+    p = cmds.add_parser("baseline", help="LDCT-vs-full-dose metrics of a split (per patient and mean)")
+    p.add_argument("cache", help="cache directory")
+    p.add_argument("--split", default="test", help="train, val or test (default test)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_cmd_data_baseline)
+
+
+def _cmd_data_builtin(args: argparse.Namespace) -> int:
+    from ldct.data.simulate import write_builtin
+
+    out = write_builtin(
+        args.out,
+        dose=args.dose,
+        phantoms=args.phantoms,
+        slices=args.slices,
+        size=args.size,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    patients = [f"PH{k:02d}" for k in range(1, args.phantoms + 1)] + ["CTSMALL"]
+    print(
+        f"built-in set in {out}: {len(patients)} patients ({patients[0]}..{patients[-2]}, CTSMALL), dose {args.dose:g}"
+    )
+    return EXIT_OK
+
+
+def _cmd_data_index(args: argparse.Namespace) -> int:
+    from ldct.data.cache import build_cache
+
+    manifest = build_cache(
+        args.root,
+        args.cache,
+        mayo_thickness=args.thickness,
+        skip_bad=args.skip_bad,
+        val=args.val,
+        test=args.test,
+        progress=not args.quiet,
+    )
+    slices = sum(e["shape"][0] for e in manifest.patients.values())
+    print(
+        f"cache {args.cache}: {len(manifest.patients)} patients, {slices} slice pairs "
+        f"({manifest.layout} layout, {manifest.source})"
+    )
+    for split in ("train", "val", "test"):
+        print(f"  {split:5s} {', '.join(manifest.splits[split]) or '-'}")
+    skipped = [s for e in manifest.patients.values() for s in e.get("skipped", [])] + manifest.skipped
+    if skipped:
+        print(f"skipped {len(skipped)}:")
+        for path, reason in skipped:
+            print(f"  {path}: {reason}")
+    return EXIT_OK
+
+
+def _format_baseline(table: dict) -> str:
+    cols = ("psnr_window", "ssim_window", "psnr_full", "ssim_full", "rmse_hu")
+    head = f"{'patient':12s} {'slices':>6s} " + " ".join(f"{c:>11s}" for c in cols)
+    lines = [
+        f"LDCT vs full dose, split {table['split']!r} (window [-160, 240] HU; full [-1024, 3072] HU)",
+        head,
+    ]
+
+    def row(name: str, slices: int, m: dict) -> str:
+        return f"{name:12s} {slices:6d} " + " ".join(
+            f"{m[c]:11.2f}" if c.startswith("psnr") or c == "rmse_hu" else f"{m[c]:11.4f}" for c in cols
+        )
+
+    lines += [row(r["patient"], r["slices"], r) for r in table["patients"]]
+    lines.append(row("mean", table["mean"]["slices"], table["mean"]))
+    return "\n".join(lines)
+
+
+def _cmd_data_baseline(args: argparse.Namespace) -> int:
+    from ldct.data.cache import baseline_table
+
+    table = baseline_table(args.cache, split=args.split)
+    print(json.dumps(table, indent=1) if args.json else _format_baseline(table))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ ldct train
+
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="one training run (Ray Train), then the test-split table",
+        description="Train the generator/critic pair with a profile, then score the test split: "
+        "LDCT input, a Gaussian filter tuned on validation, and the denoised output.",
+    )
+    p.add_argument("--profile", default="quick", help="studies/<name>.toml or a .toml path (default: quick)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a profile value (repeatable)",
+    )
+    p.add_argument("--data", help="a cache directory made by `ldct data index` (default: the built-in set)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (0 = train in this process, no Ray)")
+    p.add_argument("--storage", help="where Ray keeps runs and checkpoints (default ./runs)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line: ldct / classical / denoised")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ldct.config import apply_overrides, load_config
+    from ldct.train import main_train
+
+    cfg = load_config(args.profile, args.overrides)
+    if args.data:
+        cfg = apply_overrides(cfg, [f"data.cache={Path(args.data).resolve()}"])
+    return main_train(cfg, workers=args.workers, json_out=args.json, storage=args.storage)
+
+
+# ----------------------------------------------------------------------------------------- ldct report
+
+
+def _add_report_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="leaderboard, plots and best panel of a study, from MLflow")
+    p.add_argument("study", help="study name (study.name of its profile, e.g. quick)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--out", default="results", help="results root (default ./results)")
+    p.add_argument("--profile", help="profile whose data scores the best trial on the test split")
+    p.set_defaults(handler=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ldct.config import load_config
+    from ldct.report import write_report
+
+    cfg = load_config(args.profile) if args.profile else None
+    out = write_report(args.study, tracking_uri=args.tracking_uri, results_root=args.out, cfg=cfg)
+    print((out / "leaderboard.md").read_text())
+    print(f"written: {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- ldct-best
+
+
+def best_main(argv: Sequence[str] | None = None) -> int:
+    """``ldct-best``: the registered model: show, validate (throughput) + promote, export, denoise."""
+    parser = argparse.ArgumentParser(prog="ldct-best", description="The registered ldct-denoiser model.")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("show", help="registered versions with aliases, metrics and FPS")
+    p.set_defaults(handler=_cmd_show)
+
+    p = sub.add_parser("validate", help="measure FPS at 512x512; on pass move alias champion here")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", help="registry version number")
+    which.add_argument("--alias", default=None, help="registry alias (default: candidate)")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    p.add_argument(
+        "--min-fps", type=float, help="bar (default 12.5 on CUDA, the paper's T4 figure; required on CPU)"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per batch size (median)")
+    p.set_defaults(handler=_cmd_validate)
+
+    p = sub.add_parser("export", help="write model.onnx, model.pt and model_card.json")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", help="registry version number")
+    which.add_argument("--alias", default=None, help="registry alias (default: champion)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="overwrite an existing export")
+    p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("denoise", help="denoise a DICOM series into a new DICOM series")
+    p.add_argument("input", help="input DICOM directory (never modified)")
+    p.add_argument("output", help="output directory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="an export directory (from `ldct-best export`)")
+    src.add_argument("--alias", help="registry alias to load instead (e.g. champion)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.set_defaults(handler=_cmd_denoise)
+
+    return _run(parser, argv)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from ldct.tracking import list_versions
+
+    rows = list_versions(args.tracking_uri)
+    if not rows:
+        print("no registered versions of ldct-denoiser (run a study first)")
+        return 1
+    columns = [
+        "version",
+        "aliases",
+        "study",
+        "trial",
+        "encoder",
+        "val_psnr_window",
+        "val_ssim_window",
+        "fps",
+        "fps_device",
+    ]
+    table = [[",".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldct import tracking
+    from ldct.deploy.throughput import check_bar, default_min_fps, measure_fps
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    min_fps = args.min_fps if args.min_fps is not None else default_min_fps(device)
+    if min_fps is None:
+        print(
+            f"ldct-best validate: give --min-fps for --device {device}: the paper's 12.5 FPS bar is a "
+            f"T4 (CUDA) figure",
+            file=sys.stderr,
+        )
+        return 2
+    generator, meta = tracking.load_registered(
+        alias=args.alias if args.version is None else None,
+        version=args.version,
+        tracking_uri=args.tracking_uri,
+    )
+    print(f"validating ldct-denoiser v{meta['version']} on {device} (bar {min_fps:g} FPS at 512x512)...")
+    result = measure_fps(generator, device=device, repeats=args.repeats)
+    for batch, row in sorted(result["per_batch"].items()):
+        print(f"  batch {batch}: {row['fps']:.2f} FPS (median {row['median_s'] * 1000:.0f} ms per batch)")
+    if check_bar(result, min_fps):
+        tracking.promote(meta["version"], {**result, "size": 512}, min_fps, args.tracking_uri)
+        print(
+            f"PASS: {result['fps']:.2f} FPS >= {min_fps:g} on {result['device_name']}; "
+            f"alias 'champion' -> v{meta['version']}"
+        )
+        return 0
+    tracking.record_failed_validation(meta["version"], result, min_fps, args.tracking_uri)
+    print(
+        f"FAIL: {result['fps']:.2f} FPS < {min_fps:g} on {result['device_name']}; aliases unchanged",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ldct import tracking
+    from ldct.deploy.export import export_bundle
+
+    alias = args.alias or (None if args.version else tracking.CHAMPION)
+    generator, meta = tracking.load_registered(
+        alias=alias, version=args.version, tracking_uri=args.tracking_uri
+    )
+    report = export_bundle(generator, meta, Path(args.out), force=args.force)
+    print(
+        f"exported ldct-denoiser v{meta['version']} to {args.out}: "
+        f"{', '.join(sorted(report.get('files', [])))}; onnxruntime vs torch max error "
+        f"{report['parity_max_abs_hu']:.4f} HU"
+    )
+    return 0
+
+
+def _cmd_denoise(args: argparse.Namespace) -> int:
+    from ldct.deploy.denoise import denoise_series
+
+    generator = meta = None
+    if args.alias:
+        from ldct import tracking
+
+        generator, meta = tracking.load_registered(alias=args.alias, tracking_uri=args.tracking_uri)
+    elif not args.model:
+        print("ldct-best denoise: give --model DIR (an export) or --alias NAME", file=sys.stderr)
+        return 2
+    report = denoise_series(
+        args.input,
+        args.output,
+        model_dir=args.model,
+        backend="torch" if generator is not None else args.backend,
+        generator=generator,
+        meta=meta,
+    )
+    print(f"wrote {len(report['written'])} slices to {args.output} ({report['seconds']:.1f} s)")
+    for path, reason in report["skipped"]:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0 if report["written"] else 1
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldct", description="Low-dose CT denoising study (ldct).")
+    sub = parser.add_subparsers(dest="command", metavar="GROUP", required=True)
+    _add_data_commands(sub)
+    _add_train_command(sub)
+    _add_report_command(sub)
+    return parser
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or EXIT_OK)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as exc:
+        # Expected user errors (DicomError, ConfigError, TrackingError, missing cache...): one clear
+        # line, no trace. Any other RuntimeError is a bug and keeps its traceback.
+        if isinstance(exc, RuntimeError) and not type(exc).__module__.startswith("ldct"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ldct`` console script."""
+    return _run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

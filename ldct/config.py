@@ -1,0 +1,346 @@
+"""Typed, frozen configuration loaded from TOML profiles with strict ``section.key=value`` overrides.
+
+Ray and MLflow only see flat dicts (``{"loss.lambda_l1": 1.0, ...}``); :func:`to_flat` and
+:func:`from_flat` convert both ways without loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROFILE_DIR = PROJECT_ROOT / "studies"
+
+
+class ConfigError(ValueError):
+    """A profile or an override names an unknown key or carries a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class HUNormalization:
+    """HU window mapped linearly onto [0, 1] for the network; travels with every checkpoint."""
+
+    hu_min: float = -1024.0
+    hu_max: float = 3072.0
+
+    def to_unit(self, hu: Any) -> Any:
+        """HU (tensor or array) -> clipped network input in [0, 1]."""
+        span = self.hu_max - self.hu_min
+        return ((hu - self.hu_min) / span).clip(0.0, 1.0)
+
+    def to_hu(self, unit: Any) -> Any:
+        """Network output in [0, 1] -> HU. Not clipped: callers decide what to do at the edges."""
+        return unit * (self.hu_max - self.hu_min) + self.hu_min
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # DICOM root (Mayo 2016 or TCIA layout). Empty: the built-in set is generated and used.
+    root: str = ""
+    # Where the per-patient HU cache lives. Empty: <root>/../<name>-cache, or ~/.cache/ldct/builtin.
+    cache: str = ""
+    # Mayo series thickness to read ("1mm" or "3mm"); ignored for TCIA trees.
+    mayo_thickness: str = "3mm"
+    # Patients held out by name; everyone else trains. Empty test list: the last patient.
+    val_patients: tuple[str, ...] = ()
+    test_patients: tuple[str, ...] = ()
+    patch_size: int = 64
+    # Patches whose fraction of air pixels (HU < -900) exceeds this are redrawn.
+    max_air_fraction: float = 0.9
+    loader_workers: int = 0
+    # Built-in set: number of phantom patients, slices per phantom, image size, dose, seed.
+    builtin_phantoms: int = 6
+    builtin_slices: int = 4
+    builtin_size: int = 256
+    builtin_dose: float = 0.25
+    builtin_seed: int = 0
+    # Cap on whole slices scored per validation (0 = all): validation must stay cheap.
+    max_val_slices: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: str = "tf_efficientnetv2_m"
+    # Indices into timm's feature_info. For tf_efficientnetv2_m, (2, 3, 4) are blocks.2/4/6, the
+    # paper's stages 3, 5 and 7 (strides 8, 16, 32).
+    out_indices: tuple[int, ...] = (2, 3, 4)
+    # "none", "imagenet" (timm cache only, never a download) or a path to a weights file.
+    encoder_weights: str = "none"
+    decoder_channels: int = 64
+    critic_channels: int = 64
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    lambda_adv: float = 1.0
+    lambda_l1: float = 1.0  # λ₂
+    lambda_perceptual: float = 0.1  # λ₃
+    lambda_gp: float = 10.0
+    perceptual_net: str = "vgg19"
+    # Last VGG feature layer used (torchvision index into .features; 35 = relu5_4 as in WGAN-VGG).
+    perceptual_layer: int = 35
+    # "auto" (local file/torch cache if present, else seeded random), "imagenet" (must be on disk),
+    # "random", or a path to a state_dict file.
+    perceptual_weights: str = "auto"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.5, 0.9)
+    # Critic lr = lr * critic_lr_ratio (the paper uses one lr for both).
+    critic_lr_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 100_000  # generator steps
+    n_critic: int = 4
+    batch_size: int = 128  # global batch, split over workers
+    val_every: int = 1000
+    checkpoint_every: int = 0  # 0 = at every validation
+    log_every: int = 50
+    seed: int = 0
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    # Torch intra-op threads per worker (0 = what Ray's CPU reservation implies).
+    torch_threads: int = 0
+    # "auto": fp16 autocast + channels_last on CUDA, plain fp32 on CPU.
+    precision: str = "auto"
+    # Test hook: force the generator loss to NaN at this step (0 = never), only in runs whose
+    # learning rate is at least debug_nan_min_lr (so one trial of a study can be made to fail).
+    debug_nan_step: int = 0
+    debug_nan_min_lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "loss_weights"
+    trials: int = 20
+    max_concurrent: int = 1
+    seed: int = 0
+    lambda_l1_range: tuple[float, float] = (0.1, 10.0)
+    lambda_perceptual_range: tuple[float, float] = (0.01, 1.0)
+    lambda_gp_range: tuple[float, float] = (1.0, 100.0)
+    lr_range: tuple[float, float] = (1e-6, 1e-3)
+    # ASHA: validations before a trial may be stopped, and the halving rate.
+    grace_validations: int = 1
+    reduction_factor: int = 2
+    max_failures: int = 1  # retries of a failed trial from its last checkpoint
+    # CPUs held by each trial's driver function (it only waits on its trainer's workers).
+    driver_cpus: float = 0.25
+    tracking_uri: str = ""
+    # Ray storage for trials and checkpoints ("" = ./runs); a cluster needs shared storage (s3://...).
+    storage: str = ""
+    # Throughput bar for promotion (paper: 12.5 FPS at 512x512 on a T4).
+    min_fps: float = 12.5
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    profile: str = "default"
+    normalization: HUNormalization = field(default_factory=HUNormalization)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "study": StudyConfig,
+}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert one value against a field annotation; raise ConfigError naming `where`."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in (p.strip() for p in value.strip("()[]").split(",")) if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(annotation):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int | np.integer):
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, int | float | np.integer | np.floating):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {annotation!r}")
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown key {section}.{key}; known keys of [{section}]: {', '.join(sorted(known))}"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def from_dict(tree: dict[str, Any], profile: str = "custom") -> Config:
+    """Build a Config from a nested dict (a parsed TOML profile). Unknown sections/keys raise."""
+    sections = {}
+    for name, values in tree.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section [{name}]; known: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table, got {values!r}")
+        sections[name] = _build_section(SECTIONS[name], values, name)
+    return Config(profile=profile, **sections)
+
+
+def profile_path(profile: str | Path) -> Path:
+    """Resolve a profile name (``quick``) or path (``my.toml``) to an existing TOML file."""
+    candidate = Path(profile)
+    if candidate.suffix == ".toml" and candidate.is_file():
+        return candidate.resolve()
+    named = PROFILE_DIR / f"{profile}.toml"
+    if named.is_file():
+        return named
+    available = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+    raise ConfigError(f"no profile {str(profile)!r}: give a .toml path or one of {available}")
+
+
+def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.key=value`` strings; unknown keys and wrong types raise ConfigError."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
+        cls = SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        if key not in hints:
+            known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+            raise ConfigError(f"override {item!r}: unknown key {section}.{key}; known: {known}")
+        value = _coerce(raw.strip(), hints[key], f"{section}.{key}")
+        new_section = dataclasses.replace(getattr(config, section), **{key: value})
+        config = dataclasses.replace(config, **{section: new_section})
+    return config
+
+
+def load_config(profile: str | Path = "quick", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a TOML profile by name or path and apply strict overrides."""
+    path = profile_path(profile)
+    with path.open("rb") as fh:
+        try:
+            tree = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    name = path.stem
+    try:
+        config = from_dict(tree, profile=name)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return apply_overrides(config, overrides)
+
+
+def to_flat(config: Config) -> dict[str, Any]:
+    """Flat ``{"section.key": value}`` dict (tuples become lists), plus ``profile``."""
+    flat: dict[str, Any] = {"profile": config.profile}
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(config, section)):
+            value = getattr(getattr(config, section), f.name)
+            flat[f"{section}.{f.name}"] = list(value) if isinstance(value, tuple) else value
+    flat["normalization.hu_min"] = config.normalization.hu_min
+    flat["normalization.hu_max"] = config.normalization.hu_max
+    return flat
+
+
+def from_flat(flat: dict[str, Any]) -> Config:
+    """Inverse of :func:`to_flat`. Unknown keys raise."""
+    tree: dict[str, dict[str, Any]] = {}
+    norm = {}
+    profile = str(flat.get("profile", "custom"))
+    for dotted, value in flat.items():
+        if dotted == "profile":
+            continue
+        if "." not in dotted:
+            raise ConfigError(f"flat key {dotted!r} has no section")
+        section, key = dotted.split(".", 1)
+        if section == "normalization":
+            norm[key] = float(value)
+            continue
+        tree.setdefault(section, {})[key] = value
+    config = from_dict(tree, profile=profile)
+    if norm:
+        config = dataclasses.replace(config, normalization=HUNormalization(**norm))
+    return config
+
+
+def replace(config: Config, **sections: dict[str, Any]) -> Config:
+    """``replace(cfg, loss={"lambda_l1": 2.0})``: a copy with some section fields changed (strictly)."""
+    for section, changes in sections.items():
+        overrides = [f"{section}.{k}={_to_override_text(v)}" for k, v in changes.items()]
+        config = apply_overrides(config, overrides)
+    return config
+
+
+def _to_override_text(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)

@@ -1,0 +1,191 @@
+"""Shared fixtures: DICOM trees written with pydicom (Mayo and TCIA layouts), a small built-in set.
+
+The DICOM writer here is deliberately independent of ``ldct.data.simulate.write_ct_slice``: the
+reader is tested against files it did not produce itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _ray_fixtures import mlflow_server, ray_local  # noqa: F401  (shared Ray/MLflow fixtures)
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+# Small built-in set used by the data tests: seconds to make, same code path as the real one.
+BUILTIN_SMALL = {"phantoms": 2, "slices": 2, "size": 64, "seed": 0, "dose": 0.25}
+
+
+def ct_image(seed: int, size: int = 16) -> np.ndarray:
+    """A deterministic HU image: a bright disc in soft tissue, air corners, some noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2.0
+    img = np.where(xx**2 + yy**2 < (size / 2.0) ** 2, 40.0, -1000.0)
+    img[xx**2 + yy**2 < (size / 6.0) ** 2] = 700.0
+    return (img + rng.normal(0, 10, img.shape)).round()
+
+
+def write_dicom(
+    path: Path,
+    hu: np.ndarray | None = None,
+    *,
+    patient: str = "P1",
+    description: str = "Full Dose Images",
+    z: float | None = 0.0,
+    instance: int | None = 1,
+    spacing: Iterable[float] = (0.7, 0.7),
+    modality: str = "CT",
+    rescale: bool = True,
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    transfer_syntax: str | None = None,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+) -> Path:
+    """One single-frame image file. ``transfer_syntax`` set to a compressed UID writes dummy
+    encapsulated bytes that no decoder can turn into pixels."""
+    hu = ct_image(0) if hu is None else np.asarray(hu, dtype=np.float64)
+    stored = np.rint((hu - intercept) / slope).astype("<i2")
+    sop = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop
+    ds.Modality = modality
+    ds.PatientID = patient
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.SeriesDescription = description
+    if instance is not None:
+        ds.InstanceNumber = instance
+    if z is not None:
+        ds.ImagePositionPatient = [-10.0, -10.0, z]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = list(spacing)
+    ds.SliceThickness = 3
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    if rescale:
+        ds.RescaleSlope = slope
+        ds.RescaleIntercept = intercept
+    if transfer_syntax:
+        ds.PixelData = encapsulate([b"\x00\x01\x02\x03" * 16])
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.PixelData = stored.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_mayo_tree(
+    root: Path, patients: dict[str, int], size: int = 16, thickness: str = "3mm", seed: int = 0
+) -> dict[str, dict[float, tuple[Path, Path]]]:
+    """``root/<patient>/{full,quarter}_<t>/<n>.IMA``; file names shuffled against z so that
+    pairing really goes by position. Returns {patient: {z: (low path, full path)}}."""
+    out: dict[str, dict[float, tuple[Path, Path]]] = {}
+    for pi, (patient, n) in enumerate(sorted(patients.items())):
+        study = generate_uid()
+        series = {"full": generate_uid(), "quarter": generate_uid()}
+        out[patient] = {}
+        for i in range(n):
+            z = -100.0 + 3.0 * i
+            full = ct_image(1000 * pi + i + seed, size)
+            low = full + np.random.default_rng(7 + i + seed).normal(0, 20, full.shape).round()
+            name = f"{(i * 7) % n + 1:04d}.IMA"  # not in z order
+            paths = []
+            for kind, img, desc in (("quarter", low, "Quarter Dose"), ("full", full, "Full Dose")):
+                paths.append(
+                    write_dicom(
+                        root / patient / f"{kind}_{thickness}" / name,
+                        img,
+                        patient=patient,
+                        description=desc,
+                        z=z,
+                        instance=i + 1,
+                        series_uid=series[kind],
+                        study_uid=study,
+                    )
+                )
+            out[patient][z] = (paths[0], paths[1])
+    return out
+
+
+def write_tcia_tree(
+    root: Path, patients: dict[str, int], size: int = 16
+) -> dict[str, dict[float, tuple[Path, Path]]]:
+    """``root/<patient>/<study>/<series>/*.dcm`` with "Full Dose Images" / "Low Dose Images",
+    plus a localizer series that must be ignored."""
+    out: dict[str, dict[float, tuple[Path, Path]]] = {}
+    for pi, (patient, n) in enumerate(sorted(patients.items())):
+        study = generate_uid()
+        study_dir = root / patient / f"1.2.3.{pi}-study"
+        series = {"full": generate_uid(), "low": generate_uid()}
+        out[patient] = {}
+        for i in range(n):
+            z = 50.0 - 2.5 * i  # descending, as many scanners write them
+            full = ct_image(2000 * pi + i, size)
+            low = full + np.random.default_rng(i).normal(0, 20, full.shape).round()
+            paths = []
+            for kind, img, desc in (("low", low, "Low Dose Images"), ("full", full, "Full Dose Images")):
+                paths.append(
+                    write_dicom(
+                        study_dir / f"{kind}-series" / f"1-{i + 1:03d}.dcm",
+                        img,
+                        patient=patient,
+                        description=desc,
+                        z=z,
+                        instance=i + 1,
+                        series_uid=series[kind],
+                        study_uid=study,
+                    )
+                )
+            out[patient][z] = (paths[0], paths[1])
+        write_dicom(
+            study_dir / "scout" / "1-001.dcm", patient=patient, description="Topogram 0.6 T20f", z=0.0
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def builtin_tree(tmp_path_factory) -> Path:
+    """A small built-in DICOM tree (2 phantoms x 2 slices of 64x64, plus CTSMALL)."""
+    from ldct.data.simulate import write_builtin
+
+    return write_builtin(tmp_path_factory.mktemp("builtin") / "dicom", progress=False, **BUILTIN_SMALL)
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(builtin_tree, tmp_path_factory) -> Path:
+    """The HU cache of :func:`builtin_tree` (read-only for tests: copy it before changing it)."""
+    from ldct.data.cache import build_cache
+
+    cache = tmp_path_factory.mktemp("builtin-cache")
+    build_cache(builtin_tree, cache, progress=False)
+    return cache
+
+
+@pytest.fixture
+def mayo_tree(tmp_path) -> Path:
+    root = tmp_path / "mayo"
+    write_mayo_tree(root, {"L001": 3, "L002": 2, "L003": 2})
+    return root
+
+
+@pytest.fixture
+def tcia_tree(tmp_path) -> Path:
+    root = tmp_path / "tcia"
+    write_tcia_tree(root, {"C001": 2, "C002": 3})
+    return root

@@ -1,0 +1,228 @@
+"""ldct.data.dicom on real files: HU conversion, both layouts, pairing, splits and every bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import ct_image, write_dicom, write_mayo_tree
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
+
+from ldct.data.dicom import DicomError, default_split, discover, read_hu, split_patients
+
+CT_SMALL = get_testdata_file("CT_small.dcm")
+
+
+def test_ct_small_reads_to_known_hu():
+    hu, meta = read_hu(CT_SMALL)
+    ds = pydicom.dcmread(CT_SMALL)
+    expected = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert hu.dtype == np.float32 and hu.shape == (128, 128)
+    np.testing.assert_array_equal(hu, expected)
+    # Spot values and range, independent of the conversion formula above.
+    assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, -1024.0)
+    for r, c in ((0, 0), (64, 64), (100, 30)):
+        assert hu[r, c] == int(ds.pixel_array[r, c]) - 1024
+    assert hu.min() == -896 and hu.max() == 1167
+    assert meta["modality"] == "CT" and meta["shape"] == (128, 128)
+    assert meta["spacing"] == pytest.approx((0.661468, 0.661468))
+    assert meta["z"] == pytest.approx(-75.7, abs=1e-3)
+    assert meta["sop_uid"] == ds.SOPInstanceUID
+
+
+def test_rescale_slope_and_intercept_are_applied(tmp_path):
+    img = ct_image(3)
+    path = write_dicom(tmp_path / "a.dcm", img, slope=0.5, intercept=-1000.0)
+    hu, _ = read_hu(path)
+    np.testing.assert_allclose(hu, img, atol=0.5)
+
+
+def test_discover_mayo_pairs_by_z_and_groups_by_patient(tmp_path):
+    written = write_mayo_tree(tmp_path / "m", {"L001": 4, "L002": 2})
+    found = discover(tmp_path / "m")
+    assert found.layout == "mayo" and found.skipped == []
+    assert sorted(found.patients) == ["L001", "L002"]
+    for patient, pairs in found.patients.items():
+        zs = [p.z for p in pairs]
+        assert zs == sorted(zs) == sorted(written[patient])
+        for pair in pairs:
+            low, full = written[patient][pair.z]
+            assert (pair.low, pair.full) == (low, full)
+            assert pair.low_sop == pydicom.dcmread(low).SOPInstanceUID
+            assert pair.full_sop == pydicom.dcmread(full).SOPInstanceUID
+            assert pair.patient == patient and pair.shape == (16, 16)
+
+
+def test_discover_tcia_uses_series_description_and_ignores_other_series(tcia_tree):
+    found = discover(tcia_tree)
+    assert found.layout == "tcia" and sorted(found.patients) == ["C001", "C002"]
+    pairs = found.patients["C002"]
+    assert [p.z for p in pairs] == [45.0, 47.5, 50.0]
+    assert all("low-series" in str(p.low) and "full-series" in str(p.full) for p in pairs)
+
+
+def test_mayo_thickness_is_selected(tmp_path):
+    root = tmp_path / "m"
+    write_mayo_tree(root, {"L001": 2}, thickness="3mm")
+    write_mayo_tree(root, {"L001": 3}, thickness="1mm", seed=5)
+    assert len(discover(root, mayo_thickness="1mm").patients["L001"]) == 3
+    assert len(discover(root, mayo_thickness="3mm").patients["L001"]) == 2
+    with pytest.raises(DicomError, match="no full_5mm and quarter_5mm"):
+        discover(root, mayo_thickness="5mm")
+
+
+def test_pairs_by_instance_number_without_positions(tmp_path):
+    root = tmp_path / "m"
+    for i in (1, 2, 3):
+        for kind in ("full", "quarter"):
+            write_dicom(root / "P1" / f"{kind}_3mm" / f"{4 - i}.IMA", ct_image(i), z=None, instance=i)
+    pairs = discover(root).patients["P1"]
+    assert [p.z for p in pairs] == [1.0, 2.0, 3.0]
+    assert all(p.low.name == p.full.name for p in pairs)
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _corrupt(path):
+    path.write_bytes(b"this is not a DICOM file" * 10)
+
+
+def _mr(path):
+    write_dicom(path, modality="MR")
+
+
+def _no_rescale(path):
+    write_dicom(path, rescale=False)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_corrupt, "not a DICOM file"),
+        (_mr, "Modality is 'MR', not 'CT'"),
+        (_no_rescale, "missing RescaleSlope and RescaleIntercept"),
+    ],
+)
+def test_bad_file_is_named(mayo_tree, damage, message):
+    bad = mayo_tree / "L002" / "quarter_3mm" / "0001.IMA"
+    bad.unlink()
+    damage(bad)
+    with pytest.raises(DicomError, match=message) as info:
+        discover(mayo_tree)
+    assert str(bad) in str(info.value) and "--skip-bad" in str(info.value)
+
+
+def test_truncated_file_is_named(mayo_tree):
+    bad = mayo_tree / "L001" / "full_3mm" / "0002.IMA"
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(DicomError) as info:
+        discover(mayo_tree)
+    assert str(bad) in str(info.value)
+
+
+def test_unpaired_slice_is_named(mayo_tree):
+    extra = write_dicom(mayo_tree / "L003" / "full_3mm" / "0099.IMA", z=500.0)
+    with pytest.raises(DicomError, match=r"unpaired slice \(z position 500.0\)") as info:
+        discover(mayo_tree)
+    assert str(extra) in str(info.value) and "quarter_3mm" in str(info.value)
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    root = tmp_path / "m"
+    write_dicom(root / "P1" / "full_3mm" / "1.IMA", ct_image(1, 16), z=0.0)
+    low = write_dicom(root / "P1" / "quarter_3mm" / "1.IMA", ct_image(1, 20), z=0.0)
+    with pytest.raises(DicomError, match="20x20 pixels but its full-dose pair") as info:
+        discover(root)
+    assert str(low) in str(info.value)
+
+
+def test_spacing_mismatch_is_named(tmp_path):
+    root = tmp_path / "m"
+    write_dicom(root / "P1" / "full_3mm" / "1.IMA", z=0.0, spacing=(0.7, 0.7))
+    low = write_dicom(root / "P1" / "quarter_3mm" / "1.IMA", z=0.0, spacing=(0.8, 0.8))
+    with pytest.raises(DicomError, match=r"PixelSpacing \[0.8, 0.8\] mm") as info:
+        discover(root)
+    assert str(low) in str(info.value)
+
+
+def test_compressed_pixel_data_without_decoder(tmp_path):
+    # JPEG Lossless (process 14): pydicom needs pylibjpeg-libjpeg or gdcm, neither installed here.
+    path = write_dicom(tmp_path / "jpegls.dcm", transfer_syntax=JPEGLosslessSV1)
+    with pytest.raises(DicomError) as info:
+        read_hu(path)
+    text = str(info.value)
+    assert str(path) in text and "JPEG Lossless" in text and "1.2.840.10008.1.2.4.70" in text
+    assert "no decoder" in text and "pip install pylibjpeg pylibjpeg-libjpeg" in text
+
+
+def test_compressed_pixel_data_that_fails_to_decode(tmp_path):
+    # JPEG 2000 has a decoder here (Pillow) but the dummy bytes are not a codestream.
+    path = write_dicom(tmp_path / "j2k.dcm", transfer_syntax=JPEG2000Lossless)
+    with pytest.raises(DicomError, match="JPEG 2000") as info:
+        read_hu(path)
+    assert str(path) in str(info.value) and "pylibjpeg-openjpeg" in str(info.value)
+
+
+def test_empty_missing_and_wrong_roots(tmp_path):
+    with pytest.raises(DicomError, match="no such directory.*Mayo 2016.*TCIA"):
+        discover(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DicomError, match="contains no patient directories.*expected"):
+        discover(tmp_path / "empty")
+    wrong = tmp_path / "wrong"
+    (wrong / "photos").mkdir(parents=True)
+    (wrong / "photos" / "cat.dcm").write_bytes(b"x")
+    with pytest.raises(DicomError, match="no DICOM series found in a known layout.*photos"):
+        discover(wrong)
+
+
+def test_patient_directory_given_as_root(mayo_tree):
+    with pytest.raises(DicomError, match="looks like one Mayo patient"):
+        discover(mayo_tree / "L001")
+
+
+def test_skip_bad_lists_instead_of_stopping(mayo_tree):
+    corrupt = mayo_tree / "L001" / "quarter_3mm" / "0001.IMA"
+    corrupt.write_bytes(b"garbage")
+    mr = mayo_tree / "L002" / "full_3mm" / "0001.IMA"
+    mr.unlink()
+    write_dicom(mr, modality="MR", z=-100.0)
+    found = discover(mayo_tree, skip_bad=True)
+    skipped = {path: reason for path, reason in found.skipped}
+    assert corrupt in skipped and mr in skipped
+    # Each bad file leaves its partner unpaired, which is listed too.
+    assert any("unpaired slice" in reason for reason in skipped.values())
+    assert len(found.patients["L001"]) == 2 and len(found.patients["L002"]) == 1
+    assert len(found.patients["L003"]) == 2
+
+
+def test_skip_bad_drops_a_patient_with_nothing_usable(mayo_tree):
+    shutil.rmtree(mayo_tree / "L003" / "quarter_3mm")
+    found = discover(mayo_tree, skip_bad=True)
+    assert "L003" not in found.patients
+    assert any(path.name == "L003" and "no quarter_3mm" in reason for path, reason in found.skipped)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_split_is_by_patient():
+    patients = ["A", "B", "C", "D"]
+    split = split_patients(patients, val=["C"], test=["D"])
+    assert split == {"train": ["A", "B"], "val": ["C"], "test": ["D"]}
+    groups = [set(v) for v in split.values()]
+    assert set().union(*groups) == set(patients) and sum(map(len, groups)) == len(patients)
+    with pytest.raises(DicomError, match=r"in both val and test"):
+        split_patients(patients, val=["C"], test=["C"])
+    with pytest.raises(DicomError, match=r"test patient\(s\) \['Z'\] not in the data"):
+        split_patients(patients, val=[], test=["Z"])
+
+
+def test_default_splits():
+    assert default_split(["L3", "L1", "L2"]) == (["L2"], ["L3"])
+    assert default_split(["PH01", "PH02", "PH03", "CTSMALL"], builtin=True) == (["PH03"], ["CTSMALL"])
+    assert default_split(["L1"]) == ([], ["L1"])

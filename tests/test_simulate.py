@@ -1,0 +1,151 @@
+"""ldct.data.simulate: noise statistics of the projection-domain simulation, phantoms, built-in set."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import BUILTIN_SMALL
+from pydicom.data import get_testdata_file
+from pydicom.uid import UID
+
+from ldct.data.dicom import discover, read_hu
+from ldct.data.simulate import (
+    BUILTIN_MARKER,
+    make_phantom,
+    phantom_spec,
+    render_phantom,
+    simulate_low_dose,
+    write_builtin,
+)
+from ldct.metrics import psnr_window, ssim_window
+
+
+def _water_disc(size: int = 128, radius: int = 50) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2.0
+    return np.where(xx**2 + yy**2 <= radius**2, 0.0, -1000.0).astype(np.float32)
+
+
+def test_noise_scales_as_inverse_sqrt_dose_and_is_unbiased():
+    disc = _water_disc()
+    yy, xx = np.mgrid[:128, :128] - 63.5
+    centre = xx**2 + yy**2 <= 15**2
+    stats = {}
+    for dose in (1.0, 0.5, 0.25, 0.125):
+        diffs = [
+            simulate_low_dose(disc, dose, np.random.default_rng([int(dose * 1000), k]))[centre] - disc[centre]
+            for k in range(4)
+        ]
+        d = np.concatenate(diffs)
+        stats[dose] = (d.std(), d.mean())
+    for dose, (std, mean) in stats.items():
+        ratio = std / stats[1.0][0]
+        assert ratio == pytest.approx(np.sqrt(1.0 / dose), rel=0.15), (dose, ratio)
+        assert abs(mean) < 5.0, (dose, mean)
+    assert 2.0 < stats[1.0][0] < 50.0  # HU: a CT-like magnitude, not a unit slip
+
+
+def test_simulation_keeps_shape_and_is_deterministic():
+    img = _water_disc(64, 25)[:, :48]  # non-square
+    a = simulate_low_dose(img, 0.25, np.random.default_rng(1))
+    b = simulate_low_dose(img, 0.25, np.random.default_rng(1))
+    c = simulate_low_dose(img, 0.25, np.random.default_rng(2))
+    assert a.shape == img.shape and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    with pytest.raises(ValueError, match="dose"):
+        simulate_low_dose(img, 0.0, np.random.default_rng(1))
+
+
+def test_quarter_dose_psnr_is_in_the_range_of_real_ldct():
+    # The paper's Mayo LDCT baseline is 29.2 dB / 0.88 (window convention).
+    clean = render_phantom(phantom_spec(np.random.default_rng([0, 1])), 256)
+    full = simulate_low_dose(clean, 1.0, np.random.default_rng(1))
+    low = simulate_low_dose(full, 0.25, np.random.default_rng(2))
+    psnr, ssim = float(psnr_window(low, full)), float(ssim_window(low, full))
+    assert 26.0 < psnr < 33.0 and 0.75 < ssim < 0.95, (psnr, ssim)
+
+
+def test_phantom_has_plausible_anatomy_and_is_seeded():
+    img = make_phantom(128, np.random.default_rng(3))
+    np.testing.assert_array_equal(img, make_phantom(128, np.random.default_rng(3)))
+    assert not np.array_equal(img, make_phantom(128, np.random.default_rng(4)))
+    assert img.dtype == np.float32 and img.shape == (128, 128)
+    assert -1100 < img.min() and img.max() < 1600
+    frac = lambda lo, hi: float(((img >= lo) & (img < hi)).mean())  # noqa: E731
+    assert frac(-1100, -950) > 0.15  # air around the body (and gas)
+    assert frac(-130, -70) > 0.05  # fat
+    assert frac(20, 90) > 0.10  # soft tissue: organs, muscle
+    assert frac(600, 1600) > 0.002  # bone
+
+
+def test_neighbouring_slices_are_related():
+    spec = phantom_spec(np.random.default_rng(7))
+    s0, s3, s30 = (render_phantom(spec, 96, z_mm=z) for z in (0.0, 3.0, 30.0))
+    near = np.corrcoef(np.clip(s0, -200, 300).ravel(), np.clip(s3, -200, 300).ravel())[0, 1]
+    far = np.corrcoef(np.clip(s0, -200, 300).ravel(), np.clip(s30, -200, 300).ravel())[0, 1]
+    assert not np.array_equal(s0, s3)
+    assert near > 0.95 and far < near
+
+
+def test_builtin_tree_layout_and_tags(builtin_tree):
+    found = discover(builtin_tree)
+    assert found.layout == "mayo" and sorted(found.patients) == ["CTSMALL", "PH01", "PH02"]
+    assert [len(found.patients[p]) for p in ("PH01", "PH02", "CTSMALL")] == [2, 2, 1]
+    uids = set()
+    for pair in found.patients["PH01"] + found.patients["CTSMALL"]:
+        for path in (pair.low, pair.full):
+            ds = pydicom.dcmread(path)
+            assert ds.Modality == "CT" and ds.PatientID == pair.patient
+            assert (ds.RescaleIntercept, ds.RescaleSlope, ds.PixelRepresentation) == (-1024, 1, 1)
+            assert ds.pixel_array.dtype == np.int16
+            for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID):
+                assert UID(uid).is_valid
+            assert list(ds.ImageOrientationPatient) == [1, 0, 0, 0, 1, 0]
+            assert float(ds.ImagePositionPatient[2]) == pair.z
+            uids.add(ds.SOPInstanceUID)
+    assert len(uids) == 2 * 3  # every file its own SOP instance
+    ds = pydicom.dcmread(found.patients["PH01"][0].full)
+    assert ds.Rows == ds.Columns == 64 and float(ds.PixelSpacing[0]) == pytest.approx(0.7)
+    assert "Quarter Dose" in pydicom.dcmread(found.patients["PH01"][0].low).SeriesDescription
+
+
+def test_ctsmall_is_the_real_slice_with_simulated_quarter_dose(builtin_tree):
+    pair = discover(builtin_tree).patients["CTSMALL"][0]
+    full, meta = read_hu(pair.full)
+    low, _ = read_hu(pair.low)
+    real, real_meta = read_hu(get_testdata_file("CT_small.dcm"))
+    np.testing.assert_array_equal(full, real)
+    assert meta["spacing"] == pytest.approx(real_meta["spacing"])
+    noise = (low - full).std()
+    assert 5.0 < noise < 60.0 and abs((low - full).mean()) < 5.0
+
+
+def test_builtin_is_deterministic(builtin_tree, tmp_path):
+    again = write_builtin(tmp_path / "again", progress=False, **BUILTIN_SMALL)
+    files = sorted(p.relative_to(builtin_tree) for p in builtin_tree.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for rel in files:
+        assert (builtin_tree / rel).read_bytes() == (again / rel).read_bytes(), rel
+
+
+def test_builtin_refuses_foreign_directory_and_rewrites_only_when_needed(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty and is not a built-in tree"):
+        write_builtin(foreign, phantoms=1, slices=1, size=32, progress=False)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+    out = tmp_path / "tree"
+    out.mkdir()  # an empty directory is fine
+    write_builtin(out, phantoms=2, slices=1, size=32, progress=False)
+    marker = out / BUILTIN_MARKER
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.IMA")}
+    write_builtin(out, phantoms=2, slices=1, size=32, progress=False)  # same parameters: no-op
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.IMA")} == stamp and marker.is_file()
+    write_builtin(out, phantoms=1, slices=1, size=32, progress=False)  # new parameters: replaced
+    assert sorted(os.listdir(out)) == [BUILTIN_MARKER, "CTSMALL", "PH01"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
