@@ -1,0 +1,331 @@
+"""One critic step, one generator step, evaluation and the Gaussian baseline; plain PyTorch.
+
+No Ray and no MLflow here (DESIGN.md §1): ``ldct.train`` calls these functions inside each Ray
+Train worker, tests call them in one process. The generator and critic may arrive wrapped in
+``DistributedDataParallel``:
+
+- critic step: one DDP forward on ``cat([real, fake])`` (no batch norm, so batching them is
+  exact) and the gradient penalty's double backward through the unwrapped module. Its parameter
+  gradients land in the same ``.grad`` tensors during the single ``backward()``, where DDP's
+  hooks average them over ranks.
+- generator step: the critic is used unwrapped with ``requires_grad`` off, so the critic's
+  reducer never waits for gradients that do not come.
+
+Mixed precision (fp16 autocast + GradScaler) and channels_last are used only on CUDA with
+``train.precision`` "auto" or "fp16"; CPU runs fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from scipy import ndimage
+from torch.nn.parallel import DistributedDataParallel
+
+from ldct.config import Config, HUNormalization
+from ldct.losses import (
+    PerceptualLoss,
+    critic_wasserstein,
+    generator_adversarial,
+    gradient_penalty,
+    l1_loss,
+)
+from ldct.metrics import MetricAccumulator, psnr_window
+from ldct.models.critic import build_critic
+from ldct.models.generator import build_generator
+
+PRECISIONS = ("auto", "fp16", "fp32")
+# Gaussian baseline: sigmas (pixels) tried on the validation slices; 0 = the LDCT input itself.
+DEFAULT_SIGMAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN/inf; the message names the loss(es), the step and what to try."""
+
+    def __init__(self, step: int, losses: dict[str, float], last_checkpoint: str | None = None) -> None:
+        self.step = step
+        self.losses = dict(losses)
+        self.last_checkpoint = last_checkpoint
+        bad = ", ".join(f"{k} ({v})" for k, v in losses.items() if not math.isfinite(v)) or "loss"
+        where = (
+            f"last checkpoint {last_checkpoint}"
+            if last_checkpoint
+            else "resume from the last checkpoint if there is one"
+        )
+        super().__init__(
+            f"non-finite {bad} at step {step}: lower the learning rate (optim.lr) or the loss weights "
+            f"(loss.*), or use train.precision=fp32; {where}"
+        )
+
+    def __reduce__(self):
+        # Keeps the exception picklable across Ray workers despite the custom __init__.
+        return (self.__class__, (self.step, self.losses, self.last_checkpoint))
+
+
+@dataclass
+class Networks:
+    """Everything one training process updates. ``generator``/``critic`` may be replaced by DDP
+    wrappers after building (the optimizers hold the same parameters)."""
+
+    generator: nn.Module
+    critic: nn.Module
+    perceptual: PerceptualLoss
+    opt_g: torch.optim.Optimizer
+    opt_c: torch.optim.Optimizer
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: bool = False
+    # Disabled (pass-through) scalers unless amp; their state_dicts belong in checkpoints.
+    scaler_g: torch.amp.GradScaler | None = None
+    scaler_c: torch.amp.GradScaler | None = None
+
+    def __post_init__(self) -> None:
+        kind = self.device.type if self.device.type == "cuda" else "cpu"
+        if self.scaler_g is None:
+            self.scaler_g = torch.amp.GradScaler(kind, enabled=self.amp)
+        if self.scaler_c is None:
+            self.scaler_c = torch.amp.GradScaler(kind, enabled=self.amp)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper (or the module itself)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def use_amp(precision: str, device: torch.device | str) -> bool:
+    """fp16 autocast only on CUDA with precision "auto"/"fp16"; never on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    return torch.device(device).type == "cuda" and precision in ("auto", "fp16")
+
+
+def build_networks(cfg: Config, device: torch.device | str) -> Networks:
+    """Generator, critic, perceptual loss and their Adam optimizers on ``device``.
+
+    Weights are initialised from ``cfg.train.seed`` under a private RNG, so every DDP rank starts
+    from the same networks and the caller's RNG stream is untouched.
+    """
+    device = torch.device(device)
+    amp = use_amp(cfg.train.precision, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        generator = build_generator(cfg.model)
+        critic = build_critic(cfg.model)
+    perceptual = PerceptualLoss(
+        cfg.loss.perceptual_net, cfg.loss.perceptual_layer, cfg.loss.perceptual_weights, seed=cfg.train.seed
+    )
+    memory_format = torch.channels_last if amp else torch.contiguous_format
+    generator = generator.to(device, memory_format=memory_format)
+    critic = critic.to(device, memory_format=memory_format)
+    perceptual = perceptual.to(device, memory_format=memory_format)
+    betas = tuple(cfg.optim.betas)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr, betas=betas)
+    opt_c = torch.optim.Adam(critic.parameters(), lr=cfg.optim.lr * cfg.optim.critic_lr_ratio, betas=betas)
+    return Networks(generator, critic, perceptual, opt_g, opt_c, device=device, amp=amp)
+
+
+def _autocast(nets: Networks):
+    if not nets.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=nets.device.type, dtype=torch.float16)
+
+
+def _to_device(nets: Networks, x: torch.Tensor) -> torch.Tensor:
+    x = x.to(nets.device, non_blocking=True).float()
+    return x.contiguous(memory_format=torch.channels_last) if nets.amp else x
+
+
+def _set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def _checked(step: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    # One device->host copy for all terms; raise before any backward/optimizer step.
+    values = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).cpu().tolist()
+    out = dict(zip(losses, values, strict=True))
+    if not all(math.isfinite(v) for v in values):
+        raise NonFiniteLossError(step, out)
+    return out
+
+
+def critic_step(nets: Networks, low: torch.Tensor, full: torch.Tensor, cfg: Config, step: int) -> dict[str, float]:
+    """One critic update on a batch: ``E[D(fake)] - E[D(real)] + λ_gp·GP``.
+
+    Returns ``loss_critic``, ``wasserstein`` (the distance estimate ``E[D(real)] - E[D(fake)]``)
+    and ``gp``.
+    """
+    low, full = _to_device(nets, low), _to_device(nets, full)
+    critic_module = unwrap(nets.critic)
+    _set_requires_grad(critic_module, True)
+    with torch.no_grad(), _autocast(nets):
+        fake = nets.generator(low)
+    fake = fake.float()
+    n = full.shape[0]
+    with _autocast(nets):
+        scores = nets.critic(torch.cat([full, fake])).float()
+    wasserstein_loss = critic_wasserstein(scores[:n], scores[n:])
+    # The penalty runs in fp32 outside autocast: its double backward would otherwise need the
+    # gradient scaler inside autograd.grad as well.
+    gp = gradient_penalty(critic_module, full, fake)
+    loss = wasserstein_loss + cfg.loss.lambda_gp * gp
+    values = _checked(step, {"loss_critic": loss, "wasserstein": -wasserstein_loss, "gp": gp})
+    nets.opt_c.zero_grad(set_to_none=True)
+    nets.scaler_c.scale(loss).backward()
+    nets.scaler_c.step(nets.opt_c)
+    nets.scaler_c.update()
+    return values
+
+
+def generator_step(
+    nets: Networks, low: torch.Tensor, full: torch.Tensor, cfg: Config, step: int
+) -> dict[str, float]:
+    """One generator update: ``λ_adv·adv + λ_l1·L1 + λ_perceptual·perceptual``.
+
+    ``cfg.train.debug_nan_step == step`` (> 0) makes ``loss_g`` NaN: a test hook for the
+    non-finite handling all the way up to Ray/Tune.
+    """
+    low, full = _to_device(nets, low), _to_device(nets, full)
+    critic_module = unwrap(nets.critic)
+    _set_requires_grad(critic_module, False)
+    try:
+        with _autocast(nets):
+            fake = nets.generator(low)
+            adv = generator_adversarial(critic_module(fake).float())
+            perceptual = nets.perceptual(fake, full).float()
+        l1 = l1_loss(fake.float(), full)
+        w = cfg.loss
+        loss = w.lambda_adv * adv + w.lambda_l1 * l1 + w.lambda_perceptual * perceptual
+        if cfg.train.debug_nan_step > 0 and step == cfg.train.debug_nan_step:
+            loss = loss * float("nan")
+        values = _checked(step, {"loss_g": loss, "adv": adv, "l1": l1, "perceptual": perceptual})
+        nets.opt_g.zero_grad(set_to_none=True)
+        nets.scaler_g.scale(loss).backward()
+        nets.scaler_g.step(nets.opt_g)
+        nets.scaler_g.update()
+    finally:
+        _set_requires_grad(critic_module, True)
+    return values
+
+
+def train_iteration(
+    nets: Networks,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    cfg: Config,
+    step: int,
+) -> dict[str, float]:
+    """``cfg.train.n_critic`` critic steps (a fresh batch each) then one generator step (another
+    fresh batch). Critic figures are averaged over its steps. Raises NonFiniteLossError."""
+    critic_logs = []
+    for _ in range(cfg.train.n_critic):
+        low, full = next_batch()[:2]
+        critic_logs.append(critic_step(nets, low, full, cfg, step))
+    low, full = next_batch()[:2]
+    out = generator_step(nets, low, full, cfg, step)
+    if critic_logs:
+        for key in critic_logs[0]:
+            out[key] = sum(log[key] for log in critic_logs) / len(critic_logs)
+    return out
+
+
+def _as_batch(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    while t.ndim < 4:
+        t = t.unsqueeze(0)
+    return t.float()
+
+
+@torch.no_grad()
+def evaluate(
+    generator: nn.Module,
+    slices: Iterable[Any],
+    normalization: HUNormalization,
+    device: torch.device | str,
+    max_slices: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Metrics of the LDCT input and of the denoised output against full dose, over whole slices.
+
+    ``slices`` yields ``(low_unit, full_unit, info)`` with images [1,H,W] or [1,1,H,W] (a
+    SliceDataset or a DataLoader over it with batch 1); sizes may differ between slices. The
+    generator runs in eval mode (then its previous mode is restored); its output is clipped to
+    [0,1], the range of the normalisation, before conversion to HU.
+    """
+    model = unwrap(generator)
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    ldct_acc, out_acc = MetricAccumulator(), MetricAccumulator()
+    try:
+        for i, item in enumerate(slices):
+            if max_slices and i >= max_slices:
+                break
+            low, full = _as_batch(item[0]).to(device), _as_batch(item[1]).to(device)
+            pred = model(low).clamp(0.0, 1.0)
+            full_hu = normalization.to_hu(full)
+            ldct_acc.update(normalization.to_hu(low), full_hu)
+            out_acc.update(normalization.to_hu(pred), full_hu)
+    finally:
+        model.train(was_training)
+    return {"ldct": ldct_acc.mean(), "denoised": out_acc.mean()}
+
+
+def gaussian_denoise(hu: np.ndarray | torch.Tensor, sigma: float) -> np.ndarray | torch.Tensor:
+    """Gaussian smoothing over the last two (image) axes; returns the input's type/device/dtype.
+
+    The classical baseline the learned denoiser must beat; ``sigma`` in pixels, 0 = a copy.
+    """
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    is_tensor = isinstance(hu, torch.Tensor)
+    arr = hu.detach().cpu().numpy() if is_tensor else np.asarray(hu)
+    if arr.ndim < 2:
+        raise ValueError(f"expected an image with at least 2 dimensions, got shape {arr.shape}")
+    sigmas = (0.0,) * (arr.ndim - 2) + (float(sigma), float(sigma))
+    out = ndimage.gaussian_filter(arr.astype(np.float64), sigmas, mode="reflect").astype(arr.dtype)
+    if is_tensor:
+        return torch.from_numpy(out).to(device=hu.device, dtype=hu.dtype)
+    return out
+
+
+def _hu_pairs(slices: Iterable[Any], normalization: HUNormalization, max_slices: int) -> list:
+    pairs = []
+    for i, item in enumerate(slices):
+        if max_slices and i >= max_slices:
+            break
+        low = normalization.to_hu(_as_batch(item[0]).cpu().numpy())
+        full = normalization.to_hu(_as_batch(item[1]).cpu().numpy())
+        pairs.append((low, full))
+    if not pairs:
+        raise ValueError("no slices to evaluate the Gaussian baseline on")
+    return pairs
+
+
+def tune_gaussian_sigma(
+    slices: Iterable[Any],
+    normalization: HUNormalization,
+    sigmas: tuple[float, ...] = DEFAULT_SIGMAS,
+    max_slices: int = 0,
+) -> float:
+    """The sigma from ``sigmas`` with the best mean PSNR (window) on ``slices`` (validation)."""
+    pairs = _hu_pairs(slices, normalization, max_slices)
+    scores = []
+    for sigma in sigmas:
+        values = [float(psnr_window(gaussian_denoise(low, sigma), full).mean()) for low, full in pairs]
+        scores.append(sum(values) / len(values))
+    return float(sigmas[int(np.argmax(scores))])
+
+
+def evaluate_gaussian(
+    slices: Iterable[Any], sigma: float, normalization: HUNormalization, max_slices: int = 0
+) -> dict[str, float]:
+    """The five metrics of the Gaussian-smoothed LDCT input against full dose."""
+    acc = MetricAccumulator()
+    for low, full in _hu_pairs(slices, normalization, max_slices):
+        acc.update(gaussian_denoise(low, sigma), full)
+    return acc.mean()

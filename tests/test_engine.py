@@ -1,0 +1,243 @@
+"""Engine: network building, critic/generator steps, NaN handling, evaluation, Gaussian baseline,
+and the steps under DistributedDataParallel (2 gloo processes)."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ldct.config import Config, HUNormalization, replace
+from ldct.engine import (
+    NonFiniteLossError,
+    build_networks,
+    critic_step,
+    evaluate,
+    evaluate_gaussian,
+    gaussian_denoise,
+    generator_step,
+    train_iteration,
+    tune_gaussian_sigma,
+    use_amp,
+)
+
+NORM = HUNormalization()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: a second intra-op thread buys nothing, and on a shared 2-core machine the
+    # OpenMP barriers of 2 threads stall whenever the other core is busy (5x slower here).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(**train) -> Config:
+    # lambda_adv 1e-3: in [0,1] units the L1 term is ~5e-3 while the Wasserstein term is O(1);
+    # at lambda_adv = 1 and lr 1e-3 the untrained critic's gradient swamps the L1 signal.
+    return replace(
+        Config(),
+        model={"encoder": "resnet10t", "out_indices": (2, 3, 4), "decoder_channels": 16, "critic_channels": 8},
+        loss={"perceptual_layer": 1, "perceptual_weights": "random", "lambda_adv": 1e-3},
+        optim={"lr": 1e-3},
+        train={"n_critic": 1, "batch_size": 4, "seed": 0, **train},
+    )
+
+
+def phantom_pairs(n: int, size: int | tuple[int, int], seed: int, noise_hu: float = 30.0):
+    """(low, full) unit images [n,1,H,W]: soft-tissue discs with inserts in air, white noise."""
+    h, w = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    fulls = []
+    for _ in range(n):
+        img = np.full((h, w), -1000.0)
+        cy, cx, r = h / 2 + rng.uniform(-3, 3), w / 2 + rng.uniform(-3, 3), 0.45 * min(h, w)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = 40.0
+        for _ in range(3):
+            iy, ix = cy + rng.uniform(-r / 2, r / 2), cx + rng.uniform(-r / 2, r / 2)
+            img[(yy - iy) ** 2 + (xx - ix) ** 2 < (r / rng.uniform(3, 6)) ** 2] = rng.choice([-80.0, 120.0, 300.0])
+        fulls.append(img)
+    full = np.stack(fulls)[:, None]
+    low = full + rng.normal(0.0, noise_hu, full.shape)
+    as_unit = lambda a: NORM.to_unit(torch.from_numpy(a).float())  # noqa: E731
+    return as_unit(low), as_unit(full)
+
+
+def flat_params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
+
+
+def test_build_networks_is_seeded_and_uses_the_config():
+    cfg = replace(tiny_config(), optim={"lr": 2e-4, "critic_lr_ratio": 0.5})
+    a, b = build_networks(cfg, "cpu"), build_networks(cfg, "cpu")
+    assert torch.equal(flat_params(a.generator), flat_params(b.generator))
+    assert torch.equal(flat_params(a.critic), flat_params(b.critic))
+    assert a.opt_g.param_groups[0]["lr"] == 2e-4 and a.opt_c.param_groups[0]["lr"] == 1e-4
+    assert a.opt_g.param_groups[0]["betas"] == (0.5, 0.9)
+    assert a.perceptual.weights_source == "random(seed=0)"
+    assert not a.amp and not a.scaler_g.is_enabled()
+    other = build_networks(replace(cfg, train={"seed": 1}), "cpu")
+    assert not torch.equal(flat_params(a.critic), flat_params(other.critic))
+
+
+def test_precision_choice():
+    assert not use_amp("auto", "cpu") and not use_amp("fp16", "cpu")
+    assert use_amp("auto", "cuda") and use_amp("fp16", "cuda:1") and not use_amp("fp32", "cuda")
+    with pytest.raises(ValueError, match="train.precision"):
+        use_amp("bf17", "cpu")
+
+
+def test_critic_and_generator_steps_update_only_their_network():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    nets = build_networks(cfg, "cpu")
+    low, full = phantom_pairs(4, 32, seed=0)
+    g0, c0 = flat_params(nets.generator), flat_params(nets.critic)
+    logs = critic_step(nets, low, full, cfg, step=1)
+    assert set(logs) == {"loss_critic", "wasserstein", "gp"} and all(np.isfinite(list(logs.values())))
+    g1, c1 = flat_params(nets.generator), flat_params(nets.critic)
+    assert not torch.equal(c0, c1)
+    # Only BN running statistics may move in the generator during a critic step, not weights.
+    assert torch.equal(g0, g1)
+    logs = generator_step(nets, low, full, cfg, step=1)
+    assert set(logs) == {"loss_g", "adv", "l1", "perceptual"} and all(np.isfinite(list(logs.values())))
+    assert not torch.equal(g1, flat_params(nets.generator))
+    assert torch.equal(c1, flat_params(nets.critic))
+    assert all(p.requires_grad for p in nets.critic.parameters())
+
+
+def test_critic_steps_raise_the_wasserstein_estimate():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    nets = build_networks(cfg, "cpu")
+    low, full = phantom_pairs(4, 32, seed=1, noise_hu=200.0)
+    first = critic_step(nets, low, full, cfg, step=1)
+    for s in range(2, 8):
+        last = critic_step(nets, low, full, cfg, step=s)
+    assert last["loss_critic"] < first["loss_critic"]
+
+
+def test_train_iteration_draws_fresh_batches_and_averages_critic_logs():
+    cfg = tiny_config(n_critic=2)
+    nets = build_networks(cfg, "cpu")
+    low, full = phantom_pairs(4, 32, seed=2)
+    calls = []
+
+    def next_batch():
+        calls.append(1)
+        return low, full
+
+    logs = train_iteration(nets, next_batch, cfg, step=1)
+    assert len(calls) == 3
+    assert set(logs) == {"loss_g", "adv", "l1", "perceptual", "loss_critic", "wasserstein", "gp"}
+
+
+def test_overfitting_a_few_patches_raises_psnr():
+    torch.manual_seed(0)
+    cfg = tiny_config(n_critic=1)
+    nets = build_networks(cfg, "cpu")
+    low, full = phantom_pairs(4, 64, seed=3)
+    for step in range(1, 51):
+        train_iteration(nets, lambda: (low, full), cfg, step)
+    result = evaluate(nets.generator, zip(low, full, [{}] * 4, strict=True), NORM, "cpu")
+    gain = result["denoised"]["psnr_window"] - result["ldct"]["psnr_window"]
+    assert gain > 2.5, result  # ~ +4.5 dB after 50 steps on the development machine
+
+
+def test_forced_nan_names_step_and_loss_and_does_not_step():
+    cfg = tiny_config(debug_nan_step=2)
+    nets = build_networks(cfg, "cpu")
+    low, full = phantom_pairs(4, 32, seed=4)
+    train_iteration(nets, lambda: (low, full), cfg, step=1)
+    before = flat_params(nets.generator)
+    with pytest.raises(NonFiniteLossError) as info:
+        generator_step(nets, low, full, cfg, step=2)
+    err = info.value
+    assert err.step == 2 and np.isnan(err.losses["loss_g"])
+    assert "non-finite loss_g (nan) at step 2" in str(err) and "learning rate" in str(err)
+    assert torch.equal(before, flat_params(nets.generator))
+    assert all(p.requires_grad for p in nets.critic.parameters())
+    # Picklable with its fields (Ray ships exceptions between processes).
+    copy = pickle.loads(pickle.dumps(NonFiniteLossError(5, {"gp": float("inf")}, last_checkpoint="/c/5")))
+    assert copy.step == 5 and "gp (inf) at step 5" in str(copy) and "/c/5" in str(copy)
+
+
+def test_evaluate_whole_slices_of_different_sizes():
+    cfg = tiny_config()
+    nets = build_networks(cfg, "cpu")
+    nets.generator.train()
+    a_low, a_full = phantom_pairs(1, (48, 40), seed=5)
+    b_low, b_full = phantom_pairs(1, 64, seed=6)
+    slices = [(a_low[0], a_full[0], {"patient": "A"}), (b_low[:1], b_full[:1], {"patient": "B"})]
+    result = evaluate(nets.generator, slices, NORM, "cpu")
+    assert set(result) == {"ldct", "denoised"}
+    # The untrained generator is the identity: both rows agree.
+    for name, value in result["ldct"].items():
+        assert result["denoised"][name] == pytest.approx(value), name
+    assert nets.generator.training  # mode restored
+    one = evaluate(nets.generator, slices, NORM, "cpu", max_slices=1)
+    assert one["ldct"]["psnr_window"] != pytest.approx(result["ldct"]["psnr_window"])
+
+
+def test_gaussian_baseline():
+    # Strong noise: with the phantoms' sharp air/tissue edges, smoothing pays off clearly only
+    # when the noise dominates the error.
+    low, full = phantom_pairs(3, 64, seed=7, noise_hu=100.0)
+    hu = NORM.to_hu(low[0, 0]).numpy()
+    smoothed = gaussian_denoise(hu, 1.0)
+    assert isinstance(smoothed, np.ndarray) and smoothed.shape == hu.shape and smoothed.dtype == hu.dtype
+    as_tensor = gaussian_denoise(torch.from_numpy(hu), 1.0)
+    assert isinstance(as_tensor, torch.Tensor) and np.allclose(as_tensor.numpy(), smoothed)
+    assert np.array_equal(gaussian_denoise(hu, 0.0), hu)
+    slices = [(low[i], full[i], {}) for i in range(3)]
+    sigma = tune_gaussian_sigma(slices, NORM)
+    assert sigma > 0
+    scored = evaluate_gaussian(slices, sigma, NORM)
+    ldct = evaluate_gaussian(slices, 0.0, NORM)
+    assert scored["psnr_window"] > ldct["psnr_window"] + 2.0
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_denoise(hu, -1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = tiny_config(n_critic=1)
+        nets = build_networks(cfg, "cpu")
+        nets.generator, nets.critic = DDP(nets.generator), DDP(nets.critic)
+        low, full = phantom_pairs(2, 32, seed=10 + rank)  # different data on each rank
+        torch.manual_seed(rank)
+        for step in (1, 2):
+            train_iteration(nets, lambda: (low, full), cfg, step)
+        torch.save({"g": flat_params(nets.generator), "c": flat_params(nets.critic)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_steps_under_ddp_keep_ranks_equal(tmp_path):
+    # DDP + the penalty's double backward (create_graph) on gloo: both ranks must end with the
+    # same weights although they saw different data, and the weights must have moved.
+    out = str(tmp_path / "params")
+    mp.start_processes(_ddp_worker, args=(_free_port(), out), nprocs=2, start_method="spawn")
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    init = build_networks(tiny_config(), "cpu")
+    for key, net in (("g", init.generator), ("c", init.critic)):
+        assert torch.equal(r0[key], r1[key]), key
+        assert not torch.equal(r0[key], flat_params(net)), key
