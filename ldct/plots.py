@@ -1,0 +1,43 @@
+"""Image panels (LDCT / denoised / full dose / difference) for runs and reports. No Ray, no MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ldct.metrics import WINDOW_RANGE, psnr_window
+
+
+def save_panel(
+    low_hu: np.ndarray, denoised_hu: np.ndarray, full_hu: np.ndarray, path: Path | str, title: str = ""
+) -> Path:
+    """Write a 4-image PNG in the abdomen window; the difference is denoised - full dose (±100 HU)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    low_hu, denoised_hu, full_hu = (
+        np.asarray(a, dtype=np.float32).squeeze() for a in (low_hu, denoised_hu, full_hu)
+    )
+    lo, hi = WINDOW_RANGE
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), constrained_layout=True)
+    panels = [
+        (low_hu, f"LDCT  {float(psnr_window(low_hu, full_hu)[0]):.2f} dB", "gray", (lo, hi)),
+        (denoised_hu, f"denoised  {float(psnr_window(denoised_hu, full_hu)[0]):.2f} dB", "gray", (lo, hi)),
+        (full_hu, "full dose (target)", "gray", (lo, hi)),
+        (denoised_hu - full_hu, "denoised - full dose [HU]", "coolwarm", (-100, 100)),
+    ]
+    for ax, (image, label, cmap, (vmin, vmax)) in zip(axes, panels, strict=True):
+        shown = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_title(label, fontsize=10)
+        ax.axis("off")
+    fig.colorbar(shown, ax=axes[-1], fraction=0.046)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,603 @@
+"""Training of the generator/critic pair: one loop that runs in-process or on N Ray Train workers.
+
+The loop is plain PyTorch (``ldct.engine``); Ray appears only through :class:`RaySession`
+(world rank/size, DDP wrapping, report, checkpoint). Batches are addressed by a global counter
+(``_StepBatchSampler``) and every iteration re-seeds its RNG from (seed, step, rank), so a run
+restored from a checkpoint draws exactly the batches and penalty interpolations it would have
+drawn without the interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ldct.config import Config, from_flat, to_flat
+
+CHECKPOINT_FILE = "state.pt"
+PANEL_FILE = "panel.png"
+# Metrics every validation reports; the study optimises VAL_METRIC.
+VAL_METRIC = "val_psnr_window"
+
+
+class TrainingError(RuntimeError):
+    """A training run failed; the message says why (e.g. a non-finite loss) and where."""
+
+
+# --------------------------------------------------------------------------------------------- sessions
+
+
+class LocalSession:
+    """One process, no Ray: reports are kept in memory, checkpoints written to a directory."""
+
+    world_rank = 0
+    world_size = 1
+
+    def __init__(
+        self,
+        checkpoint_root: Path | str | None = None,
+        resume_from: Path | str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = []
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.to(self.device)
+
+    def load_state(self) -> dict[str, Any] | None:
+        if self.resume_from is None:
+            return None
+        return load_state(self.resume_from)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None and self.checkpoint_root is not None:
+            target = self.checkpoint_root / f"checkpoint_{int(metrics['step']):07d}"
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(checkpoint_dir, target)
+            self.checkpoints.append(target)
+
+
+class RaySession:
+    """Inside a Ray Train worker: DDP via prepare_model, report/checkpoint via ray.train."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.world_rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        # Every parameter takes part in every loss (no unused-parameter search needed).
+        return ray.train.torch.prepare_model(
+            module, parallel_strategy_kwargs={"find_unused_parameters": False}
+        )
+
+    def load_state(self) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load_state(Path(directory))
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ------------------------------------------------------------------------------------------- data feed
+
+
+class _StepBatchSampler(Sampler[list[int]]):
+    """Yields the index lists of global batches ``start, start+1, ...``, this rank's share of each.
+
+    Global batch b covers dataset indices [b*B, (b+1)*B); rank r takes a contiguous slice of it.
+    Addressing batches by number (not by epoch + shuffle) is what makes resume exact.
+    """
+
+    def __init__(self, global_batch: int, rank: int, world_size: int, start_batch: int, total_batches: int):
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size={global_batch} is not divisible by {world_size} workers")
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.local = global_batch // world_size
+        self.start, self.total = start_batch, total_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.start, self.total):
+            first = b * self.global_batch + self.rank * self.local
+            yield list(range(first, first + self.local))
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+
+@dataclass
+class _Feed:
+    """Counts the batches the engine consumes, so a checkpoint records the exact stream position."""
+
+    iterator: Iterator
+    device: torch.device
+    consumed: int = 0
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        low, full = next(self.iterator)[:2]
+        self.consumed += 1
+        return low.to(self.device, non_blocking=True), full.to(self.device, non_blocking=True)
+
+
+def _batches_per_iteration(cfg: Config) -> int:
+    # n_critic fresh batches for the critic + one for the generator (an upper bound is enough:
+    # the sampler only needs to never run dry).
+    return cfg.train.n_critic + 1
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if hasattr(module, "module") else module
+
+
+def save_state(
+    directory: Path, nets: Any, cfg: Config, step: int, batches_consumed: int, metrics: dict[str, Any]
+) -> Path:
+    """Write a resumable checkpoint (both networks, both optimizers, step, config, normalisation)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": "ldct-checkpoint-1",
+        "generator": _unwrap(nets.generator).state_dict(),
+        "critic": _unwrap(nets.critic).state_dict(),
+        "opt_g": nets.opt_g.state_dict(),
+        "opt_c": nets.opt_c.state_dict(),
+        "step": step,
+        "batches_consumed": batches_consumed,
+        "config": to_flat(cfg),
+        "normalization": {"hu_min": cfg.normalization.hu_min, "hu_max": cfg.normalization.hu_max},
+        "perceptual_weights": getattr(nets.perceptual, "weights_source", "n/a"),
+        "metrics": metrics,
+    }
+    tmp = directory / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+    return directory / CHECKPOINT_FILE
+
+
+def load_state(path: Path | str) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_state` (a directory or the state file itself)."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {file}: expected a directory holding {CHECKPOINT_FILE}")
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    if state.get("format") != "ldct-checkpoint-1":
+        raise ValueError(f"{file} is not an ldct checkpoint (format {state.get('format')!r})")
+    return state
+
+
+def generator_from_state(state: dict[str, Any]) -> tuple[torch.nn.Module, Config]:
+    """Rebuild the generator from a checkpoint's own config (never from flags) and load its weights."""
+    from ldct.models.generator import build_generator
+
+    cfg = from_flat(state["config"])
+    # The checkpoint carries the weights: no encoder weights need to be found again.
+    generator = build_generator(_with(cfg.model, encoder_weights="none"))
+    generator.load_state_dict(state["generator"])
+    return generator.eval(), cfg
+
+
+def _with(section: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(section, **changes)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+@dataclass
+class _Meter:
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {f"train_{k}": v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession | None = None) -> None:
+    """The training loop of one worker. ``loop_config``: {"config": flat config, "cache_dir", "splits"}."""
+    from ldct.data.patches import PatchPairDataset, SliceDataset
+    from ldct.engine import NonFiniteLossError, build_networks, evaluate, train_iteration
+
+    session = session or RaySession()
+    cfg = from_flat(loop_config["config"])
+    if cfg.train.debug_nan_step and cfg.optim.lr < cfg.train.debug_nan_min_lr:
+        cfg = _replace_train(cfg, debug_nan_step=0)
+    cache_dir = Path(loop_config["cache_dir"])
+    splits: dict[str, list[str]] = loop_config["splits"]
+    rank, world = session.world_rank, session.world_size
+    device = session.device
+
+    if cfg.train.torch_threads > 0 and device.type == "cpu":
+        torch.set_num_threads(cfg.train.torch_threads)
+    # Same seed on every rank: identical initial weights, so DDP starts from one model.
+    torch.manual_seed(cfg.train.seed)
+    nets = build_networks(cfg, device)
+    step, batches_consumed = 0, 0
+    state = session.load_state()
+    if state is not None:
+        _unwrap(nets.generator).load_state_dict(state["generator"])
+        _unwrap(nets.critic).load_state_dict(state["critic"])
+        nets.opt_g.load_state_dict(state["opt_g"])
+        nets.opt_c.load_state_dict(state["opt_c"])
+        step, batches_consumed = int(state["step"]), int(state["batches_consumed"])
+        if rank == 0:
+            print(f"[ldct] resumed at step {step}", flush=True)
+    nets.generator = session.wrap(nets.generator)
+    nets.critic = session.wrap(nets.critic)
+
+    total_batches = cfg.train.iterations * _batches_per_iteration(cfg) * 2 + 1
+    dataset = PatchPairDataset(
+        cache_dir,
+        splits["train"],
+        patch_size=cfg.data.patch_size,
+        samples=total_batches * cfg.train.batch_size,
+        seed=cfg.train.seed,
+        max_air_fraction=cfg.data.max_air_fraction,
+        normalization=cfg.normalization,
+    )
+    sampler = _StepBatchSampler(cfg.train.batch_size, rank, world, batches_consumed, total_batches)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.data.loader_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.loader_workers > 0,
+    )
+    feed = _Feed(iter(loader), device, consumed=batches_consumed)
+    val_slices = (
+        SliceDataset(
+            cache_dir, splits["val"], normalization=cfg.normalization, max_slices=cfg.data.max_val_slices
+        )
+        if rank == 0
+        else None
+    )
+
+    meter = _Meter()
+    train_seconds = 0.0
+    started = time.perf_counter()
+    first_step = step
+    best = -math.inf
+    checkpoint_every = cfg.train.checkpoint_every or cfg.train.val_every
+    while step < cfg.train.iterations:
+        # Per-iteration RNG: the run is a pure function of (seed, step, rank), resumable exactly.
+        torch.manual_seed(cfg.train.seed * 1_000_003 + step * 7919 + rank)
+        tick = time.perf_counter()
+        try:
+            losses = train_iteration(nets, feed, cfg, step + 1)
+        except NonFiniteLossError as exc:
+            raise TrainingError(
+                f"{exc} (run stopped; worker rank {rank}; "
+                f"last good checkpoint at step {step - step % checkpoint_every})"
+            ) from exc
+        train_seconds += time.perf_counter() - tick
+        step += 1
+        meter.add(losses)
+
+        if rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.iterations):
+            elapsed = time.perf_counter() - started
+            rate = (step - first_step) / max(elapsed, 1e-9)
+            eta = (cfg.train.iterations - step) / rate if rate > 0 else math.inf
+            shown = " ".join(
+                f"{k}={v:.4g}"
+                for k, v in meter.means().items()
+                if k.split("_", 1)[1] in ("loss_g", "loss_critic", "l1", "wasserstein")
+            )
+            print(
+                f"[ldct] step {step}/{cfg.train.iterations} {shown} {rate:.2f} it/s ETA {_format_eta(eta)}",
+                flush=True,
+            )
+
+        if step % cfg.train.val_every == 0 or step == cfg.train.iterations:
+            metrics: dict[str, Any] = {
+                "step": step,
+                **meter.means(),
+                "train_seconds": train_seconds,
+                "it_per_s": (step - first_step) / max(time.perf_counter() - started, 1e-9),
+            }
+            meter = _Meter()
+            if world > 1 and rank != 0:
+                _weights_spread(nets, device)  # collective: every rank takes part
+            with tempfile.TemporaryDirectory(prefix="ldct-ckpt-") as tmp:
+                checkpoint_dir = None
+                if rank == 0:
+                    generator = _unwrap(nets.generator)
+                    result = evaluate(
+                        generator, val_slices, cfg.normalization, device, max_slices=cfg.data.max_val_slices
+                    )
+                    metrics.update({f"val_{k}": v for k, v in result["denoised"].items()})
+                    metrics.update({f"val_ldct_{k}": v for k, v in result["ldct"].items()})
+                    metrics["val_gain_psnr_window"] = (
+                        metrics["val_psnr_window"] - metrics["val_ldct_psnr_window"]
+                    )
+                    is_best = metrics[VAL_METRIC] > best
+                    best = max(best, metrics[VAL_METRIC])
+                    metrics["is_best"] = int(is_best)
+                    if world > 1:
+                        metrics["weights_spread"] = _weights_spread(nets, device)
+                    if step % checkpoint_every == 0 or step == cfg.train.iterations:
+                        checkpoint_dir = Path(tmp)
+                        save_state(checkpoint_dir, nets, cfg, step, feed.consumed, metrics)
+                        _write_panel(generator, val_slices, cfg, device, checkpoint_dir / PANEL_FILE, step)
+                session.report(metrics, checkpoint_dir)
+
+
+def _weights_spread(nets: Any, device: torch.device) -> float:
+    """Max - min over ranks of a float64 checksum of both networks: 0.0 when DDP kept them equal."""
+    import torch.distributed as dist
+
+    total = sum(
+        p.detach().double().abs().sum() for net in (nets.generator, nets.critic) for p in net.parameters()
+    )
+    checksum = torch.tensor([float(total)], dtype=torch.float64, device=device)
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    values = [float(g) for g in gathered]
+    return max(values) - min(values)
+
+
+def _write_panel(
+    generator: torch.nn.Module, slices: Any, cfg: Config, device: torch.device, path: Path, step: int
+) -> None:
+    from ldct.plots import save_panel
+
+    low, full, info = slices[0]
+    with torch.no_grad():
+        was_training = generator.training
+        generator.eval()
+        out = generator(low[None].to(device)).float().cpu()[0]
+        generator.train(was_training)
+    to_hu = cfg.normalization.to_hu
+    save_panel(
+        to_hu(low).numpy(),
+        to_hu(out).numpy(),
+        to_hu(full).numpy(),
+        path,
+        title=f"{info.get('patient', '?')} slice {info.get('index', 0)} - step {step}",
+    )
+
+
+# ------------------------------------------------------------------------------------------ front ends
+
+
+def prepare_data(cfg: Config) -> tuple[Path, dict[str, list[str]]]:
+    """Make sure the cache exists (built-in set made once) before any worker starts."""
+    from ldct.data.cache import ensure_data
+
+    cache_dir, splits = ensure_data(cfg.data)
+    for split in ("train", "val"):
+        if not splits.get(split):
+            raise TrainingError(
+                f"the {split} split of {cache_dir} is empty: name patients with "
+                f"data.val_patients / data.test_patients or add data"
+            )
+    return Path(cache_dir).resolve(), splits
+
+
+def loop_config_for(cfg: Config, cache_dir: Path, splits: dict[str, list[str]]) -> dict[str, Any]:
+    return {"config": to_flat(cfg), "cache_dir": str(cache_dir), "splits": splits}
+
+
+def run_local(
+    cfg: Config,
+    checkpoint_root: Path | str | None = None,
+    resume_from: Path | str | None = None,
+    device: str = "cpu",
+) -> LocalSession:
+    """Train in this process (tests, debugging). Returns the session with its reports and checkpoints."""
+    cache_dir, splits = prepare_data(cfg)
+    session = LocalSession(checkpoint_root, resume_from, device)
+    train_loop(loop_config_for(cfg, cache_dir, splits), session)
+    return session
+
+
+def build_trainer(
+    cfg: Config,
+    *,
+    name: str,
+    storage_path: Path | str,
+    cache_dir: Path,
+    splits: dict[str, list[str]],
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """A Ray Train TorchTrainer for one run (N workers, DDP; gloo on CPU, NCCL on GPU)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    storage_path = Path(storage_path).expanduser()
+    if not storage_path.is_absolute() and "://" not in str(storage_path):
+        # Ray resolves relative paths against each trial's own working directory.
+        storage_path = storage_path.resolve()
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config_for(cfg, cache_dir, splits),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            callbacks=callbacks or None,
+            # Worker deaths are retried from the latest checkpoint; a controller that cannot place
+            # its workers fails fast instead of waiting forever (2-CPU deadlock, DESIGN.md §5a).
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.study.max_failures, controller_failure_limit=3
+            ),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max"
+            ),
+        ),
+    )
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join a running cluster if there is one (RAY_ADDRESS / current cluster), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # The dashboard stays on: without it Train V2 cannot free a stopped trial's workers (DESIGN.md §5a).
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    if num_cpus is not None and not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost message of a (Ray-wrapped) exception chain, for a one-line error."""
+    text = str(exc)
+    for marker in ("NonFiniteLossError", "TrainingError", "DicomError", "ConfigError"):
+        if marker in text:
+            line = next((ln for ln in text.splitlines()[::-1] if marker in ln), text)
+            return line.strip()
+    inner = exc.__cause__ or exc.__context__
+    return (
+        root_cause(inner)
+        if inner is not None
+        else text.strip().splitlines()[-1]
+        if text.strip()
+        else repr(exc)
+    )
+
+
+def run_with_ray(cfg: Config, storage_path: Path | str, name: str | None = None) -> Any:
+    """One Ray Train run (``ldct train``): returns the Ray Result (best checkpoint, metrics)."""
+    cache_dir, splits = prepare_data(cfg)
+    init_ray()
+    trainer = build_trainer(
+        cfg,
+        name=name or f"train-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=storage_path,
+        cache_dir=cache_dir,
+        splits=splits,
+    )
+    return trainer.fit()
+
+
+def score_test_split(
+    generator: torch.nn.Module, cfg: Config, device: str = "cpu"
+) -> dict[str, dict[str, float]]:
+    """The test split scored three ways: LDCT input, tuned Gaussian filter, denoised output."""
+    from ldct.data.patches import SliceDataset
+    from ldct.engine import evaluate, evaluate_gaussian, tune_gaussian_sigma
+
+    cache_dir, splits = prepare_data(cfg)
+    if not splits.get("test"):
+        raise TrainingError(f"the test split of {cache_dir} is empty")
+    val = SliceDataset(cache_dir, splits["val"], normalization=cfg.normalization)
+    test = SliceDataset(cache_dir, splits["test"], normalization=cfg.normalization)
+    sigma = tune_gaussian_sigma(val, cfg.normalization)
+    scored = evaluate(generator.to(device).eval(), test, cfg.normalization, torch.device(device))
+    return {
+        "ldct": scored["ldct"],
+        "classical": {**evaluate_gaussian(test, sigma, cfg.normalization), "sigma": sigma},
+        "denoised": scored["denoised"],
+    }
+
+
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    """Text table: rows LDCT / classical / denoised, five metric columns."""
+    from ldct.metrics import METRIC_NAMES
+
+    header = f"{'':<22}" + "".join(f"{m:>13}" for m in METRIC_NAMES)
+    rows = [header]
+    labels = {"ldct": "LDCT input", "classical": "Gaussian filter", "denoised": "denoised (ldct)"}
+    for key, label in labels.items():
+        if key not in table:
+            continue
+        row = table[key]
+        if key == "classical" and "sigma" in row:
+            label = f"Gaussian σ={row['sigma']:.2f}px"
+        rows.append(f"{label:<22}" + "".join(f"{row[m]:>13.4f}" for m in METRIC_NAMES))
+    return "\n".join(rows)
+
+
+def main_train(cfg: Config, workers: int | None, json_out: bool, storage: str | None = None) -> int:
+    """``ldct train``: one run, then the test table. workers=0 trains in this process."""
+    if workers is not None:
+        cfg = _replace_train(cfg, workers=max(workers, 1))
+    storage_path = Path(storage or os.environ.get("LDCT_RUNS", "runs")).resolve()
+    started = time.perf_counter()
+    try:
+        if workers == 0:
+            session = run_local(cfg, checkpoint_root=storage_path / f"local-{cfg.profile}")
+            best = max(session.reports, key=lambda r: r.get(VAL_METRIC, -math.inf))
+            best_dir = next(p for p in session.checkpoints if p.name.endswith(f"{int(best['step']):07d}"))
+        else:
+            result = run_with_ray(cfg, storage_path)
+            if result.error is not None:
+                raise result.error
+            best_checkpoint = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
+            best_dir = Path(tempfile.mkdtemp(prefix="ldct-best-"))
+            best_checkpoint.to_directory(str(best_dir))
+    except Exception as exc:  # noqa: BLE001 - one clear line, then the traceback for the curious
+        print(f"ldct train: failed: {root_cause(exc)}", file=sys.stderr)
+        return 1
+    generator, _ = generator_from_state(load_state(best_dir))
+    table = score_test_split(generator, cfg)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"\nTest split ({cfg.profile} profile, best checkpoint {best_dir}, {minutes:.1f} min):")
+    print(format_table(table))
+    if json_out:
+        print(json.dumps({k: {m: float(v) for m, v in row.items()} for k, row in table.items()}))
+    return 0
+
+
+def _replace_train(cfg: Config, **changes: Any) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
