@@ -1,0 +1,242 @@
+"""``ldct report``: a study's leaderboard, plots and best image panel, read back from MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ldct.config import Config
+
+TUNED = (
+    ("loss.lambda_l1", "λ₂ (L1)"),
+    ("loss.lambda_perceptual", "λ₃ (perceptual)"),
+    ("loss.lambda_gp", "λ_gp"),
+    ("optim.lr", "learning rate"),
+)
+COLUMNS = [
+    "rank",
+    "trial_id",
+    "status",
+    "best_step",
+    "lambda_l1",
+    "lambda_perceptual",
+    "lambda_gp",
+    "lr",
+    "val_psnr_window",
+    "val_ssim_window",
+    "val_psnr_full",
+    "val_ssim_full",
+    "val_rmse_hu",
+    "run_id",
+]
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def leaderboard_rows(mlflow_client: Any, study: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One row per trial (best validation first; failed trials last) and the LDCT input's row."""
+    from ldct.tracking import TAG_TRIAL, trial_runs
+
+    rows, ldct_row = [], {}
+    for run in sorted(trial_runs(mlflow_client, study), key=lambda r: r.info.start_time):
+        p, m = run.data.params, run.data.metrics
+        row = {
+            "trial_id": run.data.tags.get(TAG_TRIAL, ""),
+            "status": run.data.tags.get("ldct.status", "running"),
+            "best_step": p.get("best_step", ""),
+            "lambda_l1": _float(p.get("loss.lambda_l1")),
+            "lambda_perceptual": _float(p.get("loss.lambda_perceptual")),
+            "lambda_gp": _float(p.get("loss.lambda_gp")),
+            "lr": _float(p.get("optim.lr")),
+            "val_psnr_window": m.get("best_val_psnr_window", math.nan),
+            "val_ssim_window": m.get("val_ssim_window", math.nan),
+            "val_psnr_full": m.get("val_psnr_full", math.nan),
+            "val_ssim_full": m.get("val_ssim_full", math.nan),
+            "val_rmse_hu": m.get("val_rmse_hu", math.nan),
+            "run_id": run.info.run_id,
+            "start_time": run.info.start_time,
+        }
+        rows.append(row)
+        if "val_ldct_psnr_window" in m and not ldct_row:
+            ldct_row = {
+                k: m.get(f"val_ldct_{k}", math.nan)
+                for k in ("psnr_window", "ssim_window", "psnr_full", "ssim_full", "rmse_hu")
+            }
+    ranked = sorted(rows, key=lambda r: (r["status"] != "completed", -_nan_low(r["val_psnr_window"])))
+    for i, row in enumerate(ranked, 1):
+        row["rank"] = i
+    return ranked, ldct_row
+
+
+def _nan_low(value: float) -> float:
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def _markdown(rows: list[dict[str, Any]], ldct_row: dict[str, float]) -> str:
+    head = "| rank | trial | status | λ₂ | λ₃ | λ_gp | lr | val PSNR win [dB] | val SSIM win | val PSNR full [dB] | val RMSE [HU] |"
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    if ldct_row:
+        lines.append(
+            f"| – | LDCT input | – | – | – | – | – | {ldct_row['psnr_window']:.2f} | "
+            f"{ldct_row['ssim_window']:.4f} | {ldct_row['psnr_full']:.2f} | {ldct_row['rmse_hu']:.1f} |"
+        )
+    for r in rows:
+        lines.append(
+            f"| {r['rank']} | {r['trial_id']} | {r['status']} | {r['lambda_l1']:.3g} | {r['lambda_perceptual']:.3g} "
+            f"| {r['lambda_gp']:.3g} | {r['lr']:.2e} | {r['val_psnr_window']:.2f} | {r['val_ssim_window']:.4f} | "
+            f"{r['val_psnr_full']:.2f} | {r['val_rmse_hu']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plots(rows: list[dict[str, Any]], ldct_row: dict[str, float], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    done = [r for r in rows if r["status"] == "completed" and not math.isnan(r["val_psnr_window"])]
+    written = []
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), constrained_layout=True)
+    for ax, (key, label) in zip(axes, TUNED, strict=True):
+        column = key.split(".")[1]
+        ax.scatter([r[column] for r in done], [r["val_psnr_window"] for r in done], c="tab:blue")
+        if ldct_row:
+            ax.axhline(ldct_row["psnr_window"], color="gray", ls="--", label="LDCT input")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("val PSNR (window) [dB]")
+    axes[0].legend(fontsize=8)
+    written.append(out / "psnr_vs_hyperparameters.png")
+    fig.savefig(written[-1], dpi=90)
+    plt.close(fig)
+
+    history = sorted(done, key=lambda r: r["start_time"])
+    fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
+    values = [r["val_psnr_window"] for r in history]
+    ax.plot(range(1, len(values) + 1), values, "o", label="trial")
+    ax.plot(
+        range(1, len(values) + 1), np.maximum.accumulate(values) if values else [], "-", label="best so far"
+    )
+    if ldct_row:
+        ax.axhline(ldct_row["psnr_window"], color="gray", ls="--", label="LDCT input")
+    ax.set_xlabel("trial (in start order)")
+    ax.set_ylabel("val PSNR (window) [dB]")
+    ax.legend(fontsize=8)
+    written.append(out / "optimization_history.png")
+    fig.savefig(written[-1], dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
+    if done:
+        columns = [k.split(".")[1] for k, _ in TUNED]
+        logs = np.log10(np.array([[r[c] for c in columns] for r in done], dtype=float))
+        span = np.ptp(logs, axis=0)
+        scaled = (logs - logs.min(axis=0)) / np.where(span > 0, span, 1.0)
+        scores = np.array(values_by_rank := [r["val_psnr_window"] for r in done])
+        cmap = plt.get_cmap("viridis")
+        norm = plt.Normalize(scores.min(), scores.max() if scores.max() > scores.min() else scores.min() + 1)
+        for line, score in zip(scaled, values_by_rank, strict=True):
+            ax.plot(range(len(columns)), line, color=cmap(norm(score)), alpha=0.8)
+        ax.set_xticks(range(len(columns)), [label for _, label in TUNED])
+        ax.set_ylabel("log-scaled position in the sampled range")
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="val PSNR (window) [dB]")
+    written.append(out / "parallel_coordinates.png")
+    fig.savefig(written[-1], dpi=90)
+    plt.close(fig)
+    return written
+
+
+def write_report(
+    study: str,
+    tracking_uri: str | None = None,
+    results_root: Path | str = "results",
+    cfg: Config | None = None,
+    study_result: Any = None,
+    test_split: bool = True,
+) -> Path:
+    """Write ``results/<study>/``: leaderboard.csv/.md, plots, best panel, summary.json."""
+    from ldct import tracking
+
+    mlflow_client = tracking.client(tracking_uri)
+    rows, ldct_row = leaderboard_rows(mlflow_client, study)
+    if not rows:
+        raise tracking.TrackingError(f"study {study!r} has no trial runs in {mlflow_client.tracking_uri}")
+    out = Path(results_root) / study
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "leaderboard.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        if ldct_row:
+            writer.writerow(
+                {
+                    "rank": "",
+                    "trial_id": "LDCT input",
+                    "status": "",
+                    **{f"val_{k}": v for k, v in ldct_row.items()},
+                }
+            )
+        writer.writerows(rows)
+    (out / "leaderboard.md").write_text(_markdown(rows, ldct_row))
+    _plots(rows, ldct_row, out)
+
+    summary: dict[str, Any] = {
+        "study": study,
+        "tracking_uri": mlflow_client.tracking_uri,
+        "trials": len(rows),
+        "completed": sum(r["status"] == "completed" for r in rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
+        "ldct_val": ldct_row,
+    }
+    parent = tracking.study_run(mlflow_client, study)
+    if parent is not None:
+        summary.update(
+            {
+                k: parent.data.metrics[k]
+                for k in ("study_wall_seconds", "study_train_seconds")
+                if k in parent.data.metrics
+            }
+        )
+    best = next((r for r in rows if r["status"] == "completed"), None)
+    if best is not None:
+        summary["best"] = {k: best[k] for k in COLUMNS if k in best}
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                panel = mlflow_client.download_artifacts(best["run_id"], "panel.png", tmp)
+                (out / "best_panel.png").write_bytes(Path(panel).read_bytes())
+            except Exception as exc:  # noqa: BLE001 - a report without a panel still helps
+                summary["panel_error"] = str(exc)
+            if test_split and cfg is not None:
+                summary["best_test"] = _best_test_table(mlflow_client, best["run_id"], cfg, Path(tmp))
+                (out / "best_test.md").write_text(_test_markdown(summary["best_test"]))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return out
+
+
+def _best_test_table(mlflow_client: Any, run_id: str, cfg: Config, tmp: Path) -> dict[str, Any]:
+    from ldct.train import CHECKPOINT_FILE, generator_from_state, load_state, score_test_split
+
+    state = load_state(mlflow_client.download_artifacts(run_id, f"checkpoint/{CHECKPOINT_FILE}", str(tmp)))
+    generator, trial_cfg = generator_from_state(state)
+    return score_test_split(generator, trial_cfg)
+
+
+def _test_markdown(table: dict[str, dict[str, float]]) -> str:
+    from ldct.metrics import METRIC_NAMES
+
+    lines = ["| test split (held-out) | " + " | ".join(METRIC_NAMES) + " |", "|---" * 6 + "|"]
+    labels = {"ldct": "LDCT input", "classical": "Gaussian filter (σ tuned on val)", "denoised": "best trial"}
+    for key, label in labels.items():
+        row = table[key]
+        lines.append(f"| {label} | " + " | ".join(f"{row[m]:.4f}" for m in METRIC_NAMES) + " |")
+    return "\n".join(lines) + "\n"

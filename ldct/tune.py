@@ -1,0 +1,229 @@
+"""The study: Ray Tune + Optuna (TPE) over Ray Train runs, ASHA early stopping, MLflow tracking.
+
+One Tune trial is a function trainable that builds a TorchTrainer (Train V2) named after the trial
+id and calls ``fit()``; ``TuneReportCallback`` forwards the workers' reports to Tune
+(DESIGN.md §5a). A trial restarted after an interruption builds a trainer of the same name, and
+Train restores it from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ldct.config import Config, from_flat, to_flat
+from ldct.train import VAL_METRIC, TrainingError, build_trainer, init_ray, prepare_data
+
+# The paper's recipe (Hojjat & Shayegan 2025): evaluated first, so every study measures it.
+PAPER_POINT = {"loss.lambda_l1": 1.0, "loss.lambda_perceptual": 0.1, "loss.lambda_gp": 10.0, "optim.lr": 1e-5}
+
+
+@dataclass
+class StudyResult:
+    study: str
+    storage: Path
+    tracking_uri: str
+    parent_run_id: str
+    wall_seconds: float
+    train_seconds: float
+    trials: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    registered_version: str | None
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """Log-uniform ranges for λ₂, λ₃, λ_gp and the learning rate, from the profile."""
+    from ray import tune
+
+    s = cfg.study
+    ranges = {
+        "loss.lambda_l1": s.lambda_l1_range,
+        "loss.lambda_perceptual": s.lambda_perceptual_range,
+        "loss.lambda_gp": s.lambda_gp_range,
+        "optim.lr": s.lr_range,
+    }
+    for key, (low, high) in ranges.items():
+        if not 0 < low < high:
+            raise ValueError(f"study range for {key} must satisfy 0 < low < high, got ({low}, {high})")
+    return {key: tune.loguniform(low, high) for key, (low, high) in ranges.items()}
+
+
+def first_point(cfg: Config) -> dict[str, float]:
+    """The paper's values, clipped into the profile's ranges (a range may exclude them on purpose)."""
+    s = cfg.study
+    ranges = {
+        "loss.lambda_l1": s.lambda_l1_range,
+        "loss.lambda_perceptual": s.lambda_perceptual_range,
+        "loss.lambda_gp": s.lambda_gp_range,
+        "optim.lr": s.lr_range,
+    }
+    return {k: min(max(v, ranges[k][0]), ranges[k][1]) for k, v in PAPER_POINT.items()}
+
+
+def run_trial(
+    config: dict[str, Any], base: dict[str, Any], cache_dir: str, splits: dict[str, list[str]], storage: str
+) -> None:
+    """One Tune trial = one Ray Train run with the sampled hyperparameters."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = from_flat({**base, **{k: v for k, v in config.items() if "." in k}})
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = build_trainer(
+        cfg,
+        name=f"{cfg.study.name}-{trial_id}",
+        storage_path=Path(storage) / "train",
+        cache_dir=Path(cache_dir),
+        splits=splits,
+        callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+def _storage_path(storage: str | None) -> Path | str:
+    if storage and "://" in storage:
+        return storage
+    return Path(storage or "runs").expanduser().resolve()
+
+
+def run_study(
+    cfg: Config,
+    *,
+    trials: int | None = None,
+    tracking_uri: str | None = None,
+    resume: bool = False,
+    storage: str | None = None,
+    register: bool = True,
+) -> StudyResult:
+    """Run (or resume) the study of ``cfg.study`` and register its best trial as ``candidate``."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from ldct import tracking
+
+    if trials is not None:
+        cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, trials=trials))
+    started = time.perf_counter()
+    study = cfg.study.name
+    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.study.tracking_uri or None)
+    tracking.check_reachable(uri)
+    storage_path = _storage_path(storage or cfg.study.storage or None)
+    experiment_dir = f"{storage_path}/{study}"
+    can_restore = tune.Tuner.can_restore(experiment_dir)
+    if resume and not can_restore:
+        raise TrainingError(f"--resume: no study to resume at {experiment_dir} (start it without --resume)")
+    if not resume and can_restore:
+        raise TrainingError(
+            f"a study named {study!r} already exists at {experiment_dir}: pass --resume to "
+            f"continue it, or set study.name=... / --storage to start another"
+        )
+
+    cache_dir, splits = prepare_data(cfg)
+    init_ray()
+    mlflow_client = tracking.client(uri)
+    flat = to_flat(cfg)
+    parent = tracking.start_study_run(mlflow_client, study, flat, resume)
+    data_source = "builtin-simulated" if not cfg.data.root else f"dicom:{cfg.data.root}"
+    callback = tracking.MLflowStudyCallback(
+        uri,
+        study,
+        parent,
+        extra_params={
+            **{k: v for k, v in flat.items() if k not in tracking.TUNED_PARAMS},
+            "data.source": data_source,
+        },
+    )
+
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial, base=flat, cache_dir=str(cache_dir), splits=splits, storage=str(storage_path)
+        ),
+        # The trial function only waits on its trainer; its workers reserve their own CPUs/GPUs.
+        {"CPU": cfg.study.driver_cpus},
+    )
+    if resume:
+        print(f"[ldct] resuming study {study} from {experiment_dir}", flush=True)
+        tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        validations = max(1, math.ceil(cfg.train.iterations / cfg.train.val_every))
+        searcher = OptunaSearch(
+            metric=VAL_METRIC,
+            mode="max",
+            points_to_evaluate=[first_point(cfg)],
+            sampler=optuna.samplers.TPESampler(seed=cfg.study.seed),
+        )
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=validations,
+            grace_period=min(cfg.study.grace_validations, validations),
+            reduction_factor=cfg.study.reduction_factor,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=VAL_METRIC,
+                mode="max",
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=cfg.study.trials,
+                max_concurrent_trials=cfg.study.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=study,
+                storage_path=str(storage_path),
+                callbacks=[callback],
+                # Retries happen inside Ray Train (from the trial's last checkpoint); a trial that
+                # still fails is recorded as failed and the study goes on.
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+
+    rows = []
+    train_seconds = 0.0
+    for result in grid:
+        metrics = result.metrics or {}
+        row = {k: (result.config or {}).get(k) for k in tracking.TUNED_PARAMS}
+        row.update(
+            {
+                "trial_id": metrics.get("trial_id") or (result.path or "").rsplit("_", 2)[-2:][0],
+                "status": "failed" if result.error else "completed",
+                "validations": metrics.get("training_iteration", 0),
+                "step": metrics.get("step"),
+                VAL_METRIC: metrics.get(VAL_METRIC),
+                "val_ssim_window": metrics.get("val_ssim_window"),
+                "val_ldct_psnr_window": metrics.get("val_ldct_psnr_window"),
+            }
+        )
+        train_seconds += float(metrics.get("train_seconds", 0.0) or 0.0)
+        rows.append(row)
+    wall = time.perf_counter() - started
+    mlflow_client.log_metric(parent, "study_wall_seconds", wall)
+    mlflow_client.log_metric(parent, "study_train_seconds", train_seconds)
+    mlflow_client.log_metric(parent, "trials_completed", sum(r["status"] == "completed" for r in rows))
+    mlflow_client.log_metric(parent, "trials_failed", sum(r["status"] == "failed" for r in rows))
+    version = None
+    best = None
+    try:
+        best_run = tracking.best_trial_run(mlflow_client, study)
+        best = {
+            "run_id": best_run.info.run_id,
+            "trial_id": best_run.data.tags.get(tracking.TAG_TRIAL),
+            VAL_METRIC: best_run.data.metrics["best_val_psnr_window"],
+        }
+        mlflow_client.log_metric(parent, "best_val_psnr_window", best[VAL_METRIC])
+        if register:
+            version = str(tracking.register_best(study, uri, profile=cfg.profile).version)
+            mlflow_client.set_tag(parent, "ldct.registered_version", version)
+    except tracking.TrackingError as exc:
+        print(f"[ldct] nothing registered: {exc}", flush=True)
+    mlflow_client.set_terminated(parent, status="FINISHED")
+    return StudyResult(study, Path(str(storage_path)), uri, parent, wall, train_seconds, rows, best, version)

@@ -1,0 +1,141 @@
+"""The study end to end on real Ray and real MLflow (SQLite store and a real server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldct import tracking
+from ldct.config import load_config
+from ldct.tune import PAPER_POINT, run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _trials(mlflow_client, study):
+    return sorted(tracking.trial_runs(mlflow_client, study), key=lambda r: r.info.start_time)
+
+
+def _check_registered_model_denoises(uri: str) -> None:
+    generator, meta = tracking.load_registered(alias="candidate", tracking_uri=uri)
+    assert meta["normalization"] == {"hu_min": -1024.0, "hu_max": 3072.0}
+    # Logged with a 1x1x64x64 example; must take other batch sizes and image sizes.
+    for shape in ((2, 1, 80, 96), (1, 1, 128, 128)):
+        image = torch.rand(shape) * 0.1 + 0.2
+        with torch.no_grad():
+            out = generator(image)
+        assert out.shape == shape and torch.isfinite(out).all()
+
+
+def test_smoke_study_sqlite(tmp_path, ray_local):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_study(
+        load_config("smoke", ["study.name=s1"]), tracking_uri=uri, storage=str(tmp_path / "runs")
+    )
+    assert [t["status"] for t in result.trials] == ["completed", "completed"]
+    mlflow_client = tracking.client(uri)
+    parent = tracking.study_run(mlflow_client, "s1")
+    assert parent is not None and parent.data.metrics["trials_completed"] == 2
+    runs = _trials(mlflow_client, "s1")
+    assert len(runs) == 2
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert set(tracking.TUNED_PARAMS) <= set(run.data.params)
+        assert run.data.params["data.source"] == "builtin-simulated"
+        assert run.data.params["loss.perceptual_weights_used"].startswith("random")
+        history = mlflow_client.get_metric_history(run.info.run_id, "val_psnr_window")
+        # Every validation is logged; ASHA may stop a trial after its first one (grace period 1).
+        assert [m.step for m in history] in ([2], [2, 4])
+        assert np.isfinite([m.value for m in history]).all()
+        artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+        assert {"checkpoint", "panel.png"} <= artifacts
+    # The paper's values are the first trial.
+    assert [m.step for m in mlflow_client.get_metric_history(runs[0].info.run_id, "val_psnr_window")] == [
+        2,
+        4,
+    ]
+    first = runs[0].data.params
+    for key, value in PAPER_POINT.items():
+        assert float(first[key]) == pytest.approx(value)
+    version = mlflow_client.get_model_version_by_alias(tracking.MODEL_NAME, "candidate")
+    assert str(version.version) == result.registered_version
+    assert version.tags["study"] == "s1" and version.tags["profile"] == "smoke"
+    _check_registered_model_denoises(uri)
+
+
+def test_nan_trial_fails_study_completes_on_mlflow_server(tmp_path, ray_local, mlflow_server):
+    # The first trial (paper lr 1e-5) trains normally; the second (lr sampled above 1.5e-5) is
+    # forced to NaN at step 1, before ASHA could stop it: recorded as failed, the study goes on
+    # and registers the first.
+    cfg = load_config("smoke", ["study.name=s2", "train.debug_nan_step=1", "train.debug_nan_min_lr=1.5e-5"])
+    result = run_study(cfg, tracking_uri=mlflow_server, storage=str(tmp_path / "runs"))
+    assert sorted(t["status"] for t in result.trials) == ["completed", "failed"]
+    mlflow_client = tracking.client(mlflow_server)
+    runs = _trials(mlflow_client, "s2")
+    assert [r.data.tags["ldct.status"] for r in runs] == ["completed", "failed"]
+    assert runs[1].info.status == "FAILED"
+    assert "step 1" in runs[1].data.tags["ldct.error"] and "loss_g" in runs[1].data.tags["ldct.error"]
+    assert result.registered_version is not None
+    _check_registered_model_denoises(mlflow_server)
+
+
+def test_unreachable_server_is_a_clear_error():
+    with pytest.raises(tracking.TrackingError, match="unreachable.*mlflow server"):
+        tracking.check_reachable("http://127.0.0.1:9", timeout=1)
+
+
+def test_stopped_study_resumes_without_repeating_a_trial(tmp_path, ray_local):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [
+        sys.executable,
+        str(ROOT / "studies" / "loss_weights.py"),
+        "--profile",
+        "smoke",
+        "--set",
+        "study.name=s3",
+        "--tracking-uri",
+        uri,
+        "--storage",
+        str(tmp_path / "runs"),
+        "--no-report",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "first.log").open("w")
+    process = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    mlflow_client = tracking.client(uri)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        runs = _trials(mlflow_client, "s3") if mlflow_client.get_experiment_by_name("ldct/s3") else []
+        if any(r.data.tags.get("ldct.status") == "completed" for r in runs):
+            break
+        time.sleep(1)
+    assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl+C: Tune saves the experiment state and stops
+    process.wait(timeout=120)
+    first_runs = _trials(mlflow_client, "s3")
+    finished = [r for r in first_runs if r.data.tags.get("ldct.status") == "completed"]
+    assert len(finished) == 1
+    finished_history = mlflow_client.get_metric_history(finished[0].info.run_id, "val_psnr_window")
+
+    resumed = subprocess.run(
+        cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    runs = _trials(mlflow_client, "s3")
+    assert len(runs) == 2, [r.data.tags for r in runs]
+    assert all(r.data.tags.get("ldct.status") == "completed" for r in runs)
+    # The finished trial was not run again: same run, same metric history.
+    again = mlflow_client.get_metric_history(finished[0].info.run_id, "val_psnr_window")
+    assert [(m.step, m.value) for m in again] == [(m.step, m.value) for m in finished_history]
+    assert "registered ldct-denoiser version" in resumed.stdout
