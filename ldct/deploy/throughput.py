@@ -1,0 +1,174 @@
+"""Throughput of a generator at 512x512: the figure that gates promotion (DESIGN.md §5).
+
+The paper's bar is 12.5 FPS on a T4 (CUDA, fp16). A CPU has no comparable published figure, so
+on CPU the caller must name the bar explicitly (:func:`default_min_fps` returns None there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+PAPER_MIN_FPS_CUDA = 12.5
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def default_min_fps(device: str) -> float | None:
+    """The paper's bar for CUDA devices (12.5 FPS, T4); None on CPU, where the caller must choose."""
+    return PAPER_MIN_FPS_CUDA if torch.device(device).type == "cuda" else None
+
+
+def resolve_min_fps(device: str, min_fps: float | None = None) -> float:
+    """``min_fps`` if given, else the device default; a CPU without an explicit bar is an error."""
+    if min_fps is not None:
+        return float(min_fps)
+    default = default_min_fps(device)
+    if default is None:
+        raise ValueError(
+            f"no default FPS bar for device {device!r}: the paper's 12.5 FPS is a T4 (CUDA) figure. "
+            "Pass the bar explicitly (e.g. --min-fps 1.0) when validating on a CPU."
+        )
+    return default
+
+
+def check_bar(result: dict[str, Any], min_fps: float | None) -> bool:
+    """True when the best measured FPS meets ``min_fps``."""
+    if min_fps is None:
+        raise ValueError("check_bar needs an explicit min_fps (see default_min_fps / resolve_min_fps)")
+    return float(result["fps"]) >= float(min_fps)
+
+
+def cpu_name() -> str:
+    """CPU model from /proc/cpuinfo (Linux), else platform.processor()."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: str | torch.device) -> str:
+    """Human-readable device: the CUDA product name, or the CPU model with torch's thread count."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{cpu_name()} ({torch.get_num_threads()} threads of {os.cpu_count()} CPUs)"
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"torch_version": torch.__version__, "onnxruntime_version": None}
+    with contextlib.suppress(ImportError):
+        import onnxruntime
+
+        versions["onnxruntime_version"] = onnxruntime.__version__
+    return versions
+
+
+def _resolve_precision(precision: str, device_type: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "fp16" if device_type == "cuda" else "fp32"
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError("fp16 autocast is measured on CUDA only; use precision='fp32' or 'bf16' on CPU")
+    return precision
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_fps(
+    model: nn.Module,
+    device: str = "cpu",
+    size: int = 512,
+    batch_sizes: Sequence[int] = (1, 4),
+    warmup: int = 2,
+    repeats: int = 5,
+    precision: str = "auto",
+) -> dict[str, Any]:
+    """Frames per second of ``model`` on ``size`` x ``size`` single-channel images.
+
+    Measures a copy of the model (the caller's module keeps its device, mode and memory format)
+    in eval mode under ``torch.inference_mode``. On CUDA: fp16 autocast ("auto"), channels_last,
+    cudnn.benchmark, and a synchronize around each timed call. On CPU: fp32 ("auto"), torch's
+    thread count left as it is. For each batch size: ``warmup`` untimed calls, then ``repeats``
+    timed calls; FPS = batch / median seconds. ``fps`` is the best over batch sizes.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be positive integers, got {tuple(batch_sizes)}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
+    prec = _resolve_precision(precision, dev.type)
+    channels_last = dev.type == "cuda"
+
+    # Unwrap DDP/compiled wrappers only by what they expose; copy so the caller's model is untouched.
+    net = copy.deepcopy(getattr(model, "module", model)).to(dev).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if prec in ("fp16", "bf16"):
+        dtype = torch.float16 if prec == "fp16" else torch.bfloat16
+        autocast = torch.autocast(device_type=dev.type, dtype=dtype)
+
+    old_benchmark = torch.backends.cudnn.benchmark
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    gen = torch.Generator().manual_seed(0)
+    per_batch: dict[str, dict[str, Any]] = {}
+    try:
+        with torch.inference_mode(), autocast:
+            for batch in (int(b) for b in batch_sizes):
+                x = torch.rand(batch, 1, size, size, generator=gen).to(dev)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for _ in range(warmup):
+                    net(x)
+                _sync(dev)
+                seconds = []
+                for _ in range(repeats):
+                    _sync(dev)
+                    start = time.perf_counter()
+                    net(x)
+                    _sync(dev)
+                    seconds.append(time.perf_counter() - start)
+                median = statistics.median(seconds)
+                per_batch[str(batch)] = {"fps": batch / median, "median_s": median, "seconds": seconds}
+    finally:
+        torch.backends.cudnn.benchmark = old_benchmark
+
+    best = max(per_batch, key=lambda b: per_batch[b]["fps"])
+    return {
+        "fps": per_batch[best]["fps"],
+        "batch": int(best),
+        "median_s": per_batch[best]["median_s"],
+        "per_batch": per_batch,
+        "size": size,
+        "device": str(dev),
+        "device_name": device_name(dev),
+        "threads": torch.get_num_threads(),
+        "precision": prec,
+        "channels_last": channels_last,
+        "cudnn_benchmark": dev.type == "cuda",
+        "warmup": warmup,
+        "repeats": repeats,
+        # CPU figures depend on what else runs: with libgomp's default (spinning) wait policy a
+        # second busy process on a 2-core machine made eager PyTorch ~10x slower here.
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        **library_versions(),
+    }
