@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,6 +192,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def best_main(argv: Sequence[str] | None = None) -> int:
     """``ldct-best``: the registered model: show, validate (throughput) + promote, export, denoise."""
+    _quiet_cpu_threads()
     parser = argparse.ArgumentParser(prog="ldct-best", description="The registered ldct-denoiser model.")
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -339,6 +341,12 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry points
 
 
+def _quiet_cpu_threads() -> None:
+    # Before torch is imported (handlers import lazily): passive OpenMP waiting, see
+    # ldct.train.cpu_thread_env for the measurement behind it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldct", description="Low-dose CT denoising study (ldct).")
     sub = parser.add_subparsers(dest="command", metavar="GROUP", required=True)
@@ -364,6 +372,7 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``ldct`` console script."""
+    _quiet_cpu_threads()
     return _run(build_parser(), argv)
 
 

@@ -477,11 +477,22 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(
                 max_failures=cfg.study.max_failures, controller_failure_limit=3
             ),
+            worker_runtime_env={"env_vars": cpu_thread_env()},
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max"
             ),
         ),
     )
+
+
+def cpu_thread_env() -> dict[str, str]:
+    """Environment for processes that run torch on shared CPU cores.
+
+    libgomp's default is to spin waiting threads; with another busy process on 2 cores a 2-thread
+    torch step then runs ~10x slower (measured: 0.10 vs 0.98 it/s for the quick profile).
+    PASSIVE waiting costs nothing measurable when the cores are free.
+    """
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 def init_ray(num_cpus: int | None = None) -> None:

@@ -12,6 +12,7 @@ there) the default profile is `paper`; elsewhere it is `quick`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-report", action="store_true", help="skip writing results/<study>/")
     parser.add_argument("--results", default="results", help="where the report goes (default ./results)")
     args = parser.parse_args(argv)
+    # Passive OpenMP waiting before torch loads anywhere (ldct.train.cpu_thread_env says why).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from ldct.config import ConfigError, load_config
 
