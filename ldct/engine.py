@@ -155,7 +155,9 @@ def _checked(step: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
-def critic_step(nets: Networks, low: torch.Tensor, full: torch.Tensor, cfg: Config, step: int) -> dict[str, float]:
+def critic_step(
+    nets: Networks, low: torch.Tensor, full: torch.Tensor, cfg: Config, step: int
+) -> dict[str, float]:
     """One critic update on a batch: ``E[D(fake)] - E[D(real)] + λ_gp·GP``.
 
     Returns ``loss_critic``, ``wasserstein`` (the distance estimate ``E[D(real)] - E[D(fake)]``)

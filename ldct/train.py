@@ -175,6 +175,9 @@ def save_state(
         "critic": _unwrap(nets.critic).state_dict(),
         "opt_g": nets.opt_g.state_dict(),
         "opt_c": nets.opt_c.state_dict(),
+        # fp16 loss scales (empty on CPU): without them a CUDA run would not resume exactly.
+        "scaler_g": nets.scaler_g.state_dict() if getattr(nets, "scaler_g", None) else {},
+        "scaler_c": nets.scaler_c.state_dict() if getattr(nets, "scaler_c", None) else {},
         "step": step,
         "batches_consumed": batches_consumed,
         "config": to_flat(cfg),
@@ -271,6 +274,9 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
         _unwrap(nets.critic).load_state_dict(state["critic"])
         nets.opt_g.load_state_dict(state["opt_g"])
         nets.opt_c.load_state_dict(state["opt_c"])
+        for name in ("scaler_g", "scaler_c"):
+            if state.get(name) and getattr(nets, name, None) is not None:
+                getattr(nets, name).load_state_dict(state[name])
         step, batches_consumed = int(state["step"]), int(state["batches_consumed"])
         if rank == 0:
             print(f"[ldct] resumed at step {step}", flush=True)

@@ -43,7 +43,12 @@ def tiny_config(**train) -> Config:
     # at lambda_adv = 1 and lr 1e-3 the untrained critic's gradient swamps the L1 signal.
     return replace(
         Config(),
-        model={"encoder": "resnet10t", "out_indices": (2, 3, 4), "decoder_channels": 16, "critic_channels": 8},
+        model={
+            "encoder": "resnet10t",
+            "out_indices": (2, 3, 4),
+            "decoder_channels": 16,
+            "critic_channels": 8,
+        },
         loss={"perceptual_layer": 1, "perceptual_weights": "random", "lambda_adv": 1e-3},
         optim={"lr": 1e-3},
         train={"n_critic": 1, "batch_size": 4, "seed": 0, **train},
@@ -62,7 +67,9 @@ def phantom_pairs(n: int, size: int | tuple[int, int], seed: int, noise_hu: floa
         img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = 40.0
         for _ in range(3):
             iy, ix = cy + rng.uniform(-r / 2, r / 2), cx + rng.uniform(-r / 2, r / 2)
-            img[(yy - iy) ** 2 + (xx - ix) ** 2 < (r / rng.uniform(3, 6)) ** 2] = rng.choice([-80.0, 120.0, 300.0])
+            img[(yy - iy) ** 2 + (xx - ix) ** 2 < (r / rng.uniform(3, 6)) ** 2] = rng.choice(
+                [-80.0, 120.0, 300.0]
+            )
         fulls.append(img)
     full = np.stack(fulls)[:, None]
     low = full + rng.normal(0.0, noise_hu, full.shape)
@@ -224,8 +231,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         nets.generator, nets.critic = DDP(nets.generator), DDP(nets.critic)
         low, full = phantom_pairs(2, 32, seed=10 + rank)  # different data on each rank
         torch.manual_seed(rank)
-        for step in (1, 2):
-            train_iteration(nets, lambda: (low, full), cfg, step)
+        train_iteration(nets, lambda: (low, full), cfg, step=1)
         torch.save({"g": flat_params(nets.generator), "c": flat_params(nets.critic)}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()

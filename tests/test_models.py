@@ -3,6 +3,8 @@ encoder weights from files and caches, per-sample critic scores."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import timm
 import torch
@@ -104,7 +106,9 @@ def test_encoder_weights_from_3_channel_classifier(tmp_path):
     g = Generator("resnet10t", decoder_channels=8, encoder_weights=str(path))
     stem = full.state_dict()["conv1.0.weight"]  # [24,3,3,3] -> summed to [24,1,3,3]
     assert torch.allclose(g.encoder.state_dict()["conv1.0.weight"], stem.sum(1, keepdim=True))
-    assert torch.equal(g.encoder.state_dict()["layer4.0.conv2.weight"], full.state_dict()["layer4.0.conv2.weight"])
+    assert torch.equal(
+        g.encoder.state_dict()["layer4.0.conv2.weight"], full.state_dict()["layer4.0.conv2.weight"]
+    )
 
 
 def test_encoder_weights_wrong_file(tmp_path):
@@ -163,3 +167,16 @@ def test_critic_is_per_sample_and_has_no_batch_norm():
     assert torch.allclose(c(torch.cat([a, b]))[0], c(a)[0], atol=1e-6)
     with pytest.raises(ValueError, match="at least 16x16"):
         c(torch.rand(1, 1, 15, 32))
+
+
+def test_traced_generator_pads_other_sizes():
+    # Export traces the model once; padding must not be a branch the tracer freezes.
+    torch.manual_seed(0)
+    g = Generator("resnet10t", decoder_channels=8).eval()
+    torch.nn.init.normal_(g.out.weight, std=0.1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shape checks in forward
+        traced = torch.jit.trace(g, torch.rand(1, 1, 64, 64))
+    x = torch.rand(1, 1, 100, 77)
+    with torch.no_grad():
+        assert torch.allclose(traced(x), g(x), atol=1e-6)

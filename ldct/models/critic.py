@@ -29,6 +29,7 @@ class Critic(nn.Module):
         # (in, out, stride) as in WGAN-VGG's discriminator: pairs of stride 1 and stride 2 convs.
         plan = [(1, c, 1), (c, c, 2), (c, 2 * c, 1), (2 * c, 2 * c, 2), (2 * c, 4 * c, 1), (4 * c, 4 * c, 2)]
         layers: list[nn.Module] = []
+        # Not in-place: the penalty differentiates through these activations twice.
         for cin, cout, stride in plan:
             layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers)
@@ -38,7 +39,9 @@ class Critic(nn.Module):
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"Critic expects [N,1,H,W], got {tuple(x.shape)}")
         if min(x.shape[-2:]) < MIN_SIZE:
-            raise ValueError(f"Critic needs patches of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"Critic needs patches of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(x.shape[-2:])}"
+            )
         return self.score(self.features(x).mean(dim=(2, 3))).squeeze(1)
 
 

@@ -67,7 +67,9 @@ def _cached_encoder_file(encoder: str) -> tuple[Path | None, list[str]]:
         for filename in filenames:
             # try_to_load_from_cache only reads the local cache directory (offline by design).
             found = try_to_load_from_cache(hf_id, filename)
-            looked.append(f"{constants.HF_HUB_CACHE}/models--{hf_id.replace('/', '--')}/snapshots/*/{filename}")
+            looked.append(
+                f"{constants.HF_HUB_CACHE}/models--{hf_id.replace('/', '--')}/snapshots/*/{filename}"
+            )
             if isinstance(found, str) and Path(found).is_file():
                 return Path(found), looked
     url = getattr(cfg, "url", None)
@@ -234,11 +236,11 @@ class Generator(nn.Module):
         h, w = x.shape[-2:]
         m = self.pad_multiple
         ph, pw = (-h) % m, (-w) % m
-        xp = x
-        if ph or pw:
-            # Reflect needs pad < size; tiny inputs fall back to edge replication.
-            mode = "reflect" if ph < h and pw < w else "replicate"
-            xp = F.pad(x, (0, pw, 0, ph), mode=mode)
+        # Always pad (possibly by 0): no shape-dependent branch for a tracer to bake in, so a
+        # model traced at 512x512 still pads a 500x500 input. Reflect needs pad < size; tiny
+        # inputs fall back to edge replication.
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        xp = F.pad(x, (0, pw, 0, ph), mode=mode)
 
         xs = (xp - _INPUT_CENTER) / _INPUT_SCALE
         feats = self.encoder(xs)
