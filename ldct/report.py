@@ -103,6 +103,7 @@ def _plots(rows: list[dict[str, Any]], ldct_row: dict[str, float], out: Path) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     done = [r for r in rows if r["status"] == "completed" and not math.isnan(r["val_psnr_window"])]
@@ -114,6 +115,8 @@ def _plots(rows: list[dict[str, Any]], ldct_row: dict[str, float], out: Path) ->
         if ldct_row:
             ax.axhline(ldct_row["psnr_window"], color="gray", ls="--", label="LDCT input")
         ax.set_xscale("log")
+        # Minor log ticks get labels on short ranges and overlap; decades are enough.
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("val PSNR (window) [dB]")
     axes[0].legend(fontsize=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import torch
 
 from ldct import tracking
 from ldct.config import load_config
+from ldct.report import write_report
 from ldct.tune import PAPER_POINT, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +72,20 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     assert str(version.version) == result.registered_version
     assert version.tags["study"] == "s1" and version.tags["profile"] == "smoke"
     _check_registered_model_denoises(uri)
+
+    out = write_report("s1", tracking_uri=uri, results_root=tmp_path / "results", cfg=load_config("smoke"))
+    lines = (out / "leaderboard.md").read_text().splitlines()
+    assert "LDCT input" in lines[2] and len(lines) == 2 + 1 + 2  # header, rule, LDCT row, 2 trials
+    assert {
+        "psnr_vs_hyperparameters.png",
+        "optimization_history.png",
+        "parallel_coordinates.png",
+        "best_panel.png",
+        "leaderboard.csv",
+        "best_test.md",
+    } <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] == 2 and set(summary["best_test"]) == {"ldct", "classical", "denoised"}
 
 
 def test_nan_trial_fails_study_completes_on_mlflow_server(tmp_path, ray_local, mlflow_server):
