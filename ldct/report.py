@@ -146,10 +146,10 @@ def _plots(rows: list[dict[str, Any]], ldct_row: dict[str, float], out: Path) ->
         logs = np.log10(np.array([[r[c] for c in columns] for r in done], dtype=float))
         span = np.ptp(logs, axis=0)
         scaled = (logs - logs.min(axis=0)) / np.where(span > 0, span, 1.0)
-        scores = np.array(values_by_rank := [r["val_psnr_window"] for r in done])
+        scores = np.array([r["val_psnr_window"] for r in done])
         cmap = plt.get_cmap("viridis")
         norm = plt.Normalize(scores.min(), scores.max() if scores.max() > scores.min() else scores.min() + 1)
-        for line, score in zip(scaled, values_by_rank, strict=True):
+        for line, score in zip(scaled, scores, strict=True):
             ax.plot(range(len(columns)), line, color=cmap(norm(score)), alpha=0.8)
         ax.set_xticks(range(len(columns)), [label for _, label in TUNED])
         ax.set_ylabel("log-scaled position in the sampled range")

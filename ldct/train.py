@@ -160,19 +160,17 @@ def _batches_per_iteration(cfg: Config) -> int:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") else module
-
-
 def save_state(
     directory: Path, nets: Any, cfg: Config, step: int, batches_consumed: int, metrics: dict[str, Any]
 ) -> Path:
     """Write a resumable checkpoint (both networks, both optimizers, step, config, normalisation)."""
+    from ldct.engine import unwrap
+
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "format": "ldct-checkpoint-1",
-        "generator": _unwrap(nets.generator).state_dict(),
-        "critic": _unwrap(nets.critic).state_dict(),
+        "generator": unwrap(nets.generator).state_dict(),
+        "critic": unwrap(nets.critic).state_dict(),
         "opt_g": nets.opt_g.state_dict(),
         "opt_c": nets.opt_c.state_dict(),
         # fp16 loss scales (empty on CPU): without them a CUDA run would not resume exactly.
@@ -251,7 +249,7 @@ def _format_eta(seconds: float) -> str:
 def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession | None = None) -> None:
     """The training loop of one worker. ``loop_config``: {"config": flat config, "cache_dir", "splits"}."""
     from ldct.data.patches import PatchPairDataset, SliceDataset
-    from ldct.engine import NonFiniteLossError, build_networks, evaluate, train_iteration
+    from ldct.engine import NonFiniteLossError, build_networks, evaluate, train_iteration, unwrap
 
     session = session or RaySession()
     cfg = from_flat(loop_config["config"])
@@ -270,8 +268,8 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
     step, batches_consumed = 0, 0
     state = session.load_state()
     if state is not None:
-        _unwrap(nets.generator).load_state_dict(state["generator"])
-        _unwrap(nets.critic).load_state_dict(state["critic"])
+        unwrap(nets.generator).load_state_dict(state["generator"])
+        unwrap(nets.critic).load_state_dict(state["critic"])
         nets.opt_g.load_state_dict(state["opt_g"])
         nets.opt_c.load_state_dict(state["opt_c"])
         for name in ("scaler_g", "scaler_c"):
@@ -358,7 +356,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
             with tempfile.TemporaryDirectory(prefix="ldct-ckpt-") as tmp:
                 checkpoint_dir = None
                 if rank == 0:
-                    generator = _unwrap(nets.generator)
+                    generator = unwrap(nets.generator)
                     result = evaluate(
                         generator, val_slices, cfg.normalization, device, max_slices=cfg.data.max_val_slices
                     )

@@ -35,10 +35,8 @@ class StudyResult:
     registered_version: str | None
 
 
-def search_space(cfg: Config) -> dict[str, Any]:
-    """Log-uniform ranges for λ₂, λ₃, λ_gp and the learning rate, from the profile."""
-    from ray import tune
-
+def study_ranges(cfg: Config) -> dict[str, tuple[float, float]]:
+    """The profile's (low, high) range of each tuned hyperparameter, keyed by its flat config name."""
     s = cfg.study
     ranges = {
         "loss.lambda_l1": s.lambda_l1_range,
@@ -49,18 +47,19 @@ def search_space(cfg: Config) -> dict[str, Any]:
     for key, (low, high) in ranges.items():
         if not 0 < low < high:
             raise ValueError(f"study range for {key} must satisfy 0 < low < high, got ({low}, {high})")
-    return {key: tune.loguniform(low, high) for key, (low, high) in ranges.items()}
+    return ranges
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """Log-uniform ranges for λ₂, λ₃, λ_gp and the learning rate, from the profile."""
+    from ray import tune
+
+    return {key: tune.loguniform(low, high) for key, (low, high) in study_ranges(cfg).items()}
 
 
 def first_point(cfg: Config) -> dict[str, float]:
     """The paper's values, clipped into the profile's ranges (a range may exclude them on purpose)."""
-    s = cfg.study
-    ranges = {
-        "loss.lambda_l1": s.lambda_l1_range,
-        "loss.lambda_perceptual": s.lambda_perceptual_range,
-        "loss.lambda_gp": s.lambda_gp_range,
-        "optim.lr": s.lr_range,
-    }
+    ranges = study_ranges(cfg)
     return {k: min(max(v, ranges[k][0]), ranges[k][1]) for k, v in PAPER_POINT.items()}
 
 
@@ -194,7 +193,7 @@ def run_study(
         row = {k: (result.config or {}).get(k) for k in tracking.TUNED_PARAMS}
         row.update(
             {
-                "trial_id": metrics.get("trial_id") or (result.path or "").rsplit("_", 2)[-2:][0],
+                "trial_id": metrics.get("trial_id", ""),
                 "status": "failed" if result.error else "completed",
                 "validations": metrics.get("training_iteration", 0),
                 "step": metrics.get("step"),
