@@ -162,7 +162,7 @@ def write_tcia_tree(
 @pytest.fixture(scope="session")
 def builtin_tree(tmp_path_factory) -> Path:
     """A small built-in DICOM tree (2 phantoms x 2 slices of 64x64, plus CTSMALL)."""
-    from ldct.data.simulate import write_builtin
+    from ldct.data.builtin import write_builtin
 
     return write_builtin(tmp_path_factory.mktemp("builtin") / "dicom", progress=False, **BUILTIN_SMALL)
 
