@@ -155,7 +155,8 @@ def _cmd_data_simulate(args: argparse.Namespace) -> int:
         print(f"skipped {len(report['skipped'])}:")
         for path, reason in report["skipped"]:
             print(f"  {path}: {reason}")
-    print(f"index it with: ldct data index {args.output} --cache CACHE")
+    thicknesses = sorted({Path(f["full"]).parts[1].removeprefix("full_") for f in report["files"]})
+    print(f"index it with: ldct data index {args.output} --cache CACHE --thickness {thicknesses[0]}")
     return EXIT_OK
 
 
