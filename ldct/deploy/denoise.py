@@ -35,6 +35,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from torch import nn
 from tqdm.auto import tqdm
 
+from ldct.data.dicom import DicomError, LocalizerImage, read_frames
+from ldct.data.writer import derived_series_number, mark_derived
 from ldct.deploy.export import load_exported, normalization_from_meta
 
 SERIES_SUFFIX = " [ldct denoised]"
@@ -142,15 +144,14 @@ def _read_ct(path: Path) -> tuple[Dataset, np.ndarray, np.ndarray]:
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None and not ts.is_little_endian:
         raise _SkipFile(f"big-endian transfer syntax {ts.name} is not supported")
+    # The one reading path of ldct.data.dicom: compressed syntaxes via the pylibjpeg plugins, and
+    # the same strictness as indexing (a missing rescale is an error, never slope 1 / intercept 0).
     try:
-        pixels = ds.pixel_array
-    except Exception as exc:
-        raise _SkipFile(f"cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
-    if pixels.ndim != 2:
-        raise _SkipFile(f"pixel array has shape {pixels.shape}, expected 2-D")
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        ds, [(hu, pixels, _)] = read_frames(path)
+    except LocalizerImage as exc:
+        raise _SkipFile(str(exc).split(": ", 1)[-1]) from exc
+    except DicomError as exc:
+        raise _SkipFile(str(exc).split(": ", 1)[-1]) from exc
     return ds, pixels, hu
 
 
@@ -237,18 +238,15 @@ def _derived_dataset(
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SeriesInstanceUID = new_series_uid
 
-    image_type = ds.get("ImageType") or []
-    image_type = [image_type] if isinstance(image_type, str) else list(image_type)  # VM 1 reads as str
-    ds.ImageType = (
-        ["DERIVED", "SECONDARY", *image_type[2:]] if len(image_type) > 2 else ["DERIVED", "SECONDARY"]
-    )
     original = str(ds.get("SeriesDescription", "") or "").strip()
     ds.SeriesDescription = (original[: _LO_MAX - len(SERIES_SUFFIX)] + SERIES_SUFFIX).strip()
-    ds.DerivationDescription = derivation[:1024]
-    source = Dataset()
-    source.ReferencedSOPClassUID = source_sop_class
-    source.ReferencedSOPInstanceUID = source_sop
-    ds.SourceImageSequence = DicomSequence([source])
+    mark_derived(
+        ds,
+        derivation=derivation,
+        series_number=derived_series_number(ds.get("SeriesNumber")),
+        sources=[(source_sop_class, source_sop)],
+        contribution="ldct-best denoise",
+    )
     now = _dt.datetime.now()
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
