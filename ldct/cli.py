@@ -60,7 +60,9 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", metavar="OUT", help="output directory (missing or empty)")
     p.add_argument("--dose", type=float, default=0.25, help="dose fraction to simulate (default 0.25)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives identical files")
-    p.add_argument("--i0", type=float, default=None, help="full-dose flux per ray at 180 views (default 1.5e5)")
+    p.add_argument(
+        "--i0", type=float, default=None, help="full-dose flux per ray at 180 views (default 1.5e5)"
+    )
     p.add_argument(
         "--electronic-noise", type=float, default=None, help="electronic noise std in counts (default 10)"
     )
@@ -120,7 +122,7 @@ def _cmd_data_index(args: argparse.Namespace) -> int:
     for split in ("train", "val", "test"):
         print(f"  {split:5s} {', '.join(manifest.splits[split]) or '-'}")
     notes = [n for e in manifest.patients.values() for n in e.get("notes", [])]
-    for path, note in notes:
+    for _, note in notes:
         print(f"note: {note}")
     skipped = [s for e in manifest.patients.values() for s in e.get("skipped", [])] + manifest.skipped
     if skipped:
@@ -149,7 +151,7 @@ def _cmd_data_simulate(args: argparse.Namespace) -> int:
         f"simulated dose {args.dose:g} (seed {args.seed}) for {len(report['files'])} slices of "
         f"{len(patients)} patient(s) in {args.output}: {', '.join(patients)}"
     )
-    for path, note in report["notes"]:
+    for _, note in report["notes"]:
         print(f"note: {note}")
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])}:")

@@ -68,7 +68,10 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     for name, root in (("repo", REPO), ("cache", USER_CACHE)):
         diff = _changes(_BEFORE.get(name, {}), _snapshot(root))
         if diff:
-            problems.append(f"{root} changed during the test session (tests must be hermetic):\n  " + "\n  ".join(diff[:20]))
+            problems.append(
+                f"{root} changed during the test session (tests must be hermetic):\n  "
+                + "\n  ".join(diff[:20])
+            )
     shutil.rmtree(_LDCT_HOME, ignore_errors=True)
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")

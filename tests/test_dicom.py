@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import JPEG2000Lossless, MPEG2MPML, RLELossless
+from pydicom.uid import MPEG2MPML, JPEG2000Lossless, RLELossless
 
 from ldct.data.dicom import DicomError, default_split, discover, read_frames, read_hu, split_patients
 
@@ -202,7 +202,9 @@ def test_encoded_files_decode_to_the_same_hu(tmp_path, syntax):
     np.testing.assert_array_equal(read_hu(tmp_path / "c.dcm")[0], read_hu(plain)[0])
 
 
-@pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"])
+@pytest.mark.parametrize(
+    "name", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"]
+)
 def test_pydicom_compressed_twins_decode_like_the_original(tmp_path, name):
     # pydicom's MR twins (JPEG-LS, RLE, JPEG 2000), relabelled as CT with a rescale.
     def as_ct(src, dst):

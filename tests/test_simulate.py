@@ -31,7 +31,9 @@ def test_noise_scales_as_inverse_sqrt_dose_and_is_unbiased():
     stats = {}
     for dose in (1.0, 0.5, 0.25, 0.125):
         diffs = [
-            simulate_low_dose(disc, dose, np.random.default_rng([int(dose * 1000), k]), noise_free=True)[centre]
+            simulate_low_dose(disc, dose, np.random.default_rng([int(dose * 1000), k]), noise_free=True)[
+                centre
+            ]
             - disc[centre]
             for k in range(4)
         ]
@@ -52,7 +54,9 @@ def test_simulation_keeps_shape_and_is_deterministic():
     assert a.shape == img.shape and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-    np.testing.assert_array_equal(simulate_low_dose(img, 1.0, np.random.default_rng(1)), img)  # nothing to insert
+    np.testing.assert_array_equal(
+        simulate_low_dose(img, 1.0, np.random.default_rng(1)), img
+    )  # nothing to insert
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="dose"):
             simulate_low_dose(img, bad, np.random.default_rng(1))
@@ -75,8 +79,10 @@ def test_insertion_into_a_full_dose_image_gives_the_noise_of_the_target_dose():
         two_step.append(simulate_low_dose(full, d, np.random.default_rng([3, k])) - truth)
         # Flux I0*d' / (1 - d') = I0*d for d' = d / (1 + d): what the uncorrected code inserted.
         uncorrected.append(simulate_low_dose(full, d / (1 + d), np.random.default_rng([3, k])) - truth)
-    var = {n: float(np.concatenate([x[centre] for x in v]).var()) for n, v in
-           (("direct", direct), ("two_step", two_step), ("uncorrected", uncorrected))}
+    var = {
+        n: float(np.concatenate([x[centre] for x in v]).var())
+        for n, v in (("direct", direct), ("two_step", two_step), ("uncorrected", uncorrected))
+    }
     assert var["two_step"] / var["direct"] == pytest.approx(1.0, abs=0.08), var
     assert var["uncorrected"] / var["direct"] > 1.15, var
 
@@ -116,7 +122,13 @@ def test_builtin_tree_layout_and_tags(builtin_tree):
     found = discover(builtin_tree)
     assert found.layout == "mayo"
     assert sorted(found.patients) == ["ABDOMEN", "CTSMALL", "HEAD693", "PH01", "PH02"]
-    assert [len(found.patients[p]) for p in ("PH01", "PH02", "CTSMALL", "HEAD693", "ABDOMEN")] == [2, 2, 1, 1, 1]
+    assert [len(found.patients[p]) for p in ("PH01", "PH02", "CTSMALL", "HEAD693", "ABDOMEN")] == [
+        2,
+        2,
+        1,
+        1,
+        1,
+    ]
     uids = set()
     for pair in found.patients["PH01"] + found.patients["CTSMALL"]:
         for path in (pair.low, pair.full):

@@ -28,7 +28,9 @@ def head_runs(tmp_path_factory):
     src.mkdir()
     shutil.copy(get_testdata_file("693_UNCR.dcm"), src / "slice.dcm")
     before = _tree_bytes(src)
-    assert main(["data", "simulate", str(src), str(base / "a"), "--dose", "0.25", "--seed", "3", "--quiet"]) == 0
+    assert (
+        main(["data", "simulate", str(src), str(base / "a"), "--dose", "0.25", "--seed", "3", "--quiet"]) == 0
+    )
     simulate_tree(src, base / "b", dose=0.25, seed=3, progress=False)
     simulate_tree(src, base / "half", dose=0.5, seed=3, progress=False)
     return base, src, before
@@ -63,7 +65,12 @@ def test_same_seed_same_bytes_new_uids_input_untouched(head_runs):
     assert _tree_bytes(base / "a") == _tree_bytes(base / "b")
     assert _tree_bytes(src) == before
     source = pydicom.dcmread(src / "slice.dcm")
-    old = {source.SOPInstanceUID, source.SeriesInstanceUID, source.StudyInstanceUID, source.get("FrameOfReferenceUID")}
+    old = {
+        source.SOPInstanceUID,
+        source.SeriesInstanceUID,
+        source.StudyInstanceUID,
+        source.get("FrameOfReferenceUID"),
+    }
     pair, _, _ = _pair(base / "a")
     seen = set()
     for path in (pair.full, pair.low):

@@ -17,6 +17,7 @@ Real patients, and their split (DESIGN.md §3 says why):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -130,7 +131,10 @@ def _tree_intact(out: Path, marker: dict) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=8)
 def _real_slices(patient: str, dose: float, seed: int, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    # Cached per process: the 512x512 slices cost seconds each and are the same for every
+    # phantom count/size (a test session writes several built-in trees).
     path = real_source(patient)
     full, meta = read_hu(path)
     spacing = float(np.mean(meta["spacing"]))
@@ -149,6 +153,8 @@ def _real_slices(patient: str, dose: float, seed: int, index: int) -> tuple[np.n
         "spacing": [float(v) for v in meta["spacing"]],
         "thickness": float(meta["thickness"] or SLICE_THICKNESS_MM),
     }
+    low.flags.writeable = False
+    full.flags.writeable = False
     return low, full, info
 
 

@@ -252,7 +252,9 @@ def _fg_value(shared: pydicom.Dataset | None, frame: pydicom.Dataset | None, gro
 def _floats(value, n: int | None = None) -> tuple[float, ...] | None:
     if value is None:
         return None
-    values = tuple(float(v) for v in (value if isinstance(value, Sequence) and not isinstance(value, str) else [value]))
+    values = tuple(
+        float(v) for v in (value if isinstance(value, Sequence) and not isinstance(value, str) else [value])
+    )
     return values if n is None or len(values) == n else None
 
 
@@ -275,7 +277,9 @@ def frame_geometry(ds: pydicom.Dataset, path: Path | str) -> list[FrameGeometry]
             f"(move this file out of the tree, {_SKIP_HINT})"
         )
     if is_localizer(ds):
-        raise LocalizerImage(f"{path}: localizer/scout image (ImageType LOCALIZER), not an axial slice; skipped")
+        raise LocalizerImage(
+            f"{path}: localizer/scout image (ImageType LOCALIZER), not an axial slice; skipped"
+        )
     for tag in ("Rows", "Columns"):
         if ds.get(tag) is None:
             raise DicomError(f"{path}: missing {tag}; cannot use this image ({_SKIP_HINT})")
@@ -300,7 +304,9 @@ def frame_geometry(ds: pydicom.Dataset, path: Path | str) -> list[FrameGeometry]
 
             slope = get("PixelValueTransformationSequence", "RescaleSlope")
             intercept = get("PixelValueTransformationSequence", "RescaleIntercept")
-            missing = [n for n, v in (("RescaleSlope", slope), ("RescaleIntercept", intercept)) if v in (None, "")]
+            missing = [
+                n for n, v in (("RescaleSlope", slope), ("RescaleIntercept", intercept)) if v in (None, "")
+            ]
             if missing:
                 where = " (top level or Pixel Value Transformation functional group)" if multi else ""
                 raise DicomError(
@@ -378,9 +384,16 @@ def _decode_error(path: Path, ds: pydicom.Dataset, exc: Exception) -> DicomError
     name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
     detail = " ".join(str(exc).split())
     if ts is not None and ts.is_compressed:
-        hint = _DECODER_HINTS.get(str(ts), "no pydicom plugin is known for it: convert the file to an "
-                                  "uncompressed transfer syntax (e.g. `dcmdjpeg`/`gdcmconv --raw`)")
-        if "missing dependencies" in detail or "No pixel data decoders" in detail or "is not supported" in detail:
+        hint = _DECODER_HINTS.get(
+            str(ts),
+            "no pydicom plugin is known for it: convert the file to an "
+            "uncompressed transfer syntax (e.g. `dcmdjpeg`/`gdcmconv --raw`)",
+        )
+        if (
+            "missing dependencies" in detail
+            or "No pixel data decoders" in detail
+            or "is not supported" in detail
+        ):
             what = f"no decoder for {name} is installed; {hint}"
         else:
             what = f"the installed decoders failed on {name} (corrupt data?); another decoder may read it: {hint}"
@@ -401,7 +414,9 @@ def read_frames(
     if "PixelData" not in ds:
         raise DicomError(f"{path}: has no pixel data; {_SKIP_HINT}")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise DicomError(f"{path}: SamplesPerPixel {ds.SamplesPerPixel}, not a grey-scale CT image ({_SKIP_HINT})")
+        raise DicomError(
+            f"{path}: SamplesPerPixel {ds.SamplesPerPixel}, not a grey-scale CT image ({_SKIP_HINT})"
+        )
     wanted = range(len(geometry)) if frames is None else frames
     out = []
     for f in wanted:
@@ -414,7 +429,9 @@ def read_frames(
         except Exception as exc:  # pydicom: RuntimeError/NotImplementedError (no/failed plugin), ValueError
             raise _decode_error(path, ds, exc) from exc
         if stored.shape != g.shape:
-            raise DicomError(f"{path}: pixel array shape {stored.shape} != Rows x Columns {g.shape}; {_SKIP_HINT}")
+            raise DicomError(
+                f"{path}: pixel array shape {stored.shape} != Rows x Columns {g.shape}; {_SKIP_HINT}"
+            )
         out.append((to_hu(stored, g), stored, g))
     return ds, out
 

@@ -36,7 +36,6 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,7 +230,12 @@ def _candidate_inputs(root: Path) -> list[Path]:
         layout = None
     files = sorted(p for p in root.rglob("*") if p.is_file() and _is_dicom_candidate(p))
     if layout == "mayo":
-        full_dirs = {d for patient in _subdirs(root) for (kind, _), d in _mayo_series_dirs(patient).items() if kind == "full"}
+        full_dirs = {
+            d
+            for patient in _subdirs(root)
+            for (kind, _), d in _mayo_series_dirs(patient).items()
+            if kind == "full"
+        }
         files = [f for f in files if f.parent in full_dirs]
     return files
 
@@ -264,7 +268,14 @@ def simulate_tree(
 
     import ldct
     from ldct.data.dicom import DicomError, LocalizerImage, _dcmread, frame_geometry, read_frames
-    from ldct.data.writer import ct_slice, derived_series_number, hu_to_stored, mark_derived, output_syntax, save
+    from ldct.data.writer import (
+        ct_slice,
+        derived_series_number,
+        hu_to_stored,
+        mark_derived,
+        output_syntax,
+        save,
+    )
 
     src, dst = Path(in_dir), Path(out_dir)
     if not 0 < dose < 1:
@@ -275,7 +286,9 @@ def simulate_tree(
         raise DicomError(f"{src}: no such input directory; give a folder of routine-dose CT slices")
     s, d = src.resolve(), dst.resolve()
     if d == s or s in d.parents or d in s.parents:
-        raise ValueError(f"output {dst} and input {src} overlap; choose an output outside the input (it is never written)")
+        raise ValueError(
+            f"output {dst} and input {src} overlap; choose an output outside the input (it is never written)"
+        )
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists and is not empty; give a new or empty output directory")
 
@@ -300,11 +313,19 @@ def simulate_tree(
         if _dose_of(str(ds.get("SeriesDescription", ""))) == "low":
             continue  # a TCIA tree's own low-dose series: we make our own from the full dose
         patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or path.parent.name)
-        series_of.setdefault((patient, str(ds.get("SeriesInstanceUID", "") or path.parent)), []).append((ds, path))
+        series_of.setdefault((patient, str(ds.get("SeriesInstanceUID", "") or path.parent)), []).append(
+            (ds, path)
+        )
         for g in frames:
             t = g.thickness
             sources.append(
-                _Source(path, g.frame, "", f"{t:g}mm" if t else "3mm", g.along_normal if g.along_normal is not None else 0.0)
+                _Source(
+                    path,
+                    g.frame,
+                    "",
+                    f"{t:g}mm" if t else "3mm",
+                    g.along_normal if g.along_normal is not None else 0.0,
+                )
             )
     if not sources:
         detail = f"; first problem: {skipped[0][1]}" if skipped else ""
@@ -344,7 +365,11 @@ def simulate_tree(
         bar = tqdm(total=len(sources), desc="simulate", unit="slice", disable=not progress)
         for (key, thickness), members in sorted(by_series.items()):
             members.sort(key=lambda m: (m.position, str(m.path), m.frame or 0))
-            uid = lambda *parts: generate_uid(entropy_srcs=["ldct-simulate", str(seed), f"{dose:g}", *map(str, parts)])  # noqa: E731
+
+            def uid(*parts: Any) -> str:
+                # Same seed and source -> same UID; never one of the input's UIDs.
+                return generate_uid(entropy_srcs=["ldct-simulate", str(seed), f"{dose:g}", *map(str, parts)])
+
             first = _dcmread(members[0].path, header_only=True)
             study_uid = uid(first.get("StudyInstanceUID", ""), key, "study")
             frame_uid = uid(first.get("FrameOfReferenceUID", ""), key, thickness, "frame")
@@ -362,7 +387,9 @@ def simulate_tree(
                 digest = hashlib.sha256(f"{source_sop}\0{m.frame}\0{m.path.name}".encode()).digest()
                 rng = np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
                 spacing = float(np.mean(g.spacing))
-                low = simulate_low_dose(hu, dose, rng, i0=i0, electronic_noise=electronic_noise, pixel_size_mm=spacing)
+                low = simulate_low_dose(
+                    hu, dose, rng, i0=i0, electronic_noise=electronic_noise, pixel_size_mm=spacing
+                )
                 signed = stored.dtype.kind == "i"
                 if stored.dtype.itemsize > 2 or stored.dtype.kind not in "iu":
                     raise DicomError(f"{m.path}: {stored.dtype} pixels; only 16-bit CT is supported")
@@ -386,7 +413,9 @@ def simulate_tree(
                         study_uid=study_uid,
                         frame_uid=frame_uid,
                         series_description=(
-                            "Full Dose Images" if kind == "full" else f"Quarter Dose Images (simulated, dose {dose:g})"
+                            "Full Dose Images"
+                            if kind == "full"
+                            else f"Quarter Dose Images (simulated, dose {dose:g})"
                         ),
                         series_number=number_in,
                         instance=n,
@@ -395,16 +424,15 @@ def simulate_tree(
                         orientation=g.orientation,
                         thickness=g.thickness,
                         template=ds,
-                        image_type=[str(v) for v in (ds.get("ImageType") or ["ORIGINAL", "PRIMARY", "AXIAL"])],
+                        image_type=[
+                            str(v) for v in (ds.get("ImageType") or ["ORIGINAL", "PRIMARY", "AXIAL"])
+                        ],
                     )
-                    derivation = (
-                        f"ldct {ldct.__version__} data simulate: "
-                        + (
-                            "full dose, the source image's HU re-encoded"
-                            if kind == "full"
-                            else f"simulated dose {dose:g}, I0 {i0:g}, electronic noise {electronic_noise:g}, "
-                            f"seed {seed}; {method}"
-                        )
+                    derivation = f"ldct {ldct.__version__} data simulate: " + (
+                        "full dose, the source image's HU re-encoded"
+                        if kind == "full"
+                        else f"simulated dose {dose:g}, I0 {i0:g}, electronic noise {electronic_noise:g}, "
+                        f"seed {seed}; {method}"
                     )
                     mark_derived(
                         out,
@@ -415,7 +443,9 @@ def simulate_tree(
                     )
                     if kind == "full":
                         # Same pixels as the source: keep its ImageType (ORIGINAL stays ORIGINAL).
-                        out.ImageType = [str(v) for v in (ds.get("ImageType") or ["ORIGINAL", "PRIMARY", "AXIAL"])]
+                        out.ImageType = [
+                            str(v) for v in (ds.get("ImageType") or ["ORIGINAL", "PRIMARY", "AXIAL"])
+                        ]
                     rel = Path(key) / f"{kind}_{thickness}" / f"{n}.IMA"
                     save(out, tmp / rel, ts_out)
                     entry[kind] = str(rel)
@@ -424,9 +454,13 @@ def simulate_tree(
                 bar.update()
         bar.close()
         if not files:
-            raise DicomError(f"{src}: no slice could be simulated; first problem: {skipped[0][1] if skipped else '-'}")
+            raise DicomError(
+                f"{src}: no slice could be simulated; first problem: {skipped[0][1] if skipped else '-'}"
+            )
         sidecar = {**provenance, "input": str(s), "files": files, "skipped": skipped, "notes": notes}
-        (tmp / SIDECAR).write_text(json.dumps({k: v for k, v in sidecar.items() if k != "input"}, indent=1, sort_keys=True) + "\n")
+        (tmp / SIDECAR).write_text(
+            json.dumps({k: v for k, v in sidecar.items() if k != "input"}, indent=1, sort_keys=True) + "\n"
+        )
         if dst.exists():
             dst.rmdir()
         os.rename(tmp, dst)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
@@ -45,7 +44,10 @@ def output_syntax(input_syntax: str | None, keep: bool) -> tuple[UID, str | None
 
         if get_encoder(ts).is_available:
             return ts, None
-        return ExplicitVRLittleEndian, f"no encoder for {ts.name} is installed; wrote Explicit VR Little Endian"
+        return (
+            ExplicitVRLittleEndian,
+            f"no encoder for {ts.name} is installed; wrote Explicit VR Little Endian",
+        )
     return ExplicitVRLittleEndian, (
         f"no lossless encoder for {ts.name} ({ts}) here (ldct encodes RLE Lossless and JPEG 2000 "
         f"Lossless); wrote Explicit VR Little Endian"
@@ -87,7 +89,9 @@ def mark_derived(
     instance) pairs, and a ContributingEquipmentSequence item (ldct, its version, what it did)."""
     image_type = ds.get("ImageType") or []
     image_type = [image_type] if isinstance(image_type, str) else list(image_type)
-    ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]] if len(image_type) > 2 else ["DERIVED", "SECONDARY"]
+    ds.ImageType = (
+        ["DERIVED", "SECONDARY", *image_type[2:]] if len(image_type) > 2 else ["DERIVED", "SECONDARY"]
+    )
     ds.SeriesNumber = int(series_number)
     ds.DerivationDescription = derivation[:1024]
     if sources:
@@ -269,7 +273,3 @@ def write_ct_slice(
     )
     ds.Manufacturer = "ldct built-in set"
     save(ds, path)
-
-
-def read_dataset(path: Path | str) -> pydicom.Dataset:
-    return pydicom.dcmread(path)
