@@ -89,11 +89,13 @@ def hu_to_mu(hu: np.ndarray) -> np.ndarray:
 
 def _line_integrals(mu_px: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Line integrals [D, A] of a square image of per-pixel attenuation, on the detector grid of
-    ``skimage.transform.radon(circle=False)`` (D = padded diagonal, centre D // 2).
+    ``skimage.transform.radon(circle=False)`` (D = padded diagonal, centre D // 2), for the
+    angles ``theta`` (degrees in [0, 180)).
 
     Only the photon statistics depend on these values (the image itself is never reconstructed
-    from them), so they are computed at half resolution and interpolated: 4x less work, and an
-    error of a fraction of a pixel in where the noise is strongest."""
+    from them), so they are computed at half resolution, at that grid's own ceil(pi N / 2)
+    views, and interpolated linearly along the detector and the angle: ~8x less work than the
+    full projection, and an error of a fraction of a pixel in where the noise is strongest."""
     from skimage.transform import radon
 
     n = mu_px.shape[0]
@@ -106,12 +108,25 @@ def _line_integrals(mu_px: np.ndarray, theta: np.ndarray) -> np.ndarray:
         padded[:n, :n] = mu_px
     # Block sum = mean attenuation x twice the path length per coarse pixel.
     small = padded.reshape(m // 2, 2, m // 2, 2).mean(axis=(1, 3)) * 2.0
-    sino = radon(small, theta, circle=False)  # [Ds, A]
+    coarse = min(len(theta), views_for(m // 2))
+    sino = radon(small, np.linspace(0.0, 180.0, coarse, endpoint=False), circle=False)  # [Ds, Ac]
     ds = sino.shape[0]
+    # Along the detector: full-resolution bins sit at half-bin steps of the coarse detector.
     pos = ds // 2 + (np.arange(d_full) - d_full // 2) / 2.0
-    return np.stack(
-        [np.interp(pos, np.arange(ds), sino[:, a], left=0.0, right=0.0) for a in range(len(theta))], 1
-    )
+    inside = (pos >= 0) & (pos <= ds - 1)
+    lo = np.clip(np.floor(pos).astype(int), 0, ds - 2)
+    f = (pos - lo)[:, None]
+    det = np.where(inside[:, None], sino[lo] * (1 - f) + sino[lo + 1] * f, 0.0)  # [D, Ac]
+    # Along the angle, periodic: the view at 180 degrees is the one at 0 mirrored on the detector.
+    centre = d_full // 2
+    mirror = 2 * centre - np.arange(d_full)
+    ok = (mirror >= 0) & (mirror < d_full)
+    wrap = np.where(ok, det[np.clip(mirror, 0, d_full - 1), 0], 0.0)
+    ext = np.concatenate([det, wrap[:, None]], axis=1)  # [D, Ac + 1]
+    t = np.asarray(theta, float) / (180.0 / coarse)
+    j = np.clip(np.floor(t).astype(int), 0, coarse - 1)
+    g = t - j
+    return ext[:, j] * (1 - g) + ext[:, j + 1] * g
 
 
 def exposure_factor(line_integrals: np.ndarray) -> float:
