@@ -137,3 +137,19 @@ def test_bad_files_are_named_and_skip_bad_goes_on(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipped 1" in out and str(nospacing) in out
     assert not (tmp_path / "o2").exists() and good.is_file()
+
+
+@pytest.mark.parametrize("layout", ["mayo_tree", "tcia_tree"])
+def test_known_layouts_simulate_from_their_full_dose_series(layout, request, tmp_path):
+    root = request.getfixturevalue(layout)
+    report = simulate_tree(root, tmp_path / "out", dose=0.5, progress=False)
+    found = discover(tmp_path / "out")
+    source = discover(root)
+    assert sorted(found.patients) == sorted(source.patients)
+    for patient, pairs in source.patients.items():
+        got = found.patients[patient]
+        assert [p.z for p in got] == [p.z for p in pairs]
+        for mine, theirs in zip(got, pairs, strict=True):
+            np.testing.assert_array_equal(read_hu(mine.full)[0], read_hu(theirs.full)[0])
+    # Only the full-dose inputs were used (the trees' own low-dose series are not sources).
+    assert len(report["files"]) == sum(len(v) for v in source.patients.values())

@@ -235,8 +235,9 @@ def _safe_name(text: str) -> str:
     return keep.strip("._") or "patient"
 
 
-def _candidate_inputs(root: Path) -> list[Path]:
-    """The files to simulate from: a known layout's full-dose series only, else every file."""
+def _candidate_inputs(root: Path) -> tuple[list[Path], str | None]:
+    """The files to simulate from (a Mayo tree: its full_* series; else every file) and the
+    layout the indexer sees (None for a plain folder)."""
     from ldct.data.dicom import DicomError, _is_dicom_candidate, _mayo_series_dirs, _subdirs, detect_layout
 
     try:
@@ -252,7 +253,7 @@ def _candidate_inputs(root: Path) -> list[Path]:
             if kind == "full"
         }
         files = [f for f in files if f.parent in full_dirs]
-    return files
+    return files, layout
 
 
 def simulate_tree(
@@ -313,7 +314,8 @@ def simulate_tree(
     series_of: dict[tuple[str, str], list[tuple[pydicom.Dataset, Path]]] = {}
     from ldct.data.dicom import _dose_of
 
-    for path in _candidate_inputs(src):
+    candidates, layout = _candidate_inputs(src)
+    for path in candidates:
         try:
             ds = _dcmread(path, header_only=True)
             frames = frame_geometry(ds, path)
@@ -325,8 +327,9 @@ def simulate_tree(
                 raise
             skipped.append((str(path), str(exc)))
             continue
-        if _dose_of(str(ds.get("SeriesDescription", ""))) == "low":
-            continue  # a TCIA tree's own low-dose series: we make our own from the full dose
+        dose_of = _dose_of(str(ds.get("SeriesDescription", "")))
+        if dose_of == "low" or (layout == "tcia" and dose_of != "full"):
+            continue  # a tree's own low-dose (or scout) series: the full dose is the source
         patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or path.parent.name)
         series_of.setdefault((patient, str(ds.get("SeriesInstanceUID", "") or path.parent)), []).append(
             (ds, path)
