@@ -28,7 +28,8 @@ from pydicom.uid import generate_uid  # noqa: E402
 
 from ldct.data.cache import build_cache  # noqa: E402
 from ldct.data.dicom import discover  # noqa: E402
-from ldct.data.simulate import phantom_spec, render_phantom, write_ct_slice  # noqa: E402
+from ldct.data.phantoms import phantom_spec, render_phantom  # noqa: E402
+from ldct.data.writer import write_ct_slice  # noqa: E402
 
 TARGET_PAIRS_PER_S = 20_000
 

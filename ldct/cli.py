@@ -26,7 +26,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser(
         "builtin",
-        help="write the built-in DICOM set (phantoms + CT_small, simulated quarter dose) in Mayo layout",
+        help="write the built-in DICOM set (phantoms + real CT slices, simulated quarter dose) in Mayo layout",
     )
     p.add_argument("out", help="output directory (missing, empty, or a previous built-in tree)")
     p.add_argument(
@@ -49,6 +49,32 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_data_index)
 
+    p = cmds.add_parser(
+        "simulate",
+        help="routine-dose CT (any layout or a plain folder) -> Mayo-layout full/quarter pairs",
+        description="Simulate a lower dose from routine-dose CT with the projection-domain, "
+        "dose-corrected noise insertion of the built-in set. Writes OUT/<patient>/{full,quarter}_<t>mm/; "
+        "never writes into IN.",
+    )
+    p.add_argument("input", metavar="IN", help="input directory (Mayo/TCIA tree or any folder of CT slices)")
+    p.add_argument("output", metavar="OUT", help="output directory (missing or empty)")
+    p.add_argument("--dose", type=float, default=0.25, help="dose fraction to simulate (default 0.25)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives identical files")
+    p.add_argument(
+        "--i0", type=float, default=None, help="full-dose flux per ray at 180 views (default 1.5e5)"
+    )
+    p.add_argument(
+        "--electronic-noise", type=float, default=None, help="electronic noise std in counts (default 10)"
+    )
+    p.add_argument("--skip-bad", action="store_true", help="skip and list bad files instead of stopping")
+    p.add_argument(
+        "--keep-transfer-syntax",
+        action="store_true",
+        help="write the input's transfer syntax where ldct can encode it (RLE, JPEG 2000 lossless)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_data_simulate)
+
     p = cmds.add_parser("baseline", help="LDCT-vs-full-dose metrics of a split (per patient and mean)")
     p.add_argument("cache", help="cache directory")
     p.add_argument("--split", default="test", help="train, val or test (default test)")
@@ -57,7 +83,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_data_builtin(args: argparse.Namespace) -> int:
-    from ldct.data.simulate import write_builtin
+    from ldct.data.builtin import REAL_PATIENTS, write_builtin
 
     out = write_builtin(
         args.out,
@@ -68,9 +94,10 @@ def _cmd_data_builtin(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
-    patients = [f"PH{k:02d}" for k in range(1, args.phantoms + 1)] + ["CTSMALL"]
+    real = sorted(REAL_PATIENTS)
     print(
-        f"built-in set in {out}: {len(patients)} patients ({patients[0]}..{patients[-2]}, CTSMALL), dose {args.dose:g}"
+        f"built-in set in {out}: {args.phantoms + len(real)} patients (PH01..PH{args.phantoms:02d}, "
+        f"{', '.join(real)}), dose {args.dose:g}"
     )
     return EXIT_OK
 
@@ -94,11 +121,44 @@ def _cmd_data_index(args: argparse.Namespace) -> int:
     )
     for split in ("train", "val", "test"):
         print(f"  {split:5s} {', '.join(manifest.splits[split]) or '-'}")
+    notes = [n for e in manifest.patients.values() for n in e.get("notes", [])]
+    for _, note in notes:
+        print(f"note: {note}")
     skipped = [s for e in manifest.patients.values() for s in e.get("skipped", [])] + manifest.skipped
     if skipped:
         print(f"skipped {len(skipped)}:")
         for path, reason in skipped:
             print(f"  {path}: {reason}")
+    return EXIT_OK
+
+
+def _cmd_data_simulate(args: argparse.Namespace) -> int:
+    from ldct.data.simulate import ELECTRONIC_NOISE, I0_FULL_DOSE, simulate_tree
+
+    report = simulate_tree(
+        args.input,
+        args.output,
+        dose=args.dose,
+        seed=args.seed,
+        i0=I0_FULL_DOSE if args.i0 is None else args.i0,
+        electronic_noise=ELECTRONIC_NOISE if args.electronic_noise is None else args.electronic_noise,
+        skip_bad=args.skip_bad,
+        keep_transfer_syntax=args.keep_transfer_syntax,
+        progress=not args.quiet,
+    )
+    patients = sorted({Path(f["full"]).parts[0] for f in report["files"]})
+    print(
+        f"simulated dose {args.dose:g} (seed {args.seed}) for {len(report['files'])} slices of "
+        f"{len(patients)} patient(s) in {args.output}: {', '.join(patients)}"
+    )
+    for _, note in report["notes"]:
+        print(f"note: {note}")
+    if report["skipped"]:
+        print(f"skipped {len(report['skipped'])}:")
+        for path, reason in report["skipped"]:
+            print(f"  {path}: {reason}")
+    thicknesses = sorted({Path(f["full"]).parts[1].removeprefix("full_") for f in report["files"]})
+    print(f"index it with: ldct data index {args.output} --cache CACHE --thickness {thicknesses[0]}")
     return EXIT_OK
 
 

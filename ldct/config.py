@@ -55,6 +55,8 @@ class DataConfig:
     patch_size: int = 64
     # Patches whose fraction of air pixels (HU < -900) exceeds this are redrawn.
     max_air_fraction: float = 0.9
+    # Patches whose fraction of soft tissue (HU in [-160, 240]) is below this are redrawn (0 = off).
+    min_tissue_fraction: float = 0.0
     loader_workers: int = 0
     # Built-in set: number of phantom patients, slices per phantom, image size, dose, seed.
     builtin_phantoms: int = 6

@@ -290,6 +290,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
         seed=cfg.train.seed,
         max_air_fraction=cfg.data.max_air_fraction,
         normalization=cfg.normalization,
+        min_tissue_fraction=cfg.data.min_tissue_fraction,
     )
     sampler = _StepBatchSampler(cfg.train.batch_size, rank, world, batches_consumed, total_batches)
     loader = DataLoader(

@@ -6,6 +6,8 @@ reader is tested against files it did not produce itself.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,6 +17,69 @@ from _ray_fixtures import mlflow_server, ray_local  # noqa: F401  (shared Ray/ML
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+# --------------------------------------------------------------------------- hermetic session
+# LDCT_HOME points at a temporary directory for the whole session (subprocesses and Ray workers
+# inherit it), and the session fails if the repository tree or ~/.cache/ldct changed during it.
+
+REPO = Path(__file__).resolve().parents[1]
+USER_CACHE = Path.home() / ".cache" / "ldct"
+# Written by the tools themselves, not by the code under test.
+_IGNORED_PARTS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".venv"}
+_LDCT_HOME = tempfile.mkdtemp(prefix="ldct-home-")
+os.environ["LDCT_HOME"] = _LDCT_HOME
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    if not root.exists():
+        return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _IGNORED_PARTS and not d.endswith(".egg-info")]
+        for name in filenames + dirnames:
+            path = Path(dirpath) / name
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            out[str(path.relative_to(root))] = (st.st_size if path.is_file() else -1, st.st_mtime_ns)
+    return out
+
+
+def _changes(before: dict, after: dict) -> list[str]:
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k] and before[k][0] != -1)
+    return [f"+ {k}" for k in added] + [f"- {k}" for k in removed] + [f"~ {k}" for k in changed]
+
+
+_BEFORE: dict[str, dict] = {}
+
+
+def pytest_sessionstart(session) -> None:
+    _BEFORE["repo"] = _snapshot(REPO)
+    _BEFORE["cache"] = _snapshot(USER_CACHE)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    import shutil
+
+    problems = []
+    for name, root in (("repo", REPO), ("cache", USER_CACHE)):
+        diff = _changes(_BEFORE.get(name, {}), _snapshot(root))
+        if diff:
+            problems.append(
+                f"{root} changed during the test session (tests must be hermetic):\n  "
+                + "\n  ".join(diff[:20])
+            )
+    shutil.rmtree(_LDCT_HOME, ignore_errors=True)
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for p in problems:
+            if reporter is not None:
+                reporter.write_line(p, red=True)
+        session.exitstatus = 1
+
 
 # Small built-in set used by the data tests: seconds to make, same code path as the real one.
 BUILTIN_SMALL = {"phantoms": 2, "slices": 2, "size": 64, "seed": 0, "dose": 0.25}
@@ -162,7 +227,7 @@ def write_tcia_tree(
 @pytest.fixture(scope="session")
 def builtin_tree(tmp_path_factory) -> Path:
     """A small built-in DICOM tree (2 phantoms x 2 slices of 64x64, plus CTSMALL)."""
-    from ldct.data.simulate import write_builtin
+    from ldct.data.builtin import write_builtin
 
     return write_builtin(tmp_path_factory.mktemp("builtin") / "dicom", progress=False, **BUILTIN_SMALL)
 

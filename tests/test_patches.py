@@ -72,6 +72,24 @@ def test_mostly_air_patches_are_redrawn(builtin_cache):
     assert float((air(strict) > 0.2).float().mean()) < 0.01
 
 
+def test_tissue_favouring_draws_more_soft_tissue(builtin_cache):
+    norm = HUNormalization()
+    lo, hi = (float(norm.to_unit(torch.tensor(v))) for v in (-160.0, 240.0))
+
+    def tissue(min_fraction):
+        ds = PatchPairDataset(
+            builtin_cache, PHANTOMS, patch_size=24, samples=300, seed=1, min_tissue_fraction=min_fraction
+        )
+        _, full = ds._batch(np.arange(300))
+        return ((full >= lo) & (full <= hi)).float().mean(dim=(1, 2, 3))
+
+    off, on = tissue(0.0), tissue(0.7)
+    assert float((off < 0.7).float().mean()) > 0.2  # bone, fat, air edges: plenty below 70 %
+    assert float((on < 0.7).float().mean()) < 0.05 and float(on.mean()) > float(off.mean())
+    with pytest.raises(ValueError, match="min_tissue_fraction"):
+        PatchPairDataset(builtin_cache, PHANTOMS, min_tissue_fraction=1.5)
+
+
 def test_dataloader_with_two_workers_matches_single_process(builtin_cache):
     ds = PatchPairDataset(builtin_cache, PHANTOMS, patch_size=16, samples=96, seed=4)
     clone = pickle.loads(pickle.dumps(ds))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -11,15 +12,10 @@ from conftest import BUILTIN_SMALL
 from pydicom.data import get_testdata_file
 from pydicom.uid import UID
 
+from ldct.data.builtin import BUILTIN_MARKER, builtin_params, real_source, write_builtin
 from ldct.data.dicom import discover, read_hu
-from ldct.data.simulate import (
-    BUILTIN_MARKER,
-    make_phantom,
-    phantom_spec,
-    render_phantom,
-    simulate_low_dose,
-    write_builtin,
-)
+from ldct.data.phantoms import make_phantom, phantom_spec, render_phantom
+from ldct.data.simulate import simulate_low_dose
 from ldct.metrics import psnr_window, ssim_window
 
 
@@ -35,7 +31,10 @@ def test_noise_scales_as_inverse_sqrt_dose_and_is_unbiased():
     stats = {}
     for dose in (1.0, 0.5, 0.25, 0.125):
         diffs = [
-            simulate_low_dose(disc, dose, np.random.default_rng([int(dose * 1000), k]))[centre] - disc[centre]
+            simulate_low_dose(disc, dose, np.random.default_rng([int(dose * 1000), k]), noise_free=True)[
+                centre
+            ]
+            - disc[centre]
             for k in range(4)
         ]
         d = np.concatenate(diffs)
@@ -55,14 +54,43 @@ def test_simulation_keeps_shape_and_is_deterministic():
     assert a.shape == img.shape and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-    with pytest.raises(ValueError, match="dose"):
-        simulate_low_dose(img, 0.0, np.random.default_rng(1))
+    np.testing.assert_array_equal(
+        simulate_low_dose(img, 1.0, np.random.default_rng(1)), img
+    )  # nothing to insert
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="dose"):
+            simulate_low_dose(img, bad, np.random.default_rng(1))
+
+
+def test_insertion_into_a_full_dose_image_gives_the_noise_of_the_target_dose():
+    # Known truth: a water disc with a bone insert. Simulating dose 1 and then inserting down to
+    # d must carry the same noise as simulating d directly; inserting at flux I0*d (the old,
+    # uncorrected insertion) carries 1 + 1/d times the dose-1 variance, 25 % too much at d = 0.25.
+    size = 128
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2.0
+    truth = np.where(xx**2 + yy**2 <= 50**2, 0.0, -1000.0).astype(np.float32)
+    truth[(xx - 15) ** 2 + yy**2 <= 8**2] = 700.0
+    centre = xx**2 + yy**2 <= 30**2
+    d = 0.25
+    direct, two_step, uncorrected = [], [], []
+    for k in range(6):
+        direct.append(simulate_low_dose(truth, d, np.random.default_rng([1, k]), noise_free=True) - truth)
+        full = simulate_low_dose(truth, 1.0, np.random.default_rng([2, k]), noise_free=True)
+        two_step.append(simulate_low_dose(full, d, np.random.default_rng([3, k])) - truth)
+        # Flux I0*d' / (1 - d') = I0*d for d' = d / (1 + d): what the uncorrected code inserted.
+        uncorrected.append(simulate_low_dose(full, d / (1 + d), np.random.default_rng([3, k])) - truth)
+    var = {
+        n: float(np.concatenate([x[centre] for x in v]).var())
+        for n, v in (("direct", direct), ("two_step", two_step), ("uncorrected", uncorrected))
+    }
+    assert var["two_step"] / var["direct"] == pytest.approx(1.0, abs=0.08), var
+    assert var["uncorrected"] / var["direct"] > 1.15, var
 
 
 def test_quarter_dose_psnr_is_in_the_range_of_real_ldct():
     # The paper's Mayo LDCT baseline is 29.2 dB / 0.88 (window convention).
     clean = render_phantom(phantom_spec(np.random.default_rng([0, 1])), 256)
-    full = simulate_low_dose(clean, 1.0, np.random.default_rng(1))
+    full = simulate_low_dose(clean, 1.0, np.random.default_rng(1), noise_free=True)
     low = simulate_low_dose(full, 0.25, np.random.default_rng(2))
     psnr, ssim = float(psnr_window(low, full)), float(ssim_window(low, full))
     assert 26.0 < psnr < 33.0 and 0.75 < ssim < 0.95, (psnr, ssim)
@@ -92,8 +120,15 @@ def test_neighbouring_slices_are_related():
 
 def test_builtin_tree_layout_and_tags(builtin_tree):
     found = discover(builtin_tree)
-    assert found.layout == "mayo" and sorted(found.patients) == ["CTSMALL", "PH01", "PH02"]
-    assert [len(found.patients[p]) for p in ("PH01", "PH02", "CTSMALL")] == [2, 2, 1]
+    assert found.layout == "mayo"
+    assert sorted(found.patients) == ["ABDOMEN", "CTSMALL", "HEAD693", "PH01", "PH02"]
+    assert [len(found.patients[p]) for p in ("PH01", "PH02", "CTSMALL", "HEAD693", "ABDOMEN")] == [
+        2,
+        2,
+        1,
+        1,
+        1,
+    ]
     uids = set()
     for pair in found.patients["PH01"] + found.patients["CTSMALL"]:
         for path in (pair.low, pair.full):
@@ -104,7 +139,7 @@ def test_builtin_tree_layout_and_tags(builtin_tree):
             for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID):
                 assert UID(uid).is_valid
             assert list(ds.ImageOrientationPatient) == [1, 0, 0, 0, 1, 0]
-            assert float(ds.ImagePositionPatient[2]) == pair.z
+            assert float(ds.ImagePositionPatient[2]) == pytest.approx(pair.z)
             uids.add(ds.SOPInstanceUID)
     assert len(uids) == 2 * 3  # every file its own SOP instance
     ds = pydicom.dcmread(found.patients["PH01"][0].full)
@@ -112,15 +147,35 @@ def test_builtin_tree_layout_and_tags(builtin_tree):
     assert "Quarter Dose" in pydicom.dcmread(found.patients["PH01"][0].low).SeriesDescription
 
 
-def test_ctsmall_is_the_real_slice_with_simulated_quarter_dose(builtin_tree):
-    pair = discover(builtin_tree).patients["CTSMALL"][0]
+@pytest.mark.parametrize("patient", ["CTSMALL", "HEAD693", "ABDOMEN"])
+def test_real_patients_are_the_real_slices_with_simulated_quarter_dose(builtin_tree, patient):
+    pair = discover(builtin_tree).patients[patient][0]
     full, meta = read_hu(pair.full)
     low, _ = read_hu(pair.low)
-    real, real_meta = read_hu(get_testdata_file("CT_small.dcm"))
+    real, real_meta = read_hu(real_source(patient))
     np.testing.assert_array_equal(full, real)
     assert meta["spacing"] == pytest.approx(real_meta["spacing"])
-    noise = (low - full).std()
-    assert 5.0 < noise < 60.0 and abs((low - full).mean()) < 5.0
+    body = full > -500
+    noise = (low - full)[body]
+    assert 5.0 < noise.std() < 60.0 and abs(noise.mean()) < 5.0, (noise.std(), noise.mean())
+
+
+def test_ct_small_source_is_pydicoms_file():
+    assert real_source("CTSMALL") == Path(get_testdata_file("CT_small.dcm"))
+
+
+def test_builtin_cache_key_follows_the_simulation_code(monkeypatch, tmp_path):
+    from ldct.data import builtin
+
+    before = builtin_params(0.25, 2, 2, 64, 0, 0.7)
+    copy = tmp_path / "data"
+    copy.mkdir()
+    for name in builtin._CODE_MODULES:
+        (copy / name).write_bytes((Path(builtin.__file__).parent / name).read_bytes())
+    (copy / "simulate.py").write_text((copy / "simulate.py").read_text() + "\n# changed\n")
+    monkeypatch.setattr(builtin, "__file__", str(copy / "builtin.py"))
+    after = builtin_params(0.25, 2, 2, 64, 0, 0.7)
+    assert before["code"] != after["code"] and {**before, "code": 0} == {**after, "code": 0}
 
 
 def test_builtin_is_deterministic(builtin_tree, tmp_path):
@@ -147,5 +202,5 @@ def test_builtin_refuses_foreign_directory_and_rewrites_only_when_needed(tmp_pat
     write_builtin(out, phantoms=2, slices=1, size=32, progress=False)  # same parameters: no-op
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.IMA")} == stamp and marker.is_file()
     write_builtin(out, phantoms=1, slices=1, size=32, progress=False)  # new parameters: replaced
-    assert sorted(os.listdir(out)) == [BUILTIN_MARKER, "CTSMALL", "PH01"]
+    assert sorted(os.listdir(out)) == [BUILTIN_MARKER, "ABDOMEN", "CTSMALL", "HEAD693", "PH01"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers

@@ -169,9 +169,13 @@ def _choose_splits(
         chosen_test = default_split(patients, builtin=builtin)[1]
     chosen_val = list(val) or previous("val")
     if chosen_val is None or set(chosen_val) & set(chosen_test):
-        # Default: the last remaining patient (a phantom for the built-in set), if one still trains.
-        rest = [p for p in sorted(patients) if p not in chosen_test and not (builtin and p == "CTSMALL")]
-        chosen_val = rest[-1:] if len(rest) > 1 else []
+        default_val = default_split(patients, builtin=builtin)[0]
+        if builtin and default_val and not set(default_val) & set(chosen_test):
+            chosen_val = default_val
+        else:
+            # The last remaining patient, if one still trains.
+            rest = [p for p in sorted(patients) if p not in chosen_test and not (builtin and p == "CTSMALL")]
+            chosen_val = rest[-1:] if len(rest) > 1 else []
     return split_patients(patients, chosen_val, chosen_test)
 
 
@@ -190,8 +194,8 @@ def build_cache(
     """Index ``root`` into ``cache_dir`` (incremental, idempotent; see the module docstring).
 
     ``val``/``test`` name held-out patients; when empty, the splits of an existing manifest are
-    kept, else the defaults (built-in: val = last phantom, test = CTSMALL; otherwise test = last
-    patient, val = second-to-last).
+    kept, else the defaults (built-in: val = HEAD693, test = ABDOMEN + CTSMALL; otherwise test =
+    last patient, val = second-to-last).
     """
     from tqdm import tqdm
 
@@ -238,6 +242,10 @@ def build_cache(
             owner = rel.split(os.sep, 1)[0]
             target = by_patient.setdefault(owner, []) if owner in found.patients else skipped
             target.append([rel, reason])
+        notes: dict[str, list[list[str]]] = {}
+        for path, note in found.notes:
+            rel = _rel(root, path)
+            notes.setdefault(rel.split(os.sep, 1)[0], []).append([rel, note])
         total = sum(len(v) for v in found.patients.values())
         bar = tqdm(total=total, desc=f"index {root.name}", unit="slice", disable=not progress)
         writing: list[str] = []  # the patient whose arrays are being replaced, if any
@@ -248,6 +256,8 @@ def build_cache(
                     root, cache_dir, patient, pairs, fingerprints[patient], skip_bad, bar, writing
                 )
                 entry["skipped"] = by_patient.get(patient, []) + entry["skipped"]
+                if notes.get(patient):
+                    entry["notes"] = notes[patient]
                 if entry["shape"][0] == 0:
                     skipped.append([patient, "no slice pair could be read"])
                     continue
@@ -288,8 +298,8 @@ def _read_patient(root, cache_dir, patient, pairs, fingerprint, skip_bad, bar, w
     lows, fulls, slices, skipped = [], [], [], []
     for pair in pairs:
         try:
-            low, low_meta = read_hu(pair.low)
-            full, full_meta = read_hu(pair.full)
+            low, _ = read_hu(pair.low, frame=pair.low_frame)
+            full, _ = read_hu(pair.full, frame=pair.full_frame)
         except DicomError as exc:
             if not skip_bad:
                 raise
@@ -308,15 +318,17 @@ def _read_patient(root, cache_dir, patient, pairs, fingerprint, skip_bad, bar, w
         # Rounded HU fit int16 for any real CT; half the memory of float32 and memory-mappable.
         lows.append(np.clip(np.rint(low), -32768, 32767).astype(np.int16))
         fulls.append(np.clip(np.rint(full), -32768, 32767).astype(np.int16))
-        slices.append(
-            {
-                "z": pair.z,
-                "low": _rel(root, pair.low),
-                "full": _rel(root, pair.full),
-                "low_sop": pair.low_sop,
-                "full_sop": pair.full_sop,
-            }
-        )
+        record = {
+            "z": pair.z,
+            "low": _rel(root, pair.low),
+            "full": _rel(root, pair.full),
+            "low_sop": pair.low_sop,
+            "full_sop": pair.full_sop,
+        }
+        for key, frame in (("low_frame", pair.low_frame), ("full_frame", pair.full_frame)):
+            if frame is not None:
+                record[key] = frame
+        slices.append(record)
         bar.update()
     h, w = pairs[0].shape
     arrays = {"low": f"{patient}_low.npy", "full": f"{patient}_full.npy"}
@@ -398,7 +410,8 @@ def ldct_home() -> Path:
 
 def builtin_dir(data_cfg) -> Path:
     """Where the built-in set for these DataConfig parameters lives (``$LDCT_HOME/builtin-<hash>``)."""
-    from ldct.data.simulate import PHANTOM_PIXEL_MM, builtin_params
+    from ldct.data.builtin import builtin_params
+    from ldct.data.phantoms import PHANTOM_PIXEL_MM
 
     params = builtin_params(
         data_cfg.builtin_dose,
@@ -435,7 +448,7 @@ def ensure_data(data_cfg) -> tuple[Path, dict[str, list[str]]]:
     ``<root>/../<root name>-cache``. Non-empty ``val_patients``/``test_patients`` override the
     manifest's splits.
     """
-    from ldct.data.simulate import write_builtin
+    from ldct.data.builtin import write_builtin
 
     if not data_cfg.root:
         base = builtin_dir(data_cfg)

@@ -33,6 +33,9 @@ TCIA_LAYOUT = (
 )
 EXPECTED_LAYOUTS = f"expected {MAYO_LAYOUT} or {TCIA_LAYOUT}"
 BUILTIN_MARKER = ".ldct-builtin.json"
+# Held-out real patients of the built-in set (ldct.data.builtin): test is real anatomy only.
+BUILTIN_TEST_PATIENTS = ("ABDOMEN", "CTSMALL")
+BUILTIN_VAL_PATIENTS = ("HEAD693",)
 
 _MAYO_SERIES = re.compile(r"^(full|quarter)_(\d+(?:\.\d+)?)mm$", re.IGNORECASE)
 _DICOM_SUFFIXES = {"", ".ima", ".dcm", ".dicom"}
@@ -66,7 +69,9 @@ class SlicePair:
     """One low-dose slice and the full-dose slice at the same position."""
 
     patient: str
-    z: float  # ImagePositionPatient[2] in mm, or the InstanceNumber when positions are missing
+    # Position on the slice normal in mm (ImagePositionPatient projected on the normal of
+    # ImageOrientationPatient; z for an axial series), or the InstanceNumber without positions.
+    z: float
     low: Path
     full: Path
     low_sop: str
@@ -74,13 +79,17 @@ class SlicePair:
     shape: tuple[int, int] = (0, 0)  # rows, columns
     spacing: tuple[float, float] = (0.0, 0.0)  # PixelSpacing (row, column) in mm
     thickness: float | None = None
+    low_frame: int | None = None  # frame index when the slice is one frame of an Enhanced CT file
+    full_frame: int | None = None
 
 
 @dataclass
 class Discovery:
     layout: str  # "mayo" | "tcia"
-    patients: dict[str, list[SlicePair]]  # sorted by z
+    patients: dict[str, list[SlicePair]]  # sorted by position on the slice normal
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # Files left out on purpose whatever skip_bad says (localizers), as (path, note).
+    notes: list[tuple[Path, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +103,7 @@ class _Header:
     thickness: float | None
     description: str
     series_uid: str
+    frame: int | None = None
 
 
 # --------------------------------------------------------------------------- files and layouts
@@ -180,25 +190,153 @@ def patient_files(root: Path | str, layout: str, mayo_thickness: str = "3mm") ->
     return out
 
 
-# --------------------------------------------------------------------------- headers
+# --------------------------------------------------------------------------- one reading path
+#
+# Every module that reads CT pixels (index, cache, simulate, denoise) goes through
+# frame_geometry() + read_frames(): one strictness (no silent slope 1 / intercept 0), one place
+# that knows where an Enhanced CT keeps its rescale and geometry (functional groups), one decoder
+# error message.
+
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
-def _check_ct(ds: pydicom.Dataset, path: Path) -> None:
+class LocalizerImage(DicomError):
+    """A scout/localizer image (ImageType LOCALIZER): not part of an axial series, skipped with a note."""
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """What one image frame needs besides its pixels: HU conversion and where it lies."""
+
+    frame: int | None  # index in a multi-frame file; None for a single-frame image
+    slope: float
+    intercept: float
+    spacing: tuple[float, float]  # PixelSpacing (row, column) in mm
+    thickness: float | None
+    position: tuple[float, float, float] | None  # ImagePositionPatient
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient (6 direction cosines)
+    shape: tuple[int, int]  # rows, columns
+
+    @property
+    def along_normal(self) -> float | None:
+        """Position on the slice normal (row x column cosines), in mm: the key that orders a
+        series, tilted or not. Without orientation: the z coordinate."""
+        return slice_position(self.position, self.orientation)
+
+
+def slice_position(position: Sequence[float] | None, orientation: Sequence[float] | None) -> float | None:
+    """``position · (row × column)``: where a slice sits along its own normal (ImagePositionPatient
+    projected on the normal of ImageOrientationPatient); ``position[2]`` without an orientation."""
+    if position is None:
+        return None
+    if orientation is None or len(orientation) != 6:
+        return float(position[2])
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    return float(np.dot(np.asarray(position, float), normal))
+
+
+def _item(ds: pydicom.Dataset, group: str) -> pydicom.Dataset | None:
+    seq = ds.get(group)
+    return seq[0] if seq else None
+
+
+def _fg_value(shared: pydicom.Dataset | None, frame: pydicom.Dataset | None, group: str, keyword: str):
+    # A per-frame functional group overrides the shared one (PS3.3 C.7.6.16).
+    for fg in (frame, shared):
+        item = _item(fg, group) if fg is not None else None
+        if item is not None and item.get(keyword) is not None:
+            return item.get(keyword)
+    return None
+
+
+def _floats(value, n: int | None = None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    values = tuple(
+        float(v) for v in (value if isinstance(value, Sequence) and not isinstance(value, str) else [value])
+    )
+    return values if n is None or len(values) == n else None
+
+
+def is_localizer(ds: pydicom.Dataset) -> bool:
+    image_type = ds.get("ImageType") or []
+    image_type = [image_type] if isinstance(image_type, str) else list(image_type)
+    return any(str(v).strip().upper() == "LOCALIZER" for v in image_type)
+
+
+def frame_geometry(ds: pydicom.Dataset, path: Path | str) -> list[FrameGeometry]:
+    """Rescale and geometry of every frame of a CT dataset (header only; one entry for a
+    single-frame image). Raises DicomError naming ``path`` for a non-CT image, a missing rescale
+    (never assumed to be slope 1 / intercept 0), missing rows/columns or PixelSpacing, and
+    :class:`LocalizerImage` for a scout."""
+    path = Path(path)
     modality = str(ds.get("Modality", "")).strip()
     if modality != "CT":
         raise DicomError(
-            f"{path}: Modality is {modality or 'missing'!r}, not 'CT'; only CT images can be paired "
+            f"{path}: Modality is {modality or 'missing'!r}, not 'CT'; only CT images can be used "
             f"(move this file out of the tree, {_SKIP_HINT})"
         )
-    missing = [tag for tag in ("RescaleSlope", "RescaleIntercept") if ds.get(tag) is None]
-    if missing:
-        raise DicomError(
-            f"{path}: missing {' and '.join(missing)}, so the pixel values cannot be converted to HU "
-            f"(add the tags, e.g. slope 1 and the scanner's intercept, {_SKIP_HINT})"
+    if is_localizer(ds):
+        raise LocalizerImage(
+            f"{path}: localizer/scout image (ImageType LOCALIZER), not an axial slice; skipped"
         )
-    for tag in ("Rows", "Columns", "PixelSpacing"):
+    for tag in ("Rows", "Columns"):
         if ds.get(tag) is None:
             raise DicomError(f"{path}: missing {tag}; cannot use this image ({_SKIP_HINT})")
+    shape = (int(ds.Rows), int(ds.Columns))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    multi = "PerFrameFunctionalGroupsSequence" in ds or frames > 1
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    if multi and per_frame and len(per_frame) != frames:
+        raise DicomError(
+            f"{path}: {frames} frames but {len(per_frame)} per-frame functional groups; the file is "
+            f"inconsistent ({_SKIP_HINT})"
+        )
+    out = []
+    try:
+        for f in range(frames):
+            fg = per_frame[f] if per_frame else None
+
+            def get(group: str, keyword: str, fg=fg):
+                value = _fg_value(shared, fg, group, keyword) if multi else None
+                return ds.get(keyword) if value is None else value
+
+            slope = get("PixelValueTransformationSequence", "RescaleSlope")
+            intercept = get("PixelValueTransformationSequence", "RescaleIntercept")
+            missing = [
+                n for n, v in (("RescaleSlope", slope), ("RescaleIntercept", intercept)) if v in (None, "")
+            ]
+            if missing:
+                where = " (top level or Pixel Value Transformation functional group)" if multi else ""
+                raise DicomError(
+                    f"{path}: missing {' and '.join(missing)}{where}, so the pixel values cannot be "
+                    f"converted to HU (add the tags, e.g. slope 1 and the scanner's intercept, {_SKIP_HINT})"
+                )
+            spacing = _floats(get("PixelMeasuresSequence", "PixelSpacing"), 2)
+            if spacing is None:
+                raise DicomError(f"{path}: missing PixelSpacing; cannot use this image ({_SKIP_HINT})")
+            thickness = get("PixelMeasuresSequence", "SliceThickness")
+            out.append(
+                FrameGeometry(
+                    frame=f if multi else None,
+                    slope=float(slope),
+                    intercept=float(intercept),
+                    spacing=(spacing[0], spacing[1]),
+                    thickness=float(thickness) if thickness not in (None, "") else None,
+                    position=_floats(get("PlanePositionSequence", "ImagePositionPatient"), 3),
+                    orientation=_floats(get("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+                    shape=shape,
+                )
+            )
+    except (ValueError, TypeError, IndexError) as exc:
+        raise DicomError(f"{path}: malformed rescale or geometry tags ({exc}); {_SKIP_HINT}") from exc
+    return out
+
+
+def to_hu(stored: np.ndarray, geometry: FrameGeometry) -> np.ndarray:
+    """Stored pixel values -> HU (float32): ``stored * RescaleSlope + RescaleIntercept``."""
+    return stored.astype(np.float32) * np.float32(geometry.slope) + np.float32(geometry.intercept)
 
 
 def _dcmread(path: Path, header_only: bool) -> pydicom.Dataset:
@@ -213,28 +351,29 @@ def _dcmread(path: Path, header_only: bool) -> pydicom.Dataset:
         ) from exc
 
 
-def _header(path: Path) -> _Header:
+def _headers_of(path: Path) -> list[_Header]:
     ds = _dcmread(path, header_only=True)
-    _check_ct(ds, path)
+    frames = frame_geometry(ds, path)
+    instance = ds.get("InstanceNumber")
     try:
-        position = ds.get("ImagePositionPatient")
-        z = float(position[2]) if position is not None and len(position) == 3 else None
-        instance = ds.get("InstanceNumber")
-        spacing = ds.PixelSpacing
-        thickness = ds.get("SliceThickness")
-        return _Header(
+        instance = int(instance) if instance not in (None, "") else None
+    except (ValueError, TypeError) as exc:
+        raise DicomError(f"{path}: malformed InstanceNumber ({exc}); {_SKIP_HINT}") from exc
+    return [
+        _Header(
             path=path,
             sop=str(ds.get("SOPInstanceUID", "")),
-            z=z,
-            instance=int(instance) if instance not in (None, "") else None,
-            shape=(int(ds.Rows), int(ds.Columns)),
-            spacing=(float(spacing[0]), float(spacing[1])),
-            thickness=float(thickness) if thickness not in (None, "") else None,
+            z=g.along_normal,
+            instance=instance if g.frame is None else (instance or 0) * 100_000 + g.frame + 1,
+            shape=g.shape,
+            spacing=g.spacing,
+            thickness=g.thickness,
             description=str(ds.get("SeriesDescription", "")),
             series_uid=str(ds.get("SeriesInstanceUID", "")),
+            frame=g.frame,
         )
-    except (ValueError, TypeError, IndexError) as exc:
-        raise DicomError(f"{path}: malformed geometry tags ({exc}); {_SKIP_HINT}") from exc
+        for g in frames
+    ]
 
 
 # --------------------------------------------------------------------------- pixels
@@ -245,8 +384,16 @@ def _decode_error(path: Path, ds: pydicom.Dataset, exc: Exception) -> DicomError
     name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
     detail = " ".join(str(exc).split())
     if ts is not None and ts.is_compressed:
-        hint = _DECODER_HINTS.get(str(ts), "pip install pylibjpeg and its plugin for it, or python-gdcm")
-        if "missing dependencies" in detail:
+        hint = _DECODER_HINTS.get(
+            str(ts),
+            "no pydicom plugin is known for it: convert the file to an "
+            "uncompressed transfer syntax (e.g. `dcmdjpeg`/`gdcmconv --raw`)",
+        )
+        if (
+            "missing dependencies" in detail
+            or "No pixel data decoders" in detail
+            or "is not supported" in detail
+        ):
             what = f"no decoder for {name} is installed; {hint}"
         else:
             what = f"the installed decoders failed on {name} (corrupt data?); another decoder may read it: {hint}"
@@ -254,34 +401,64 @@ def _decode_error(path: Path, ds: pydicom.Dataset, exc: Exception) -> DicomError
     return DicomError(f"{path}: cannot read pixel data in {name} ({detail}); re-copy the file, {_SKIP_HINT}")
 
 
-def read_hu(path: Path | str) -> tuple[np.ndarray, dict[str, Any]]:
-    """One CT slice in HU (float32 [H, W]) and its meta: sop_uid, z, instance, spacing, thickness,
-    modality, shape."""
+def read_frames(
+    path: Path | str, frames: Sequence[int] | None = None
+) -> tuple[pydicom.Dataset, list[tuple[np.ndarray, np.ndarray, FrameGeometry]]]:
+    """Decode a CT file frame by frame: the dataset and ``[(hu float32 [H, W], stored [H, W],
+    geometry)]`` for the requested frames (all by default; a single-frame file has one)."""
+    from pydicom.pixels import pixel_array
+
     path = Path(path)
     ds = _dcmread(path, header_only=False)
-    _check_ct(ds, path)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise DicomError(f"{path}: multi-frame (enhanced) CT is not supported; export single-frame slices")
+    geometry = frame_geometry(ds, path)
     if "PixelData" not in ds:
         raise DicomError(f"{path}: has no pixel data; {_SKIP_HINT}")
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom: RuntimeError (no/failed plugin), ValueError (bad length), ...
-        raise _decode_error(path, ds, exc) from exc
-    if pixels.shape != (int(ds.Rows), int(ds.Columns)):
-        raise DicomError(f"{path}: pixel array shape {pixels.shape} != Rows x Columns; {_SKIP_HINT}")
-    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
-    hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    position = ds.get("ImagePositionPatient")
-    thickness = ds.get("SliceThickness")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise DicomError(
+            f"{path}: SamplesPerPixel {ds.SamplesPerPixel}, not a grey-scale CT image ({_SKIP_HINT})"
+        )
+    wanted = range(len(geometry)) if frames is None else frames
+    out = []
+    for f in wanted:
+        if not 0 <= f < len(geometry):
+            raise DicomError(f"{path}: has {len(geometry)} frame(s), no frame {f}")
+        g = geometry[f]
+        try:
+            # index= decodes only that frame: an Enhanced CT of hundreds of frames is never held whole.
+            stored = pixel_array(ds, index=f) if g.frame is not None else ds.pixel_array
+        except Exception as exc:  # pydicom: RuntimeError/NotImplementedError (no/failed plugin), ValueError
+            raise _decode_error(path, ds, exc) from exc
+        if stored.shape != g.shape:
+            raise DicomError(
+                f"{path}: pixel array shape {stored.shape} != Rows x Columns {g.shape}; {_SKIP_HINT}"
+            )
+        out.append((to_hu(stored, g), stored, g))
+    return ds, out
+
+
+def read_hu(path: Path | str, frame: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """One CT slice in HU (float32 [H, W]) and its meta: sop_uid, z (position on the slice normal),
+    instance, spacing, thickness, modality, shape, frame. A multi-frame file needs ``frame``."""
+    path = Path(path)
+    if frame is None:
+        ds = _dcmread(path, header_only=True)
+        n = len(frame_geometry(ds, path))
+        if n > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+            if n > 1:
+                raise DicomError(f"{path}: multi-frame CT with {n} frames; read it with frame=0..{n - 1}")
+            frame = 0
+    ds, [(hu, _, g)] = read_frames(path, None if frame is None else [frame])
     meta = {
         "sop_uid": str(ds.get("SOPInstanceUID", "")),
-        "z": float(position[2]) if position is not None and len(position) == 3 else None,
+        "z": g.along_normal,
         "instance": int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
-        "spacing": (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
-        "thickness": float(thickness) if thickness not in (None, "") else None,
+        "spacing": g.spacing,
+        "thickness": g.thickness,
         "modality": str(ds.Modality),
-        "shape": (int(ds.Rows), int(ds.Columns)),
+        "shape": g.shape,
+        "frame": g.frame,
+        "position": g.position,
+        "orientation": g.orientation,
     }
     return hu, meta
 
@@ -295,6 +472,7 @@ class _Collector:
     def __init__(self, skip_bad: bool) -> None:
         self.skip_bad = skip_bad
         self.skipped: list[tuple[Path, str]] = []
+        self.notes: list[tuple[Path, str]] = []
 
     def fail(self, path: Path, message: str) -> None:
         if not self.skip_bad:
@@ -306,7 +484,9 @@ def _headers(files: list[Path], bad: _Collector) -> list[_Header]:
     out = []
     for f in files:
         try:
-            out.append(_header(f))
+            out.extend(_headers_of(f))
+        except LocalizerImage as exc:
+            bad.notes.append((f, str(exc)))
         except DicomError as exc:
             bad.fail(f, str(exc))
     return out
@@ -400,6 +580,8 @@ def _make_pair(patient: str, lo: _Header, fu: _Header, by_z: bool, bad: _Collect
         shape=lo.shape,
         spacing=lo.spacing,
         thickness=lo.thickness,
+        low_frame=lo.frame,
+        full_frame=fu.frame,
     )
 
 
@@ -530,17 +712,19 @@ def discover(
     if not found and wanted is None:
         detail = f"; {len(bad.skipped)} problems skipped, first: {bad.skipped[0][1]}" if bad.skipped else ""
         raise DicomError(f"{root}: no usable low/full-dose slice pairs ({layout} layout){detail}")
-    return Discovery(layout=layout, patients=found, skipped=bad.skipped)
+    return Discovery(layout=layout, patients=found, skipped=bad.skipped, notes=bad.notes)
 
 
 # --------------------------------------------------------------------------- splits
 
 
 def default_split(patients: Sequence[str], builtin: bool = False) -> tuple[list[str], list[str]]:
-    """(val, test) when none are named: built-in -> val = last phantom, test = CTSMALL; otherwise
-    test = last patient (sorted), val = second-to-last."""
+    """(val, test) when none are named: built-in -> val = HEAD693, test = ABDOMEN + CTSMALL (real
+    anatomy only); otherwise test = last patient (sorted), val = second-to-last."""
     names = sorted(patients)
-    if builtin and "CTSMALL" in names:
+    if builtin and set(BUILTIN_TEST_PATIENTS) <= set(names):
+        return [p for p in BUILTIN_VAL_PATIENTS if p in names], list(BUILTIN_TEST_PATIENTS)
+    if builtin and "CTSMALL" in names:  # a tree from before the real panel
         phantoms = [p for p in names if p != "CTSMALL"]
         return (phantoms[-1:] if len(phantoms) > 1 else []), ["CTSMALL"]
     if len(names) == 1:

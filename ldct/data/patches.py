@@ -24,6 +24,8 @@ from ldct.config import HUNormalization
 from ldct.data.cache import load_manifest
 
 AIR_HU = -900.0
+# Soft tissue for min_tissue_fraction: the abdomen window of the metrics (DESIGN.md §3).
+TISSUE_HU = (-160.0, 240.0)
 MAX_ATTEMPTS = 16
 
 
@@ -103,8 +105,10 @@ class _LazyCache:
 class PatchPairDataset(Dataset):
     """Random (low, full) patch pairs, each [1, P, P] float32 in [0, 1].
 
-    A patch whose full-dose fraction of air (HU < -900) exceeds ``max_air_fraction`` is redrawn
-    (up to 16 attempts; the last draw is kept). Slices are drawn uniformly over all slices of the
+    A patch whose full-dose fraction of air (HU < -900) exceeds ``max_air_fraction``, or whose
+    fraction of soft tissue (HU in [-160, 240], the window the study scores) is below
+    ``min_tissue_fraction``, is redrawn (up to 16 attempts; the last draw is kept). The tissue
+    rule steers training to where the window metrics look; 0 (default) turns it off. Slices are drawn uniformly over all slices of the
     given patients, positions uniformly inside the slice. ``__getitems__`` serves a whole batch
     with vectorised draws (torch's DataLoader uses it automatically).
     """
@@ -118,7 +122,11 @@ class PatchPairDataset(Dataset):
         seed: int = 0,
         max_air_fraction: float = 0.9,
         normalization: HUNormalization = HUNormalization(),  # noqa: B008 - frozen, immutable
+        min_tissue_fraction: float = 0.0,
     ) -> None:
+        if not 0.0 <= min_tissue_fraction <= 1.0:
+            raise ValueError(f"min_tissue_fraction must be in [0, 1], got {min_tissue_fraction}")
+        self.min_tissue_fraction = float(min_tissue_fraction)
         self._cache = _LazyCache(cache_dir, patients)
         self.patch_size = int(patch_size)
         self.samples = int(samples)
@@ -182,9 +190,15 @@ class PatchPairDataset(Dataset):
         todo = np.arange(n)
         self._cut(arrays.full, k, r, c, full, todo)
         max_air = self.max_air_fraction * p * p
+        min_tissue = self.min_tissue_fraction * p * p
+        lo, hi = TISSUE_HU
         for attempt in range(1, MAX_ATTEMPTS):
-            air = np.count_nonzero(full[todo] < AIR_HU, axis=(1, 2)) > max_air
-            todo = todo[air]
+            patches = full[todo]
+            redraw = np.count_nonzero(patches < AIR_HU, axis=(1, 2)) > max_air
+            if min_tissue > 0:
+                tissue = np.count_nonzero((patches >= lo) & (patches <= hi), axis=(1, 2))
+                redraw |= tissue < min_tissue
+            todo = todo[redraw]
             if todo.size == 0:
                 break
             k2, r2, c2 = self._locations(index[todo], attempt)

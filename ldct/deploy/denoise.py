@@ -30,11 +30,12 @@ import pydicom
 import torch
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from torch import nn
 from tqdm.auto import tqdm
 
+from ldct.data.dicom import DicomError, LocalizerImage, read_frames
+from ldct.data.writer import derived_series_number, mark_derived, output_syntax, save
 from ldct.deploy.export import load_exported, normalization_from_meta
 
 SERIES_SUFFIX = " [ldct denoised]"
@@ -142,15 +143,14 @@ def _read_ct(path: Path) -> tuple[Dataset, np.ndarray, np.ndarray]:
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None and not ts.is_little_endian:
         raise _SkipFile(f"big-endian transfer syntax {ts.name} is not supported")
+    # The one reading path of ldct.data.dicom: compressed syntaxes via the pylibjpeg plugins, and
+    # the same strictness as indexing (a missing rescale is an error, never slope 1 / intercept 0).
     try:
-        pixels = ds.pixel_array
-    except Exception as exc:
-        raise _SkipFile(f"cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
-    if pixels.ndim != 2:
-        raise _SkipFile(f"pixel array has shape {pixels.shape}, expected 2-D")
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        ds, [(hu, pixels, _)] = read_frames(path)
+    except LocalizerImage as exc:
+        raise _SkipFile(str(exc).split(": ", 1)[-1]) from exc
+    except DicomError as exc:
+        raise _SkipFile(str(exc).split(": ", 1)[-1]) from exc
     return ds, pixels, hu
 
 
@@ -237,18 +237,15 @@ def _derived_dataset(
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SeriesInstanceUID = new_series_uid
 
-    image_type = ds.get("ImageType") or []
-    image_type = [image_type] if isinstance(image_type, str) else list(image_type)  # VM 1 reads as str
-    ds.ImageType = (
-        ["DERIVED", "SECONDARY", *image_type[2:]] if len(image_type) > 2 else ["DERIVED", "SECONDARY"]
-    )
     original = str(ds.get("SeriesDescription", "") or "").strip()
     ds.SeriesDescription = (original[: _LO_MAX - len(SERIES_SUFFIX)] + SERIES_SUFFIX).strip()
-    ds.DerivationDescription = derivation[:1024]
-    source = Dataset()
-    source.ReferencedSOPClassUID = source_sop_class
-    source.ReferencedSOPInstanceUID = source_sop
-    ds.SourceImageSequence = DicomSequence([source])
+    mark_derived(
+        ds,
+        derivation=derivation,
+        series_number=derived_series_number(ds.get("SeriesNumber")),
+        sources=[(source_sop_class, source_sop)],
+        contribution="ldct-best denoise",
+    )
     now = _dt.datetime.now()
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
@@ -263,13 +260,16 @@ def denoise_series(
     generator: nn.Module | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    keep_transfer_syntax: bool = False,
 ) -> dict[str, Any]:
     """Denoise every CT slice under ``in_dir`` into a new derived series under ``out_dir``.
 
     The model is an exported bundle (``model_dir`` with model.onnx / model.pt / model_card.json,
     ``backend`` "onnxruntime" or "torch") or an in-memory ``generator`` with its ``meta``.
     Returns ``{written, skipped: [(file, reason)], model_version, backend, seconds, series}``;
-    ``series`` maps each input SeriesInstanceUID to the new one.
+    ``series`` maps each input SeriesInstanceUID to the new one. ``keep_transfer_syntax``
+    writes each slice in its input's transfer syntax where ldct can encode it (RLE, JPEG 2000
+    lossless), else uncompressed with a note in ``notes``.
     """
     start = time.perf_counter()
     in_path, out_path = Path(in_dir), Path(out_dir)
@@ -283,11 +283,13 @@ def denoise_series(
 
     written: list[str] = []
     skipped: list[tuple[str, str]] = []
+    notes: list[tuple[str, str]] = []
     new_series: dict[str, str] = {}
     files = _candidate_files(in_path)
     for path in tqdm(files, desc="denoise", unit="slice", disable=not progress):
         try:
             ds, stored_in, hu = _read_ct(path)
+            ts_in = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
             unit = norm.to_unit(hu).astype(np.float32)[None, None]  # [1,1,H,W] in [0,1]
             try:
                 out_unit = np.asarray(predict(unit), dtype=np.float32)
@@ -303,13 +305,16 @@ def denoise_series(
             skipped.append((str(path), str(exc)))
             continue
         target = out_path / path.relative_to(in_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        out_ds.save_as(target, enforce_file_format=True)
+        ts_out, ts_note = output_syntax(ts_in, keep_transfer_syntax)
+        if ts_note:
+            notes.append((str(path), ts_note))
+        save(out_ds, target, ts_out)
         written.append(str(target))
 
     return {
         "written": written,
         "skipped": skipped,
+        "notes": notes,
         "model_version": description,
         "backend": backend_name,
         "seconds": time.perf_counter() - start,

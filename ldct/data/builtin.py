@@ -1,0 +1,297 @@
+"""The built-in DICOM set: synthetic phantoms plus the real CT slices bundled with pydicom and
+pydicom-data, with simulated quarter dose, written as a Mayo-layout tree.
+
+``OUT/<patient>/{full,quarter}_3mm/<n>.IMA``: phantoms ``PH01..`` (neighbouring 3 mm slices; the
+rendered phantom is the true anatomy, its full dose simulated directly at dose 1, its quarter dose
+inserted into that full-dose image) and the real patients (their file is the full dose, HU
+exactly; the quarter dose is inserted into it with the same dose-corrected model), so the
+built-in path runs exactly the code real data takes (DESIGN.md §3).
+
+Real patients, and their split (DESIGN.md §3 says why):
+- ``CTSMALL``: pydicom's ``CT_small.dcm`` (128x128, an 85 mm crop; test).
+- ``ABDOMEN``: pydicom-data's ``explicit_VR-UN.dcm``, a PANCREAS abdomen slice, 512x512, 0.86 mm,
+  JPEG 2000 lossless (test).
+- ``HEAD693``: pydicom-data's ``693_UNCR.dcm``, a CQ500 head slice, 512x512, 0.48 mm,
+  uncompressed (its JPEG 2000 twins decode to the same HU; validation).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldct.data.dicom import BUILTIN_TEST_PATIENTS, BUILTIN_VAL_PATIENTS, read_hu
+from ldct.data.phantoms import PHANTOM_PIXEL_MM, phantom_spec, render_phantom
+from ldct.data.simulate import (
+    ELECTRONIC_NOISE,
+    FBP_FILTER,
+    I0_FULL_DOSE,
+    INSERTION_METHOD,
+    REFERENCE_VIEWS,
+    embed_in_body,
+    simulate_low_dose,
+)
+
+SLICE_THICKNESS_MM = 3.0
+# Bump for a change the code digest below cannot see (it covers the simulating modules' source).
+BUILTIN_VERSION = 2
+BUILTIN_MARKER = ".ldct-builtin.json"
+CTSMALL = "CTSMALL"
+# patient -> (file name, where it is, embed in a body outline?). CT_small is a crop of a larger
+# body: its X-rays crossed the whole body, so it is embedded for the simulation (embed_in_body).
+REAL_PATIENTS: dict[str, tuple[str, bool]] = {
+    CTSMALL: ("CT_small.dcm", True),
+    "HEAD693": ("693_UNCR.dcm", False),
+    "ABDOMEN": ("explicit_VR-UN.dcm", False),
+}
+assert set(BUILTIN_TEST_PATIENTS) | set(BUILTIN_VAL_PATIENTS) <= set(REAL_PATIENTS)
+_CODE_MODULES = ("simulate.py", "phantoms.py", "builtin.py", "writer.py")
+
+
+def real_source(patient: str) -> Path:
+    """The bundled file of a real built-in patient (pydicom / pydicom-data)."""
+    from pydicom.data import get_testdata_file
+
+    name = REAL_PATIENTS[patient][0]
+    path = get_testdata_file(name)
+    if path is None:
+        raise FileNotFoundError(
+            f"{name} (built-in patient {patient}) is not installed; `pip install pydicom-data`"
+        )
+    return Path(path)
+
+
+def code_version() -> str:
+    """Digest of the code and the real source files that make the built-in set: a changed
+    simulation, phantom or writer never reuses a tree or cache made by another."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _CODE_MODULES:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    for patient in sorted(REAL_PATIENTS):
+        h.update(patient.encode() + b"\0" + real_source(patient).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _uid(*parts: Any) -> str:
+    from pydicom.uid import generate_uid
+
+    # Same entropy -> same UID: re-generating the set with the same seed gives identical files.
+    return generate_uid(entropy_srcs=["ldct-builtin", *map(str, parts)])
+
+
+def builtin_params(
+    dose: float, phantoms: int, slices: int, size: int, seed: int, pixel_size_mm: float
+) -> dict:
+    """Everything that determines a built-in tree's content (recorded in its marker file)."""
+    return {
+        "version": BUILTIN_VERSION,
+        "code": code_version(),
+        "dose": float(dose),
+        "phantoms": int(phantoms),
+        "slices": int(slices),
+        "size": int(size),
+        "seed": int(seed),
+        "pixel_size_mm": float(pixel_size_mm),
+        "i0": I0_FULL_DOSE,
+        "electronic_noise": ELECTRONIC_NOISE,
+        "reference_views": REFERENCE_VIEWS,
+        "views": "ceil(pi*N/2)",
+        "filter": FBP_FILTER,
+        "real": sorted(REAL_PATIENTS),
+        "method": INSERTION_METHOD,
+    }
+
+
+def read_builtin_marker(out: Path | str) -> dict | None:
+    """The marker of a built-in tree (its parameters and files), or None if ``out`` is not one."""
+    marker = Path(out) / BUILTIN_MARKER
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "params" in data and "files" in data else None
+
+
+def _tree_intact(out: Path, marker: dict) -> bool:
+    for rel, size in marker["files"].items():
+        try:
+            if (out / rel).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=8)
+def _real_slices(patient: str, dose: float, seed: int, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    # Cached per process: the 512x512 slices cost seconds each and are the same for every
+    # phantom count/size (a test session writes several built-in trees).
+    path = real_source(patient)
+    full, meta = read_hu(path)
+    spacing = float(np.mean(meta["spacing"]))
+    rng = np.random.default_rng([seed, 0, index, 1])
+    if REAL_PATIENTS[patient][1]:
+        canvas, where = embed_in_body(full, spacing)
+        low = simulate_low_dose(canvas, dose, rng, pixel_size_mm=spacing)[where]
+    else:
+        low = simulate_low_dose(full, dose, rng, pixel_size_mm=spacing)
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    info = {
+        "position": [float(v) for v in ds.ImagePositionPatient],
+        "orientation": [float(v) for v in ds.ImageOrientationPatient],
+        "spacing": [float(v) for v in meta["spacing"]],
+        "thickness": float(meta["thickness"] or SLICE_THICKNESS_MM),
+    }
+    low.flags.writeable = False
+    full.flags.writeable = False
+    return low, full, info
+
+
+def write_builtin(
+    out: Path | str,
+    dose: float = 0.25,
+    phantoms: int = 6,
+    slices: int = 4,
+    size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    pixel_size_mm: float = PHANTOM_PIXEL_MM,
+) -> Path:
+    """Write the built-in Mayo-layout tree ``OUT/<patient>/{full,quarter}_3mm/<n>.IMA``.
+
+    Phantoms PH01..PHnn (``slices`` neighbouring 3 mm slices each) and the real patients of
+    :data:`REAL_PATIENTS` (CTSMALL, HEAD693, ABDOMEN), their quarter dose simulated.
+    Deterministic for a seed: same pixels, same UIDs. ``out`` must be
+    missing, empty or a previous built-in tree; an intact tree with the same parameters is left
+    untouched. The tree is written next to ``out`` and renamed into place, so a reader never sees
+    a half-written tree and two processes racing to write it are safe.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    if not 0 < dose <= 1:
+        raise ValueError(f"dose must be in (0, 1], got {dose}")
+    if phantoms < 1 or slices < 1 or size < 32:
+        raise ValueError(f"need phantoms >= 1, slices >= 1, size >= 32; got {phantoms}, {slices}, {size}")
+    params = builtin_params(dose, phantoms, slices, size, seed, pixel_size_mm)
+    previous = read_builtin_marker(out) if out.is_dir() else None
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out} is a file; give a directory for the built-in DICOM tree")
+        if previous is None and any(out.iterdir()):
+            raise FileExistsError(
+                f"{out} is not empty and is not a built-in tree (no {BUILTIN_MARKER}); refusing to write "
+                f"into it. Choose a new or empty directory."
+            )
+        if previous is not None and previous["params"] == params and _tree_intact(out, previous):
+            return out
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the tree is ordinary data
+    try:
+        files = _write_tree(tmp, params, progress, tqdm)
+        (tmp / BUILTIN_MARKER).write_text(
+            json.dumps({"params": params, "files": files}, indent=1, sort_keys=True)
+        )
+        _swap_into_place(tmp, out, params)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_tree(tmp: Path, params: dict, progress: bool, tqdm) -> dict[str, int]:
+    from ldct.data.writer import ct_slice, hu_to_stored, save
+
+    dose, seed, size, px = params["dose"], params["seed"], params["size"], params["pixel_size_mm"]
+    jobs = [(f"PH{k:02d}", k) for k in range(1, params["phantoms"] + 1)]
+    total = params["phantoms"] * params["slices"] + len(REAL_PATIENTS)
+    files: dict[str, int] = {}
+    bar = tqdm(total=total, desc="built-in set", unit="slice", disable=not progress)
+    low_desc = f"Quarter Dose Images (simulated, dose {dose:g})"
+
+    def write_pair(patient, index, low, full, position, spacing, thickness, orientation=(1, 0, 0, 0, 1, 0)):
+        study = _uid(seed, patient, "study")
+        frame = _uid(seed, patient, "frame")
+        for kind, img, number, desc in (("full", full, 1, "Full Dose Images"), ("quarter", low, 2, low_desc)):
+            series_dir = tmp / patient / f"{kind}_3mm"
+            path = series_dir / f"{index}.IMA"
+            ds = ct_slice(
+                hu_to_stored(img, 1.0, -1024.0, signed=True),
+                slope=1.0,
+                intercept=-1024.0,
+                sop_uid=_uid(seed, dose, size, px, patient, kind, index),
+                series_uid=_uid(seed, dose, patient, kind),
+                study_uid=study,
+                frame_uid=frame,
+                series_description=desc,
+                series_number=number,
+                instance=index,
+                spacing=spacing,
+                position=position,
+                orientation=orientation,
+                thickness=thickness,
+                patient=patient,
+            )
+            ds.Manufacturer = "ldct built-in set"
+            if kind == "quarter":
+                ds.DerivationDescription = (
+                    f"ldct built-in set: dose {dose:g}, I0 {I0_FULL_DOSE:g}, electronic noise "
+                    f"{ELECTRONIC_NOISE:g}, seed {seed}; {INSERTION_METHOD}"
+                )[:1024]
+            save(ds, path)
+            files[str(path.relative_to(tmp))] = path.stat().st_size
+
+    for patient, k in jobs:
+        spec = phantom_spec(np.random.default_rng([seed, k]))
+        corner = -(size / 2.0) * px + px / 2.0
+        for i in range(params["slices"]):
+            z = SLICE_THICKNESS_MM * i
+            clean = render_phantom(spec, size, px, z)
+            # The phantom is the true anatomy: its full dose is simulated from it directly, and the
+            # quarter dose is inserted into that full-dose image exactly as for real data.
+            full = simulate_low_dose(
+                clean, 1.0, np.random.default_rng([seed, k, i, 0]), pixel_size_mm=px, noise_free=True
+            )
+            low = simulate_low_dose(full, dose, np.random.default_rng([seed, k, i, 1]), pixel_size_mm=px)
+            write_pair(patient, i + 1, low, full, [corner, corner, z], [px, px], SLICE_THICKNESS_MM)
+            bar.update()
+    for index, patient in enumerate(sorted(REAL_PATIENTS)):
+        low, full, info = _real_slices(patient, dose, seed, index)
+        write_pair(
+            patient, 1, low, full, info["position"], info["spacing"], info["thickness"], info["orientation"]
+        )
+        bar.update()
+    bar.close()
+    return files
+
+
+def _swap_into_place(tmp: Path, out: Path, params: dict) -> None:
+    try:
+        os.rename(tmp, out)  # succeeds if out is missing or an empty directory
+        return
+    except OSError:
+        pass
+    current = read_builtin_marker(out)
+    if current is not None and current["params"] == params and _tree_intact(out, current):
+        return  # another process finished the same tree first
+    if current is None and any(out.iterdir()):
+        raise FileExistsError(f"{out} was filled by someone else while the built-in set was written")
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, trash / "tree")
+    os.rename(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)
