@@ -400,8 +400,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = export_bundle(generator, meta, Path(args.out), force=args.force)
     print(
         f"exported ldct-denoiser v{meta['version']} to {args.out}: "
-        f"{', '.join(sorted(report.get('files', [])))}; onnxruntime vs torch max error "
-        f"{report['parity_max_abs_hu']:.4f} HU"
+        f"{', '.join(sorted(report.get('files', [])))}; max error vs torch: onnxruntime "
+        f"{report['parity_max_abs_hu']:.4f} HU, openvino {report['parity']['max_abs_hu_openvino']:.4f} HU"
     )
     return 0
 
