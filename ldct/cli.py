@@ -151,6 +151,11 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers (0 = train in this process, no Ray)")
     p.add_argument("--storage", help="where Ray keeps runs and checkpoints (default ./runs)")
     p.add_argument("--json", action="store_true", help="end with one JSON line: ldct / classical / denoised")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only report every missing input (weights, data, storage, MLflow)",
+    )
     p.set_defaults(handler=_cmd_train)
 
 
@@ -161,6 +166,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
     if args.data:
         cfg = apply_overrides(cfg, [f"data.cache={Path(args.data).resolve()}"])
+    if args.check:
+        from ldct.preflight import report
+
+        return report(cfg, storage=args.storage)
     return main_train(cfg, workers=args.workers, json_out=args.json, storage=args.storage)
 
 
@@ -209,6 +218,12 @@ def best_main(argv: Sequence[str] | None = None) -> int:
         "--min-fps", type=float, help="bar (default 12.5 on CUDA, the paper's T4 figure; required on CPU)"
     )
     p.add_argument("--repeats", type=int, default=5, help="timed runs per batch size (median)")
+    p.add_argument(
+        "--on-cluster",
+        action="store_true",
+        help="measure in a Ray task holding one GPU (a T4 worker), not on this (head) machine",
+    )
+    p.add_argument("--gpu-timeout", type=float, default=900.0, help="seconds to wait for a GPU worker")
     p.set_defaults(handler=_cmd_validate)
 
     p = sub.add_parser("export", help="write model.onnx, model.pt and model_card.json")
@@ -263,7 +278,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from ldct import tracking
     from ldct.deploy.throughput import check_bar, default_min_fps, measure_fps
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.on_cluster:
+        from ldct.remote import RemoteError, connect
+
+        try:
+            connect()  # before loading anything: no cluster is a two-second answer, not a hang
+        except RemoteError as exc:
+            print(f"ldct-best validate: {exc}", file=sys.stderr)
+            return 2
+    device = "cuda" if args.on_cluster else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     min_fps = args.min_fps if args.min_fps is not None else default_min_fps(device)
     if min_fps is None:
         print(
@@ -278,7 +301,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
     )
     print(f"validating ldct-denoiser v{meta['version']} on {device} (bar {min_fps:g} FPS at 512x512)...")
-    result = measure_fps(generator, device=device, repeats=args.repeats)
+    if args.on_cluster:
+        from ldct.remote import RemoteError, measure_fps_on_gpu_worker
+
+        try:
+            result = measure_fps_on_gpu_worker(generator, repeats=args.repeats, timeout_s=args.gpu_timeout)
+        except RemoteError as exc:
+            print(f"ldct-best validate: {exc}", file=sys.stderr)
+            return 1
+    else:
+        result = measure_fps(generator, device=device, repeats=args.repeats)
     for batch, row in sorted(result["per_batch"].items()):
         print(f"  batch {batch}: {row['fps']:.2f} FPS (median {row['median_s'] * 1000:.0f} ms per batch)")
     if check_bar(result, min_fps):
