@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: {out} (and artifacts report/ of MLflow run {result.parent_run_id})")
     if result.tracking_uri.startswith("http"):
         print(
-            f"compare the runs:  the MLflow UI at {result.tracking_uri} (ray dashboard / ssh -L, see cluster/)"
+            f"compare the runs:  the MLflow UI at {result.tracking_uri} (from your machine: ray attach CLUSTER.yaml -p PORT)"
         )
     else:
         print(f"compare the runs:  mlflow ui --backend-store-uri {result.tracking_uri}")

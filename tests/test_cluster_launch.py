@@ -238,6 +238,8 @@ def site() -> Iterator[Site]:
     real_home = Path.home()
     watched = [real_home / n for n in (".bashrc", ".profile", "ray_bootstrap_config.yaml", ".ray")]
     before = {p: p.read_bytes() if p.is_file() else p.exists() for p in watched}
+    # The launcher caches each config it read as /tmp/ray-config-<hash>: remove the ones it adds.
+    config_caches = set(Path("/tmp").glob("ray-config-*"))
     base = Path(tempfile.mkdtemp(prefix="lcl-", dir="/tmp"))  # short: Ray's socket paths
     s = Site(base)
     try:
@@ -250,6 +252,9 @@ def site() -> Iterator[Site]:
             control / hashlib.sha256(f"ldct-ci-{base.name}".encode()).hexdigest()[:10], ignore_errors=True
         )
         shutil.rmtree(base, ignore_errors=True)
+        for cache in set(Path("/tmp").glob("ray-config-*")) - config_caches:
+            if str(base) in cache.read_text(errors="replace"):
+                cache.unlink()
         after = {p: p.read_bytes() if p.is_file() else p.exists() for p in watched}
         assert after == before, (
             "the real home changed (~/.bashrc, ~/.profile, ~/ray_bootstrap_config.yaml, ~/.ray)"
@@ -265,6 +270,7 @@ def test_ray_up_submit_job_down(site: Site):
         "HOME": str(site.client_home),
         "RAY_TMPDIR": str(site.base / "client-tmp"),
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
     }
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LDCT_PROFILE", "RAY_AUTH_MODE"):
         env.pop(key, None)
