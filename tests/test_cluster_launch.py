@@ -293,11 +293,10 @@ def test_ray_up_submit_job_down(site: Site):
     assert (site.home / ".ray" / "auth_token").read_text() == token.read_text()
 
     # No profile by accident: on a head, without --profile or LDCT_PROFILE, the study refuses.
-    refused = subprocess.run(
-        [ray_bin, "exec", str(config_path), "python ~/ldct/studies/loss_weights.py"],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
-    )  # fmt: skip
-    assert refused.returncode != 0 and "pass --profile explicitly" in refused.stdout, refused.stdout[-3000:]
+    refused = _run(
+        [ray_bin, "exec", str(config_path), "python ~/ldct/studies/loss_weights.py"], env, 120, log, ok=False
+    )
+    assert "pass --profile explicitly" in refused, refused[-3000:]
 
     # Path 1: `ray submit` (the script is copied to the head; the package is already there).
     storage_uri = f"file://{shared}/runs"
@@ -326,18 +325,19 @@ def test_ray_up_submit_job_down(site: Site):
     job_parent, job_trials = _mlflow_study(mlflow_uri, "smoke-job")
     assert len(job_trials) == 2
     assert job_parent["info"]["run_id"] != parent["info"]["run_id"]
+    assert list((shared / "runs" / "train").glob("smoke-job-*/checkpoint_*"))
     # The report went beside the checkpoints, not into the job's temporary working directory.
     assert (shared / "runs" / "results" / "smoke-job" / "leaderboard.md").is_file()
 
     # A resubmitted study name gets its next step.
-    again = subprocess.run(
+    again = _run(
         [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{ports['dashboard']}",
          "--working-dir", str(ROOT), "--",
          "python", "studies/loss_weights.py", "--profile", "smoke", "--name", "smoke-job",
          "--storage", str(shared / "runs")],
-        env=job_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        job_env, 300, log, ok=False,
     )  # fmt: skip
-    assert again.returncode != 0 and "--name NEW" in again.stdout, again.stdout[-3000:]
+    assert "--name NEW" in again, again[-3000:]
 
     _run([ray_bin, "down", "-y", str(config_path)], env, 180, log)
     with pytest.raises(OSError):
