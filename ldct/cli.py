@@ -211,6 +211,11 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers (0 = train in this process, no Ray)")
     p.add_argument("--storage", help="where Ray keeps runs and checkpoints (default ./runs)")
     p.add_argument("--json", action="store_true", help="end with one JSON line: ldct / classical / denoised")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only report every missing input (weights, data, storage, MLflow)",
+    )
     p.set_defaults(handler=_cmd_train)
 
 
@@ -221,6 +226,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
     if args.data:
         cfg = apply_overrides(cfg, [f"data.cache={Path(args.data).resolve()}"])
+    if args.check:
+        from ldct.preflight import report
+
+        return report(cfg, storage=args.storage)
     return main_train(cfg, workers=args.workers, json_out=args.json, storage=args.storage)
 
 
@@ -302,6 +311,12 @@ def best_main(argv: Sequence[str] | None = None) -> int:
         metavar="SECTION.KEY=VALUE",
         help="override the model's own config, e.g. deploy.gate_max_abs_hu=3 (repeatable)",
     )
+    p.add_argument(
+        "--on-cluster",
+        action="store_true",
+        help="gate and time in a Ray task holding one GPU (a T4 worker), not on this (head) machine",
+    )
+    p.add_argument("--gpu-timeout", type=float, default=900.0, help="seconds to wait for a GPU worker")
     p.set_defaults(handler=_cmd_validate)
 
     p = sub.add_parser(
@@ -372,8 +387,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from ldct.deploy.throughput import default_min_fps
     from ldct.deploy.validate import validate_paths
 
+    if args.on_cluster:
+        from ldct.remote import RemoteError, connect
+
+        try:
+            connect()  # before loading anything: no cluster is a two-second answer, not a hang
+        except RemoteError as exc:
+            print(f"ldct-best validate: {exc}", file=sys.stderr)
+            return 2
     backend = args.backend
-    if backend != "auto" and BACKENDS[backend].device_type == "cuda":
+    if args.on_cluster or (backend != "auto" and BACKENDS[backend].device_type == "cuda"):
         device = "cuda"
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -400,7 +423,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         f"{', '.join(f'{b} {p}' for b, p in paths)} (bar {min_fps:g} FPS at {args.size}x{args.size}, "
         "batch 1)..."
     )
-    report = validate_paths(generator, cfg, paths, repeats=args.repeats, size=args.size)
+    if args.on_cluster:
+        from ldct.remote import RemoteError, validate_on_gpu_worker
+
+        try:
+            report = validate_on_gpu_worker(
+                generator, cfg, paths, repeats=args.repeats, size=args.size, timeout_s=args.gpu_timeout
+            )
+        except RemoteError as exc:
+            print(f"ldct-best validate: {exc}", file=sys.stderr)
+            return 1
+    else:
+        report = validate_paths(generator, cfg, paths, repeats=args.repeats, size=args.size)
     chosen = report["chosen"]
     mlflow_client = tracking.client(args.tracking_uri)
     if chosen is None:
