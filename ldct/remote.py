@@ -68,7 +68,9 @@ def validate_on_gpu_worker(
     import ray
 
     connect()
-    task = ray.remote(num_gpus=1, max_retries=0)(_validate_on_gpu).remote(generator, cfg, paths, repeats, size)
+    task = ray.remote(num_gpus=1, max_retries=0)(_validate_on_gpu).remote(
+        generator, cfg, paths, repeats, size
+    )
     ready, _ = ray.wait([task], timeout=timeout_s)
     if not ready:
         ray.cancel(task, force=True)
