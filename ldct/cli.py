@@ -263,8 +263,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _add_study_commands(sub: argparse._SubParsersAction) -> None:
     # The study parses its own options (ldct.study.main), so `ldct study --help` shows them.
     p = sub.add_parser("study", help="run (or --resume) the loss-weight study", add_help=False)
-    p.add_argument("study_args", nargs=argparse.REMAINDER)
-    p.set_defaults(handler=_cmd_study)
+    p.set_defaults(handler=_cmd_study, passthrough=True)
 
     p = sub.add_parser("profiles", help="list the named profiles and the files they load from")
     p.set_defaults(handler=_cmd_profiles)
@@ -273,7 +272,7 @@ def _add_study_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_study(args: argparse.Namespace) -> int:
     from ldct.study import main as study_main
 
-    return study_main(args.study_args, prog="ldct study")
+    return study_main(args.passthrough_args, prog="ldct study")
 
 
 def _cmd_profiles(args: argparse.Namespace) -> int:
@@ -483,7 +482,12 @@ def debug_enabled() -> bool:
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    args = parser.parse_args(argv)
+    # `ldct study` hands everything after it to the study's own parser (ldct.study.main).
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.passthrough_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "debug", False):
         # Through the environment, so code below the CLI (ldct train's own error line) sees it too.
         os.environ["LDCT_DEBUG"] = "1"

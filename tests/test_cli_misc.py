@@ -62,3 +62,12 @@ def test_profiles_lists_every_profile(capsys):
     assert {"smoke", "quick", "paper"} <= set(profiles)
     for name, path in profiles.items():
         assert name in out and str(path) in out
+
+
+def test_study_hands_its_options_to_the_study_parser(capsys):
+    assert main(["study", "--profile", "no-such-profile", "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ldct study: error: no profile 'no-such-profile'") and "ldct profiles" in err
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    assert "--resume" in capsys.readouterr().out
