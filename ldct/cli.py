@@ -213,7 +213,10 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--no-bm3d", action="store_true", help="leave BM3D out (it takes ~8 s per 512x512 slice)")
     p.add_argument(
-        "--tune-slices", type=int, default=None, help="validation slices used to tune Gaussian/BM3D (default 4)"
+        "--tune-slices",
+        type=int,
+        default=None,
+        help="validation slices used to tune Gaussian/BM3D (default 4)",
     )
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -285,7 +288,9 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
     width = max(len(n) for n in profiles)
     for name, path in profiles.items():
         # The first comment line of a profile says what it is for.
-        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        first = next(
+            (ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), ""
+        )
         print(f"{name:<{width}}  {path}  {first}")
     return EXIT_OK
 
@@ -306,9 +311,7 @@ def best_main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("validate", help="measure FPS at 512x512; on pass move alias champion here")
     which = p.add_mutually_exclusive_group()
-    which.add_argument(
-        "--model-version", "--version", dest="version", help="registry version number"
-    )
+    which.add_argument("--model-version", "--version", dest="version", help="registry version number")
     which.add_argument("--alias", default=None, help="registry alias (default: candidate)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
     p.add_argument(
@@ -319,9 +322,7 @@ def best_main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("export", help="write model.onnx, model.pt and model_card.json")
     which = p.add_mutually_exclusive_group()
-    which.add_argument(
-        "--model-version", "--version", dest="version", help="registry version number"
-    )
+    which.add_argument("--model-version", "--version", dest="version", help="registry version number")
     which.add_argument("--alias", default=None, help="registry alias (default: champion)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="overwrite an existing export")

@@ -248,8 +248,9 @@ def _best_test_table(mlflow_client: Any, run_id: str, cfg: Config, tmp: Path) ->
 def _test_markdown(table: dict[str, Any]) -> str:
     from ldct.evaluate import markdown_eval
 
-    return "# Held-out test split: the study's best trial against LDCT, Gaussian and BM3D\n\n" + markdown_eval(
-        table
+    return (
+        "# Held-out test split: the study's best trial against LDCT, Gaussian and BM3D\n\n"
+        + markdown_eval(table)
     )
 
 

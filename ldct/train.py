@@ -574,6 +574,10 @@ def main_train(cfg: Config, workers: int | None, json_out: bool, storage: str | 
             best_dir = Path(tempfile.mkdtemp(prefix="ldct-best-"))
             best_checkpoint.to_directory(str(best_dir))
     except Exception as exc:  # noqa: BLE001 - one clear line, then the traceback for the curious
+        if os.environ.get("LDCT_DEBUG", "") not in ("", "0"):  # `ldct --debug` / LDCT_DEBUG=1
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
         print(f"ldct train: failed: {root_cause(exc)}", file=sys.stderr)
         return 1
     generator, _ = generator_from_state(load_state(best_dir))
