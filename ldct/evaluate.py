@@ -421,6 +421,10 @@ def _cell(metric: str, value: float) -> str:
     return f"{value:.2f}" if metric.startswith("psnr") or metric == "rmse_hu" else f"{value:.4f}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _mean_std(metric: str, mean: float, std: float, n: int, pad: str = "") -> str:
     # One slice has no spread: show its value alone rather than a misleading "± 0".
     if n < 2:
@@ -439,7 +443,7 @@ def budget_lines(table: dict[str, Any]) -> list[str]:
             crop = "x".join(str(v) for v in tuning.get("crop", [])) or "whole"
             lines.append(
                 f"{name}: {t['parameter']} tuned on the {tuning['split']} split "
-                f"({t['val_slices']} slices, central {crop} px), {len(t['candidates'])} candidates "
+                f"({_count(t['val_slices'], 'slice')}, central {crop} px), {len(t['candidates'])} candidates "
                 f"[{grid}] -> {t['chosen']:g} ({t['seconds']:.1f} s)"
             )
     if "warning" in tuning:
@@ -454,7 +458,7 @@ def format_eval(table: dict[str, Any]) -> str:
     width = max(22, *(len(labels[k]) + 2 for k in keys))
     head = f"{'':<{width}}" + "".join(f"{m:>13}" for m in METRIC_NAMES)
     out = [
-        f"split {table['split']!r} of {table['cache']}: {len(table['slices'])} slices "
+        f"split {table['split']!r} of {table['cache']}: {_count(len(table['slices']), 'slice')} "
         f"(window [-160, 240] HU, range 400; full [-1024, 3072] HU, range 4096)"
     ]
     for s in table["slices"]:
@@ -469,7 +473,11 @@ def format_eval(table: dict[str, Any]) -> str:
             for k in keys
         ]
     n = len(table["slices"])
-    out += ["", f"mean ± std over {n} slices", f"{'':<{width}}" + "".join(f"{m:>17}" for m in METRIC_NAMES)]
+    out += [
+        "",
+        f"mean ± std over {_count(n, 'slice')}",
+        f"{'':<{width}}" + "".join(f"{m:>17}" for m in METRIC_NAMES),
+    ]
     for k in keys:
         cells = [_mean_std(m, table["mean"][k][m], table["std"][k][m], n) for m in METRIC_NAMES]
         out.append(f"{labels[k]:<{width}}" + "".join(f"{c:>17}" for c in cells))
@@ -486,7 +494,7 @@ def markdown_eval(table: dict[str, Any], model_label: str | None = None) -> str:
     head = "| " + " | ".join(["method", *METRIC_NAMES]) + " |"
     rule = "|---" * (len(METRIC_NAMES) + 1) + "|"
     n = len(table["slices"])
-    lines = [f"## {table['split']} split: mean ± std over {n} slices", "", head, rule]
+    lines = [f"## {table['split']} split: mean ± std over {_count(n, 'slice')}", "", head, rule]
     for k in keys:
         cells = [_mean_std(m, table["mean"][k][m], table["std"][k][m], n, " ") for m in METRIC_NAMES]
         lines.append(f"| {labels[k]} | " + " | ".join(cells) + " |")

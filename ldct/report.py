@@ -242,16 +242,29 @@ def _best_test_table(mlflow_client: Any, run_id: str, cfg: Config, tmp: Path) ->
     generator, trial_cfg = generator_from_state(state)
     # The trial's own model config, the report profile's data (its test split and cache).
     data_cfg = dataclasses.replace(trial_cfg, data=cfg.data) if cfg is not None else trial_cfg
-    return evaluate_generator(generator, data_cfg, label="best trial")
+    table = evaluate_generator(generator, data_cfg, label="best trial")
+    # The learned side of the budget, written beside the classical one (issue "science" item 4).
+    table["learned_budget"] = {
+        "trials": trial_cfg.study.trials,
+        "iterations": trial_cfg.train.iterations,
+        "step": int(state.get("step", 0)),
+    }
+    return table
 
 
 def _test_markdown(table: dict[str, Any]) -> str:
     from ldct.evaluate import markdown_eval
 
-    return (
-        "# Held-out test split: the study's best trial against LDCT, Gaussian and BM3D\n\n"
-        + markdown_eval(table)
+    budget = table.get("learned_budget")
+    learned = (
+        f"- best trial: the best of {budget['trials']} trials of up to {budget['iterations']} iterations "
+        f"each (ASHA stops poor ones early), checkpoint of step {budget['step']}, selected on "
+        "validation PSNR (window)\n"
+        if budget
+        else ""
     )
+    header = "# Held-out test split: the study's best trial against LDCT, Gaussian and BM3D\n\n"
+    return header + markdown_eval(table) + learned
 
 
 def write_importances(study: str, storage_url: str, out: Path) -> dict[str, Any]:

@@ -161,3 +161,25 @@ def test_moved_names_stay_importable_from_their_old_modules():
     assert gaussian_denoise is evaluate.gaussian_denoise
     assert tune_gaussian_sigma is evaluate.tune_gaussian_sigma
     assert score_test_split is evaluate.score_test_split and format_table is evaluate.format_table
+
+
+def test_onnx_export_scores_like_its_checkpoint(smoke, tmp_path):
+    from ldct.deploy.export import export_bundle
+    from ldct.train import generator_from_state, load_state
+
+    state = load_state(smoke["checkpoint"])
+    generator, cfg = generator_from_state(state)
+    export_bundle(
+        generator, {"config": state["config"], "normalization": state["normalization"]}, tmp_path / "x"
+    )
+    onnx, label = evaluate.load_denoiser(onnx=tmp_path / "x")
+    assert label.startswith("ONNX")
+    torch_run = evaluate.torch_denoiser(generator, cfg.normalization)
+    common = {"split": "test", "bm3d": False}
+    splits = smoke["splits"]
+    by_onnx = evaluate.evaluate_split(smoke["cache"], splits["test"], splits["val"], denoiser=onnx, **common)
+    by_torch = evaluate.evaluate_split(
+        smoke["cache"], splits["test"], splits["val"], denoiser=torch_run, **common
+    )
+    for metric in METRIC_NAMES:
+        assert by_onnx["mean"]["model"][metric] == pytest.approx(by_torch["mean"]["model"][metric], rel=1e-4)
