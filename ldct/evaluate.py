@@ -511,7 +511,7 @@ def markdown_eval(table: dict[str, Any], model_label: str | None = None) -> str:
             f"| {labels[k]} | " + " | ".join(_cell(m, s["metrics"][k][m]) for m in METRIC_NAMES) + " |"
             for k in keys
         ]
-    lines += ["", "Tuning budget (classical methods, validation split only):", ""]
+    lines += ["", "Tuning budgets (classical methods: on the validation split only):", ""]
     lines += [f"- {line}" for line in budget_lines(table)]
     return "\n".join(lines) + "\n"
 
