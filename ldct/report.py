@@ -277,11 +277,15 @@ def write_importances(study: str, storage_url: str, out: Path) -> dict[str, Any]
 
     try:
         ot_study = optuna.load_study(study_name=study, storage=storage_url)
-        importances = optuna.importance.get_param_importances(ot_study)
+        # fANOVA named and seeded on purpose: Optuna 5's default evaluator is PED-ANOVA.
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        raw = optuna.importance.get_param_importances(ot_study, evaluator=evaluator)
     except (KeyError, ValueError, RuntimeError) as exc:
         return {"storage": storage_url, "error": str(exc)}
+    importances = {name: float(value) for name, value in raw.items()}
+    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in ot_study.trials)
     lines = [
-        f"# Parameter importances (Optuna fANOVA, {len(ot_study.trials)} trials, objective val_psnr_window)",
+        f"# Parameter importances (Optuna fANOVA over {complete} complete trials, objective val_psnr_window)",
         "",
         "| parameter | importance |",
         "|---|---|",
@@ -300,4 +304,4 @@ def write_importances(study: str, storage_url: str, out: Path) -> dict[str, Any]
     ax.set_xlabel("importance (fANOVA, share of the objective's variance)")
     fig.savefig(out / "param_importances.png", dpi=90)
     plt.close(fig)
-    return {"storage": storage_url, "importances": dict(importances)}
+    return {"storage": storage_url, "complete_trials": complete, "importances": importances}
