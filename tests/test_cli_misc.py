@@ -23,7 +23,7 @@ def test_version_has_one_source():
     import tomllib
     from pathlib import Path
 
-    project = tomllib.loads((Path(ldct.__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     assert "version" not in project and "version" in project["dynamic"]
 
 

@@ -22,7 +22,8 @@ import pytest
 
 import ldct
 
-ROOT = Path(ldct.__file__).resolve().parents[1]
+# The checkout these tests belong to (ldct itself may be installed elsewhere).
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
