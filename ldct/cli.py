@@ -228,7 +228,22 @@ def best_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     p.set_defaults(handler=_cmd_denoise)
 
+    p = sub.add_parser(
+        "migrate", help="re-register an old pickle-format version in the safe format (same aliases)"
+    )
+    p.add_argument("--model-version", "--version", dest="version", required=True, help="version number")
+    p.set_defaults(handler=_cmd_migrate)
+
     return _run(parser, argv)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from ldct import tracking
+
+    new = tracking.migrate(args.version, args.tracking_uri)
+    moved = ", ".join(sorted(new.aliases)) or "none"
+    print(f"re-registered v{args.version} as v{new.version} (safetensors + pyfunc); aliases moved: {moved}")
+    return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:

@@ -24,9 +24,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+# Re-exported: the checkpoint functions moved to ldct.checkpoint; `from ldct.train import ...` works.
+from ldct.checkpoint import (  # noqa: F401
+    CHECKPOINT_FILE,
+    CheckpointError,
+    generator_from_state,
+    load_state,
+    restore_rng,
+    save_state,
+)
 from ldct.config import Config, from_flat, to_flat
 
-CHECKPOINT_FILE = "state.pt"
 PANEL_FILE = "panel.png"
 # Metrics every validation reports; the study optimises VAL_METRIC.
 VAL_METRIC = "val_psnr_window"
@@ -159,63 +167,7 @@ def _batches_per_iteration(cfg: Config) -> int:
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
-
-def save_state(
-    directory: Path, nets: Any, cfg: Config, step: int, batches_consumed: int, metrics: dict[str, Any]
-) -> Path:
-    """Write a resumable checkpoint (both networks, both optimizers, step, config, normalisation)."""
-    from ldct.engine import unwrap
-
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": "ldct-checkpoint-1",
-        "generator": unwrap(nets.generator).state_dict(),
-        "critic": unwrap(nets.critic).state_dict(),
-        "opt_g": nets.opt_g.state_dict(),
-        "opt_c": nets.opt_c.state_dict(),
-        # fp16 loss scales (empty on CPU): without them a CUDA run would not resume exactly.
-        "scaler_g": nets.scaler_g.state_dict() if getattr(nets, "scaler_g", None) else {},
-        "scaler_c": nets.scaler_c.state_dict() if getattr(nets, "scaler_c", None) else {},
-        "step": step,
-        "batches_consumed": batches_consumed,
-        "config": to_flat(cfg),
-        "normalization": {"hu_min": cfg.normalization.hu_min, "hu_max": cfg.normalization.hu_max},
-        "perceptual_weights": getattr(nets.perceptual, "weights_source", "n/a"),
-        "metrics": metrics,
-    }
-    tmp = directory / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / CHECKPOINT_FILE)
-    return directory / CHECKPOINT_FILE
-
-
-def load_state(path: Path | str) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_state` (a directory or the state file itself)."""
-    path = Path(path)
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {file}: expected a directory holding {CHECKPOINT_FILE}")
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    if state.get("format") != "ldct-checkpoint-1":
-        raise ValueError(f"{file} is not an ldct checkpoint (format {state.get('format')!r})")
-    return state
-
-
-def generator_from_state(state: dict[str, Any]) -> tuple[torch.nn.Module, Config]:
-    """Rebuild the generator from a checkpoint's own config (never from flags) and load its weights."""
-    from ldct.models.generator import build_generator
-
-    cfg = from_flat(state["config"])
-    # The checkpoint carries the weights: no encoder weights need to be found again.
-    generator = build_generator(_with(cfg.model, encoder_weights="none"))
-    generator.load_state_dict(state["generator"])
-    return generator.eval(), cfg
-
-
-def _with(section: Any, **changes: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(section, **changes)
+# save_state / load_state / generator_from_state live in ldct.checkpoint (imported above).
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -276,6 +228,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
             if state.get(name) and getattr(nets, name, None) is not None:
                 getattr(nets, name).load_state_dict(state[name])
         step, batches_consumed = int(state["step"]), int(state["batches_consumed"])
+        restore_rng(state.get("rng"))
         if rank == 0:
             print(f"[ldct] resumed at step {step}", flush=True)
     nets.generator = session.wrap(nets.generator)
