@@ -151,6 +151,10 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers (0 = train in this process, no Ray)")
     p.add_argument("--storage", help="where Ray keeps runs and checkpoints (default ./runs)")
     p.add_argument("--json", action="store_true", help="end with one JSON line: ldct / classical / denoised")
+    p.add_argument(
+        "--tracking-uri",
+        help="log the run to this MLflow store (default: MLFLOW_TRACKING_URI if set, else no logging)",
+    )
     p.set_defaults(handler=_cmd_train)
 
 
@@ -161,7 +165,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
     if args.data:
         cfg = apply_overrides(cfg, [f"data.cache={Path(args.data).resolve()}"])
-    return main_train(cfg, workers=args.workers, json_out=args.json, storage=args.storage)
+    return main_train(
+        cfg, workers=args.workers, json_out=args.json, storage=args.storage, tracking_uri=args.tracking_uri
+    )
 
 
 # ----------------------------------------------------------------------------------------- ldct report

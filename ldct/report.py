@@ -223,6 +223,8 @@ def write_report(
                 summary["best_test"] = _best_test_table(mlflow_client, best["run_id"], cfg, Path(tmp))
                 (out / "best_test.md").write_text(_test_markdown(summary["best_test"]))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    # The same files (and the test table as metrics) on the study's parent run, for the MLflow UI.
+    tracking.log_report(mlflow_client, study, out, summary.get("best_test"))
     return out
 
 

@@ -113,17 +113,122 @@ def _param_value(value: Any) -> str:
     return text[:6000]
 
 
+def ui_url(tracking_uri: str, experiment_id: str, base: str | None = None) -> str:
+    """The MLflow UI page that shows a study's trials as a comparison.
+
+    MLflow 3.17 opens an experiment on its GenAI overview unless the ``workflowType`` URL
+    parameter (or the browser's remembered sidebar switch) says "machine_learning"; the
+    experiment tag ``mlflow.experimentKind`` alone does not change that (checked in Chromium).
+    The filter keeps the trial runs only, so they are listed flat (not collapsed under the
+    parent), best validation PSNR first.
+    """
+    from urllib.parse import quote
+
+    if base is None:
+        base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    query = "&".join(
+        [
+            "workflowType=machine_learning",
+            "searchFilter=" + quote(f"tags.`{TAG_ROLE}` = 'trial'"),
+            "orderByKey=" + quote("metrics.`best_val_psnr_window`"),
+            "orderByAsc=false",
+        ]
+    )
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def describe_store(mlflow_client: Any, study: str) -> str:
+    """Where a study's runs and artifacts are, and the UI link, for the study to print."""
+    uri = mlflow_client.tracking_uri
+    experiment = mlflow_client.get_experiment_by_name(f"ldct/{study}")
+    lines = [f"[ldct] MLflow store {uri}, artifacts {experiment.artifact_location}"]
+    if not uri.startswith(("http://", "https://")):
+        lines.append(f"[ldct] to compare the trials: mlflow ui --backend-store-uri {uri}  then open")
+    else:
+        lines.append("[ldct] to compare the trials open")
+    lines.append(f"[ldct]   {ui_url(uri, experiment.experiment_id)}")
+    return "\n".join(lines)
+
+
 def start_study_run(mlflow_client: Any, study: str, flat_config: dict[str, Any], resume: bool) -> str:
     """The study's parent run: created, or (on resume) found again by its tags."""
     experiment_id = _experiment_id(mlflow_client, study)
+    print(describe_store(mlflow_client, study), flush=True)
     existing = _find_run(mlflow_client, experiment_id, **{TAG_STUDY: study, TAG_ROLE: "study"})
     if existing is not None and resume:
         mlflow_client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id
-    run = mlflow_client.create_run(experiment_id, run_name=study, tags={TAG_STUDY: study, TAG_ROLE: "study"})
-    for key, value in flat_config.items():
-        mlflow_client.log_param(run.info.run_id, key, _param_value(value))
+    run = mlflow_client.create_run(
+        experiment_id,
+        run_name=study,
+        tags={TAG_STUDY: study, TAG_ROLE: "study", **provenance_tags(flat_config)},
+    )
+    log_params(mlflow_client, run.info.run_id, {**flat_config, "data.source": data_source(flat_config)})
     return run.info.run_id
+
+
+def log_params(mlflow_client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """All params in log_batch calls of 100 (MLflow's limit), not one round trip each."""
+    from mlflow.entities import Param
+
+    items = [Param(str(k), _param_value(v)) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[start : start + 100])
+
+
+def trial_run_name(trial_id: str, config: dict[str, Any]) -> str:
+    """``<trial id> λ2=.. λ3=.. λgp=.. lr=..``: the runs table then reads as the comparison."""
+    short = {
+        "loss.lambda_l1": "λ2",
+        "loss.lambda_perceptual": "λ3",
+        "loss.lambda_gp": "λgp",
+        "optim.lr": "lr",
+    }
+    parts = [f"{short[k]}={float(config[k]):.3g}" for k in TUNED_PARAMS if k in config]
+    return " ".join([trial_id, *parts])
+
+
+def data_source(flat_config: dict[str, Any]) -> str:
+    """Where a run's data came from: the built-in simulated set, a DICOM root or a cache."""
+    if flat_config.get("data.root"):
+        return f"dicom:{flat_config['data.root']}"
+    if flat_config.get("data.cache"):
+        return f"cache:{flat_config['data.cache']}"
+    return "builtin-simulated"
+
+
+def git_commit() -> str:
+    """The commit of the ldct code that runs (``+dirty`` with local changes), or "unknown"."""
+    import subprocess
+
+    import ldct
+
+    root = Path(ldct.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance_tags(flat_config: dict[str, Any]) -> dict[str, str]:
+    """Git commit (MLflow's own tag too, so the UI shows it) and data source of a run."""
+    commit = git_commit()
+    return {
+        "mlflow.source.git.commit": commit.removesuffix("+dirty"),
+        "ldct.git_commit": commit,
+        "ldct.data_source": flat_config.get("data.source") or data_source(flat_config),
+    }
 
 
 def _ray_callback_base() -> type:
@@ -163,18 +268,17 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         else:
             run = mlflow_client.create_run(
                 experiment_id,
-                run_name=f"trial-{trial.trial_id}",
+                run_name=trial_run_name(trial.trial_id, trial.config),
                 tags={
                     TAG_STUDY: self.study,
                     TAG_ROLE: "trial",
                     TAG_TRIAL: trial.trial_id,
                     PARENT_TAG: self.parent_run_id,
+                    **provenance_tags(self.extra_params),
                 },
             )
             run_id = run.info.run_id
-            params = {**self.extra_params, **flat_trial_config(trial.config)}
-            for key, value in params.items():
-                mlflow_client.log_param(run_id, key, _param_value(value))
+            log_params(mlflow_client, run_id, {**self.extra_params, **flat_trial_config(trial.config)})
         self._runs[trial.trial_id] = run_id
         return run_id
 
@@ -182,19 +286,8 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         self.run_id_for(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        from mlflow.entities import Metric
-
         run_id = self.run_id_for(trial)
-        step = int(result.get("step", result.get("training_iteration", 0)))
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(k, float(v), now, step)
-            for k, v in result.items()
-            if isinstance(v, int | float)
-            and not isinstance(v, bool)
-            and math.isfinite(float(v))
-            and (k.startswith(("val_", "train_")) or k in ("it_per_s", "step"))
-        ]
+        metrics = metrics_of(result)
         if metrics:
             self._mlflow().log_batch(run_id, metrics=metrics)
         value = result.get("val_psnr_window")
@@ -226,6 +319,134 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment; an MLflow client must not travel along.
         return {**self.__dict__, "_client": None}
+
+
+def metrics_of(result: dict[str, Any], now_ms: int | None = None) -> list[Any]:
+    """The loggable numbers of one validation report, as MLflow Metrics at its training step."""
+    from mlflow.entities import Metric
+
+    step = int(result.get("step", result.get("training_iteration", 0)))
+    now = now_ms or int(time.time() * 1000)
+    return [
+        Metric(k, float(v), now, step)
+        for k, v in result.items()
+        if isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(float(v))
+        and (k.startswith(("val_", "train_")) or k in ("it_per_s", "step"))
+    ]
+
+
+# ------------------------------------------------------------------------------------ `ldct train` runs
+
+
+def start_training_run(tracking_uri: str | None, flat_config: dict[str, Any], name: str) -> tuple[str, str]:
+    """An MLflow run for one `ldct train` (experiment ``ldct/train``): (resolved URI, run id)."""
+    mlflow_client = client(tracking_uri)
+    experiment_id = ensure_experiment(mlflow_client, "ldct/train")
+    params = {**flat_config, "data.source": data_source(flat_config)}
+    run = mlflow_client.create_run(
+        experiment_id,
+        run_name=name,
+        tags={
+            TAG_ROLE: "train",
+            "ldct.profile": str(flat_config.get("profile", "")),
+            **provenance_tags(params),
+        },
+    )
+    log_params(mlflow_client, run.info.run_id, params)
+    return mlflow_client.tracking_uri, run.info.run_id
+
+
+def log_reports(tracking_uri: str, run_id: str, reports: list[dict[str, Any]]) -> None:
+    """Per-validation metrics of a finished in-process run, in log_batch calls of 1000."""
+    metrics = [m for report in reports for m in metrics_of(report)]
+    mlflow_client = client(tracking_uri)
+    for start in range(0, len(metrics), 1000):
+        mlflow_client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def _train_callback_base() -> type:
+    from ray.train import UserCallback
+
+    return UserCallback
+
+
+def train_callback(tracking_uri: str, run_id: str) -> Any:
+    """A Ray Train callback (runs in the Train controller) logging every validation to ``run_id``."""
+
+    class MLflowTrainCallback(_train_callback_base()):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.tracking_uri, self.run_id, self._client = tracking_uri, run_id, None
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            # Rank 0 carries the validation metrics (the other ranks report the step only).
+            values = metrics_of(metrics[0]) if metrics else []
+            if values:
+                self._client = self._client or client(self.tracking_uri)
+                self._client.log_batch(self.run_id, metrics=values)
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {**self.__dict__, "_client": None}
+
+    return MLflowTrainCallback()
+
+
+def finish_training_run(
+    tracking_uri: str,
+    run_id: str,
+    best_dir: Path | None,
+    table: dict[str, dict[str, float]] | None,
+    error: str | None = None,
+) -> None:
+    """Best checkpoint (+ panel) and the test-split table into the run, then end it."""
+    mlflow_client = client(tracking_uri)
+    if best_dir is not None:
+        from ldct.checkpoint import CHECKPOINT_FILE, load_state
+        from ldct.train import PANEL_FILE
+
+        mlflow_client.log_artifacts(run_id, str(best_dir), artifact_path="checkpoint")
+        if (Path(best_dir) / PANEL_FILE).is_file():
+            mlflow_client.log_artifact(run_id, str(Path(best_dir) / PANEL_FILE))
+        state = load_state(Path(best_dir) / CHECKPOINT_FILE)
+        log_params(
+            mlflow_client,
+            run_id,
+            {"loss.perceptual_weights_used": state.get("perceptual_weights"), "best_step": state.get("step")},
+        )
+    if table:
+        log_test_table(mlflow_client, run_id, table)
+    if error:
+        mlflow_client.set_tag(run_id, "ldct.error", error[:5000])
+    mlflow_client.set_terminated(run_id, status="FAILED" if error else "FINISHED")
+
+
+def log_test_table(mlflow_client: Any, run_id: str, table: dict[str, dict[str, float]]) -> None:
+    """The test-split table: metrics ``test_<row>_<metric>`` plus ``test_table.json``."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"test_{row}_{name}", float(value), now, 0)
+        for row, values in table.items()
+        for name, value in values.items()
+        if isinstance(value, int | float) and math.isfinite(float(value))
+    ]
+    mlflow_client.log_batch(run_id, metrics=metrics)
+    mlflow_client.log_dict(run_id, {k: dict(v) for k, v in table.items()}, "test_table.json")
+
+
+def log_report(
+    mlflow_client: Any, study: str, out_dir: Path, test_table: dict[str, Any] | None
+) -> str | None:
+    """A study report (leaderboard, plots, panel) and its test table onto the study's parent run."""
+    parent = study_run(mlflow_client, study)
+    if parent is None:
+        return None
+    mlflow_client.log_artifacts(parent.info.run_id, str(out_dir), artifact_path="report")
+    if test_table:
+        log_test_table(mlflow_client, parent.info.run_id, test_table)
+    return parent.info.run_id
 
 
 def _summarise_error(trial: Any) -> str:
@@ -264,10 +485,11 @@ def log_checkpoint(mlflow_client: Any, run_id: str, checkpoint_path: str) -> Non
         if (local / PANEL_FILE).is_file():
             mlflow_client.log_artifact(run_id, str(local / PANEL_FILE))
         state = load_state(local / CHECKPOINT_FILE)
-        mlflow_client.log_param(
-            run_id, "loss.perceptual_weights_used", _param_value(state.get("perceptual_weights"))
+        log_params(
+            mlflow_client,
+            run_id,
+            {"loss.perceptual_weights_used": state.get("perceptual_weights"), "best_step": state.get("step")},
         )
-        mlflow_client.log_param(run_id, "best_step", str(state.get("step")))
 
 
 def trial_runs(mlflow_client: Any, study: str) -> list[Any]:

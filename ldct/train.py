@@ -482,7 +482,9 @@ def root_cause(exc: BaseException) -> str:
     )
 
 
-def run_with_ray(cfg: Config, storage_path: Path | str, name: str | None = None) -> Any:
+def run_with_ray(
+    cfg: Config, storage_path: Path | str, name: str | None = None, callbacks: list[Any] | None = None
+) -> Any:
     """One Ray Train run (``ldct train``): returns the Ray Result (best checkpoint, metrics)."""
     cache_dir, splits = prepare_data(cfg)
     init_ray()
@@ -492,6 +494,7 @@ def run_with_ray(cfg: Config, storage_path: Path | str, name: str | None = None)
         storage_path=storage_path,
         cache_dir=cache_dir,
         splits=splits,
+        callbacks=callbacks,
     )
     return trainer.fit()
 
@@ -534,19 +537,39 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
-def main_train(cfg: Config, workers: int | None, json_out: bool, storage: str | None = None) -> int:
-    """``ldct train``: one run, then the test table. workers=0 trains in this process."""
+def main_train(
+    cfg: Config,
+    workers: int | None,
+    json_out: bool,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+) -> int:
+    """``ldct train``: one run, then the test table. workers=0 trains in this process.
+
+    With a tracking URI (given, or MLFLOW_TRACKING_URI) the run is logged to MLflow experiment
+    ``ldct/train``: params, every validation, the best checkpoint and the test table.
+    """
+    from ldct import tracking
+
     if workers is not None:
         cfg = _replace_train(cfg, workers=max(workers, 1))
     storage_path = Path(storage or os.environ.get("LDCT_RUNS", "runs")).resolve()
     started = time.perf_counter()
+    name = f"train-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = run_id = None
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        uri, run_id = tracking.start_training_run(tracking_uri, to_flat(cfg), name)
+        print(f"[ldct] MLflow run {run_id} in {uri} (experiment ldct/train)", flush=True)
     try:
         if workers == 0:
             session = run_local(cfg, checkpoint_root=storage_path / f"local-{cfg.profile}")
             best = max(session.reports, key=lambda r: r.get(VAL_METRIC, -math.inf))
             best_dir = next(p for p in session.checkpoints if p.name.endswith(f"{int(best['step']):07d}"))
+            if run_id:
+                tracking.log_reports(uri, run_id, session.reports)
         else:
-            result = run_with_ray(cfg, storage_path)
+            callbacks = [tracking.train_callback(uri, run_id)] if run_id else None
+            result = run_with_ray(cfg, storage_path, name=name, callbacks=callbacks)
             if result.error is not None:
                 raise result.error
             best_checkpoint = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
@@ -554,10 +577,14 @@ def main_train(cfg: Config, workers: int | None, json_out: bool, storage: str | 
             best_checkpoint.to_directory(str(best_dir))
     except Exception as exc:  # noqa: BLE001 - one clear line, then the traceback for the curious
         print(f"ldct train: failed: {root_cause(exc)}", file=sys.stderr)
+        if run_id:
+            tracking.finish_training_run(uri, run_id, None, None, error=root_cause(exc))
         return 1
     generator, _ = generator_from_state(load_state(best_dir))
     table = score_test_split(generator, cfg)
     minutes = (time.perf_counter() - started) / 60
+    if run_id:
+        tracking.finish_training_run(uri, run_id, best_dir, table)
     print(f"\nTest split ({cfg.profile} profile, best checkpoint {best_dir}, {minutes:.1f} min):")
     print(format_table(table))
     if json_out:
