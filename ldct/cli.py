@@ -257,7 +257,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     rows = list_versions(args.tracking_uri)
     if not rows:
-        print("no registered versions of ldct-denoiser (run a study first)")
+        print("no registered versions of ldct-denoiser (run a study first)", file=sys.stderr)
         return 1
     columns = [
         "version",
@@ -269,6 +269,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         "val_ssim_window",
         "fps",
         "fps_device",
+        "format",
     ]
     table = [[",".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(columns)]

@@ -878,6 +878,8 @@ def list_versions(tracking_uri: str | None = None) -> list[dict[str, Any]]:
                 "val_ssim_window": v.tags.get("val_ssim_window", ""),
                 "fps": v.tags.get("fps", ""),
                 "fps_device": v.tags.get("fps_device", ""),
+                # Versions from before the safe format carry no tag: `ldct-best migrate` them.
+                "format": v.tags.get("format", "old pickle (migrate)"),
                 "run_id": v.run_id,
             }
         )

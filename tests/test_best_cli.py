@@ -62,7 +62,13 @@ def test_show_lists_versions_with_aliases(registry, capsys):
     uri, version = registry
     assert best_main(["--tracking-uri", uri, "show"]) == 0
     out = capsys.readouterr().out
-    assert "candidate" in out and version in out
+    assert "candidate" in out and version in out and "ldct-pyfunc-1" in out
+
+
+def test_show_with_nothing_registered_says_so_on_stderr(tmp_path, capsys):
+    assert best_main(["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "show"]) == 1
+    captured = capsys.readouterr()
+    assert "no registered versions" in captured.err and captured.out == ""
 
 
 def test_unknown_alias_names_what_exists(registry, capsys):

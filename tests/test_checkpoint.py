@@ -161,6 +161,8 @@ def test_migrate_reregisters_an_old_version_from_its_checkpoint(crafted_registry
     torch.save(state, directory / CHECKPOINT_FILE)
     mlflow_client.log_artifacts(run_id, str(directory), artifact_path="checkpoint")
     old = mlflow_client.get_model_version_by_alias(tracking.MODEL_NAME, "old").version
+    assert best_main(["--tracking-uri", uri, "show"]) == 0
+    assert "old pickle (migrate)" in capsys.readouterr().out
     assert best_main(["--tracking-uri", uri, "migrate", "--model-version", str(old)]) == 0
     assert "aliases moved: old" in capsys.readouterr().out
     generator, meta = tracking.load_registered(alias="old", tracking_uri=uri)
