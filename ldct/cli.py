@@ -217,6 +217,10 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="only report every missing input (weights, data, storage, MLflow)",
     )
+    p.add_argument(
+        "--tracking-uri",
+        help="log the run to this MLflow store (default: MLFLOW_TRACKING_URI if set, else no logging)",
+    )
     p.set_defaults(handler=_cmd_train)
 
 
@@ -230,8 +234,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.check:
         from ldct.preflight import report
 
-        return report(cfg, storage=args.storage)
-    return main_train(cfg, workers=args.workers, json_out=args.json, storage=args.storage)
+        return report(cfg, storage=args.storage, tracking_uri=args.tracking_uri)
+    return main_train(
+        cfg, workers=args.workers, json_out=args.json, storage=args.storage, tracking_uri=args.tracking_uri
+    )
 
 
 # ----------------------------------------------------------------------------------------- ldct report
@@ -453,7 +459,22 @@ def best_main(argv: Sequence[str] | None = None) -> int:
     )
     p.set_defaults(handler=_cmd_denoise)
 
+    p = sub.add_parser(
+        "migrate", help="re-register an old pickle-format version in the safe format (same aliases)"
+    )
+    p.add_argument("--model-version", "--version", dest="version", required=True, help="version number")
+    p.set_defaults(handler=_cmd_migrate)
+
     return _run(parser, argv)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from ldct import tracking
+
+    new = tracking.migrate(args.version, args.tracking_uri)
+    moved = ", ".join(sorted(new.aliases)) or "none"
+    print(f"re-registered v{args.version} as v{new.version} (safetensors + pyfunc); aliases moved: {moved}")
+    return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -473,6 +494,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         "val_ssim_window",
         "fps",
         "fps_device",
+        "format",
     ]
     table = [[",".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(columns)]

@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         import tempfile
 
         from ldct.report import write_report
-        from ldct.tracking import client
         from ldct.tune import in_ray_job
 
         results = args.results
@@ -132,13 +131,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             cfg=cfg,
             study_result=result,
         )
-        client(result.tracking_uri).log_artifacts(result.parent_run_id, str(out), artifact_path="report")
         print((out / "leaderboard.md").read_text())
         print(f"report: {out} (and artifacts report/ of MLflow run {result.parent_run_id})")
+    from ldct.tracking import client, describe_store
+
+    print(describe_store(client(result.tracking_uri), result.study).replace("[ldct] ", ""))
     if result.tracking_uri.startswith("http"):
-        print(
-            f"compare the runs:  the MLflow UI at {result.tracking_uri} (from your machine: ray attach CLUSTER.yaml -p PORT)"
-        )
-    else:
-        print(f"compare the runs:  mlflow ui --backend-store-uri {result.tracking_uri}")
+        print("(from your machine, forward the head's MLflow port first: ray attach CLUSTER.yaml -p PORT)")
     return 0 if completed else 1
