@@ -71,11 +71,14 @@ class NonFiniteLossError(FloatingPointError):
 
         def describe(name: str, value: float) -> str:
             shown = str(value) if not math.isfinite(value) else "non-finite"
-            return f"{name} ({shown} on rank {self.ranks[name]})" if name in self.ranks else f"{name} ({value})"
+            return (
+                f"{name} ({shown} on rank {self.ranks[name]})" if name in self.ranks else f"{name} ({value})"
+            )
 
-        bad = ", ".join(
-            describe(k, v) for k, v in losses.items() if not math.isfinite(v) or k in self.ranks
-        ) or "loss"
+        bad = (
+            ", ".join(describe(k, v) for k, v in losses.items() if not math.isfinite(v) or k in self.ranks)
+            or "loss"
+        )
         where = (
             f"last checkpoint {last_checkpoint}"
             if last_checkpoint

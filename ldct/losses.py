@@ -194,7 +194,9 @@ class PerceptualLoss(nn.Module):
         span = float(norm.hu_max) - float(norm.hu_min)
         self.window_hu = (lo, hi)
         self.register_buffer("window_gain", torch.tensor(span / (hi - lo)), persistent=False)
-        self.register_buffer("window_offset", torch.tensor((float(norm.hu_min) - lo) / (hi - lo)), persistent=False)
+        self.register_buffer(
+            "window_offset", torch.tensor((float(norm.hu_min) - lo) / (hi - lo)), persistent=False
+        )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -124,7 +124,7 @@ def _markdown(rows: list[dict[str, Any]], ldct_row: dict[str, float]) -> str:
     notes = []
     if any(r.get("label") for r in rows):
         notes.append(
-            f"\n\"{next(r['label'] for r in rows if r.get('label'))}\": the paper's λ₂, λ₃, λ_gp and lr, "
+            f'\n"{next(r["label"] for r in rows if r.get("label"))}": the paper\'s λ₂, λ₃, λ_gp and lr, '
             "with this profile's λ_adv, encoder, n_critic, batch and iterations; not evidence about "
             "the paper's recipe."
         )

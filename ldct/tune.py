@@ -97,7 +97,9 @@ def extra_points(cfg: Config) -> list[dict[str, float]]:
 def paper_deviations(cfg: Config) -> list[str]:
     """Where profile ``cfg`` departs from the paper's recipe beyond the tuned values."""
     flat = to_flat(cfg)
-    return [f"{key} {flat[key]!r} (paper {value!r})" for key, value in PAPER_RECIPE.items() if flat[key] != value]
+    return [
+        f"{key} {flat[key]!r} (paper {value!r})" for key, value in PAPER_RECIPE.items() if flat[key] != value
+    ]
 
 
 def paper_label(profile: str) -> str:

@@ -79,7 +79,9 @@ def test_killed_worker_resumes_asha_stops_nan_critic_fails_best_completed_regist
         ],
     )
     killer: dict = {}
-    thread = threading.Thread(target=_kill_after_checkpoint, args=(pause_file, uri, study, killer), daemon=True)
+    thread = threading.Thread(
+        target=_kill_after_checkpoint, args=(pause_file, uri, study, killer), daemon=True
+    )
     thread.start()
     result = run_study(cfg, tracking_uri=uri, storage=str(tmp_path / "runs"))
     thread.join(timeout=5)
@@ -129,7 +131,9 @@ def test_killed_worker_resumes_asha_stops_nan_critic_fails_best_completed_regist
     assert version.run_id == best.info.run_id == result.best["run_id"]
 
 
-def test_inf_generator_loss_fails_its_trial_study_completes_on_mlflow_server(tmp_path, ray_local, mlflow_server):
+def test_inf_generator_loss_fails_its_trial_study_completes_on_mlflow_server(
+    tmp_path, ray_local, mlflow_server
+):
     # The first trial (paper lr 1e-5) trains normally; the second (lr sampled above 1.5e-5) gets
     # an inf generator loss at step 1, before ASHA could stop it: recorded as failed, the study
     # goes on and registers the first. No retry wanted here (it would meet the inf again).

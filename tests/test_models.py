@@ -188,11 +188,15 @@ def test_input_standardisation_follows_the_normalisation_and_travels_in_the_stat
     torch.manual_seed(0)
     default = Generator("resnet10t", out_indices=(1, 2, 3), decoder_channels=8)
     # The default normalisation keeps the earlier constants exactly: (x - 0.25) / 0.05.
-    assert float(default.standardize.center) == 0.25 and float(default.standardize.scale) == pytest.approx(0.05)
+    assert float(default.standardize.center) == 0.25 and float(default.standardize.scale) == pytest.approx(
+        0.05
+    )
     narrow = HUNormalization(hu_min=-1000.0, hu_max=1000.0)
     g = Generator("resnet10t", out_indices=(1, 2, 3), decoder_channels=8, normalization=narrow)
     # 0 HU is 0.5 in [-1000, 1000] units; 204.8 HU is 0.1024 of the span.
-    assert float(g.standardize.center) == pytest.approx(0.5) and float(g.standardize.scale) == pytest.approx(0.1024)
+    assert float(g.standardize.center) == pytest.approx(0.5) and float(g.standardize.scale) == pytest.approx(
+        0.1024
+    )
     state = g.state_dict()
     assert {"standardize.center", "standardize.scale"} <= set(state)
     # Rebuilt with the default normalisation (as a checkpoint loader does), the state_dict's

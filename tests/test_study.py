@@ -101,7 +101,11 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
         "best_test.md",
     } <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["completed"] + summary.get("stopped", 0) == 2 and set(summary["best_test"]) == {"ldct", "classical", "denoised"}
+    assert summary["completed"] + summary.get("stopped", 0) == 2 and set(summary["best_test"]) == {
+        "ldct",
+        "classical",
+        "denoised",
+    }
 
 
 def test_unreachable_server_is_a_clear_error():
@@ -150,7 +154,8 @@ def test_stopped_study_resumes_without_repeating_a_trial(tmp_path, ray_local):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     runs = _trials(mlflow_client, "s3")
     assert len(runs) == 2, [r.data.tags for r in runs]
-    assert all(r.data.tags.get("ldct.status") == "completed" for r in runs)
+    # ASHA may stop the second trial after its first validation; none failed.
+    assert all(r.data.tags.get("ldct.status") in ("completed", "stopped") for r in runs)
     # The finished trial was not run again: same run, same metric history.
     again = mlflow_client.get_metric_history(finished[0].info.run_id, "val_psnr_window")
     assert [(m.step, m.value) for m in again] == [(m.step, m.value) for m in finished_history]

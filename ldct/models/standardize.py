@@ -55,7 +55,9 @@ class Standardize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.center) / self.scale
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         for name, value in zip(("center", "scale"), self.legacy, strict=True):
             state_dict.setdefault(prefix + name, torch.tensor(value, dtype=torch.float32))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
