@@ -27,6 +27,7 @@ COLUMNS = [
     "lambda_perceptual",
     "lambda_gp",
     "lr",
+    "lambda_adv",
     "val_psnr_window",
     "val_ssim_window",
     "val_psnr_full",
@@ -80,6 +81,7 @@ def leaderboard_rows(mlflow_client: Any, study: str) -> tuple[list[dict[str, Any
             "lambda_perceptual": _float(p.get("loss.lambda_perceptual")),
             "lambda_gp": _float(p.get("loss.lambda_gp")),
             "lr": _float(p.get("optim.lr")),
+            "lambda_adv": _float(p.get("loss.lambda_adv")),
             "val_psnr_window": m.get("best_val_psnr_window", math.nan),
             "val_ssim_window": m.get("val_ssim_window", math.nan),
             "val_psnr_full": m.get("val_psnr_full", math.nan),
@@ -122,11 +124,12 @@ def _markdown(rows: list[dict[str, Any]], ldct_row: dict[str, float]) -> str:
             f"{r['val_psnr_full']:.2f} | {r['val_rmse_hu']:.1f} |"
         )
     notes = []
-    if any(r.get("label") for r in rows):
+    labelled = next((r for r in rows if r.get("label")), None)
+    if labelled is not None:
         notes.append(
-            f'\n"{next(r["label"] for r in rows if r.get("label"))}": the paper\'s λ₂, λ₃, λ_gp and lr, '
-            "with this profile's λ_adv, encoder, n_critic, batch and iterations; not evidence about "
-            "the paper's recipe."
+            f"\n\"{labelled['label']}\": the paper's λ₂, λ₃, λ_gp and lr, with this profile's "
+            f"λ_adv ({labelled.get('lambda_adv', math.nan):g}), encoder, n_critic, batch and iterations; "
+            "not evidence about the paper's recipe."
         )
     if any(r.get("perceptual_random") for r in rows):
         from ldct.losses import RANDOM_PERCEPTUAL_NOTE

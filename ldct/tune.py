@@ -30,6 +30,7 @@ PAPER_RECIPE = {
     "train.n_critic": 4,
     "train.batch_size": 128,
     "loss.perceptual_layer": 35,
+    "loss.perceptual_weights": "imagenet",
 }
 
 
@@ -254,6 +255,8 @@ def run_study(
     for result in grid:
         metrics = result.metrics or {}
         row = {k: (result.config or {}).get(k) for k in tracking.TUNED_PARAMS}
+        # Recorded beside the tuned values: it decides whether "paper λ's" is the paper's recipe.
+        row["loss.lambda_adv"] = cfg.loss.lambda_adv
         step = metrics.get("step")
         if result.error:
             status = "failed"
