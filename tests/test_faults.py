@@ -69,6 +69,11 @@ def test_killed_worker_resumes_asha_stops_nan_critic_fails_best_completed_regist
             f"study.name={study}",
             "study.trials=3",
             "study.max_failures=1",
+            # Half a CPU per worker: after a worker death and retry, Ray Train 2.60 sometimes
+            # leaves the retried worker group's placement group behind (seen here: a CREATED
+            # {CPU: 1} group with no workers after the trial ended), and with 1-CPU workers the
+            # next trial then waits forever on 2 CPUs. 0.25 + 0.5 + a leaked 0.5 still fits.
+            "train.cpus_per_worker=0.5",
             "study.lr_range=[1e-9, 1.0]",
             "study.extra_points=optim.lr=0.3,optim.lr=1e-9",
             "train.debug_pause_step=2",
