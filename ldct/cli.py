@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -293,6 +294,13 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="validation slices used to tune Gaussian/BM3D (default 4)",
     )
+    p.add_argument(
+        "--tune-crop",
+        type=int,
+        default=None,
+        help="tune on each validation slice's central NxN px (default: the profile's data.tune_crop, "
+        "0 = whole slices; with --data 0)",
+    )
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_cmd_eval)
@@ -301,6 +309,7 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ldct import evaluate
 
+    tune_crop = 0
     if args.data:
         cache = Path(args.data)
         if not (cache / "manifest.json").is_file():
@@ -311,7 +320,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from ldct.config import load_config
         from ldct.data.cache import ensure_data
 
-        cache, _ = ensure_data(load_config(args.profile or "quick").data)
+        data_cfg = load_config(args.profile or "quick").data
+        cache, _ = ensure_data(data_cfg)
+        tune_crop = data_cfg.tune_crop
     denoiser, label = None, "model"
     if args.model or args.model_version or args.checkpoint or args.onnx:
         denoiser, label = evaluate.load_denoiser(
@@ -321,7 +332,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             onnx=args.onnx,
             tracking_uri=args.tracking_uri,
         )
-    kwargs = {} if args.tune_slices is None else {"tune_slices": args.tune_slices}
+    kwargs: dict[str, Any] = {"tune_crop": tune_crop if args.tune_crop is None else args.tune_crop}
+    if args.tune_slices is not None:
+        kwargs["tune_slices"] = args.tune_slices
     table = evaluate.evaluate_cache(
         cache,
         args.split,
