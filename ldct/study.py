@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             study_result=result,
         )
         print((out / "leaderboard.md").read_text())
+        if (out / "best_test.md").is_file():
+            # The evidence that counts: the best trial on the real test panel, beside LDCT and the
+            # classical baselines tuned on validation (mean ± std over slices).
+            print((out / "best_test.md").read_text())
         print(f"report: {out} (and artifacts report/ of MLflow run {result.parent_run_id})")
     from ldct.tracking import client, describe_store
 
