@@ -26,9 +26,9 @@ def registry(tmp_path_factory):
         session = run_local(load_config("smoke", ["train.iterations=2"]), checkpoint_root=root / "ckpt")
         state = load_state(session.checkpoints[-1])
         mlflow.set_tracking_uri(uri)
-        experiment = mlflow.set_experiment("ldct/validate-test")
-        with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
-            pass
+        # ensure_experiment, not mlflow.set_experiment: the latter roots artifacts in the cwd.
+        experiment_id = tracking.ensure_experiment(tracking.client(uri), "ldct/validate-test")
+        run = tracking.client(uri).create_run(experiment_id)
         version = tracking.register_state(state, run.info.run_id, uri, tags={"study": "validate-test"})
         yield uri, str(version.version)
 
