@@ -92,6 +92,9 @@ class LossConfig:
     # "auto" (local file/torch cache if present, else seeded random), "imagenet" (must be on disk),
     # "random", or a path to a state_dict file.
     perceptual_weights: str = "auto"
+    # False: refuse to train with a random perceptual network ("auto" falling back, or "random"),
+    # because λ₃ tuned against a random filter bank does not transfer to the paper's λ₃.
+    allow_random_perceptual: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.5, 0.9)
     # Critic lr = lr * critic_lr_ratio (the paper uses one lr for both).
     critic_lr_ratio: float = 1.0
+    # Learning-rate schedule over train.iterations: "constant" (the paper) or "warmup_cosine"
+    # (linear warm-up over `warmup` iterations, then cosine down to lr * min_lr_ratio).
+    schedule: str = "constant"
+    warmup: int = 0
+    min_lr_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -118,10 +126,23 @@ class TrainConfig:
     torch_threads: int = 0
     # "auto": fp16 autocast + channels_last on CUDA, plain fp32 on CPU.
     precision: str = "auto"
-    # Test hook: force the generator loss to NaN at this step (0 = never), only in runs whose
-    # learning rate is at least debug_nan_min_lr (so one trial of a study can be made to fail).
+    # SyncBatchNorm in the generator's encoder: "auto" (on for GPU runs with more than one
+    # worker, so BN sees the global batch), "on", "off". Needs CUDA: "on" on CPU is an error.
+    sync_bn: str = "auto"
+    # Test hooks. Make `debug_nan_loss` ("loss_g" or "loss_critic") `debug_nan_value` ("nan" or
+    # "inf") at step `debug_nan_step` (0 = never), on rank `debug_nan_rank` (-1 = every rank),
+    # only in runs whose lr lies in [debug_nan_min_lr, debug_nan_max_lr] (max 0 = no bound), so
+    # one trial of a study can be made to fail.
     debug_nan_step: int = 0
     debug_nan_min_lr: float = 0.0
+    debug_nan_max_lr: float = 0.0
+    debug_nan_loss: str = "loss_g"
+    debug_nan_value: str = "nan"
+    debug_nan_rank: int = -1
+    # Test hook: after the report of step `debug_pause_step`, the first worker of the study to get
+    # there creates `debug_pause_file` (holding its PID) and sleeps, so a test can SIGKILL it.
+    debug_pause_step: int = 0
+    debug_pause_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,6 +155,9 @@ class StudyConfig:
     lambda_perceptual_range: tuple[float, float] = (0.01, 1.0)
     lambda_gp_range: tuple[float, float] = (1.0, 100.0)
     lr_range: tuple[float, float] = (1e-6, 1e-3)
+    # Points evaluated right after the paper's λ's, each the paper point changed by
+    # "key=value[;key=value]" over the tuned keys (e.g. "optim.lr=0.3"). Not clipped to the ranges.
+    extra_points: tuple[str, ...] = ()
     # ASHA: validations before a trial may be stopped, and the halving rate.
     grace_validations: int = 1
     reduction_factor: int = 2

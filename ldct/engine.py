@@ -12,7 +12,13 @@ Train worker, tests call them in one process. The generator and critic may arriv
   reducer never waits for gradients that do not come.
 
 Mixed precision (fp16 autocast + GradScaler) and channels_last are used only on CUDA with
-``train.precision`` "auto" or "fp16"; CPU runs fp32.
+``train.precision`` "auto" or "fp16"; CPU runs fp32. Under fp16 a step whose *gradients*
+overflow is skipped by the GradScaler (which then lowers its scale); the run stops only when a
+*loss* itself is non-finite.
+
+Non-finite losses under DDP: every step all-reduces (MAX) one flag per loss term before any
+backward, so when one rank sees a NaN every rank raises the same NonFiniteLossError at the same
+step instead of the others waiting in DDP's gradient all-reduce until a timeout.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from scipy import ndimage
 from torch.nn.parallel import DistributedDataParallel
@@ -49,11 +56,29 @@ DEFAULT_SIGMAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN/inf; the message names the loss(es), the step and what to try."""
 
-    def __init__(self, step: int, losses: dict[str, float], last_checkpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        step: int,
+        losses: dict[str, float],
+        last_checkpoint: str | None = None,
+        ranks: dict[str, int] | None = None,
+    ) -> None:
         self.step = step
         self.losses = dict(losses)
         self.last_checkpoint = last_checkpoint
-        bad = ", ".join(f"{k} ({v})" for k, v in losses.items() if not math.isfinite(v)) or "loss"
+        # Under DDP: loss name -> a rank on which it was non-finite (possibly another rank).
+        self.ranks = dict(ranks or {})
+
+        def describe(name: str, value: float) -> str:
+            shown = str(value) if not math.isfinite(value) else "non-finite"
+            return (
+                f"{name} ({shown} on rank {self.ranks[name]})" if name in self.ranks else f"{name} ({value})"
+            )
+
+        bad = (
+            ", ".join(describe(k, v) for k, v in losses.items() if not math.isfinite(v) or k in self.ranks)
+            or "loss"
+        )
         where = (
             f"last checkpoint {last_checkpoint}"
             if last_checkpoint
@@ -66,7 +91,7 @@ class NonFiniteLossError(FloatingPointError):
 
     def __reduce__(self):
         # Keeps the exception picklable across Ray workers despite the custom __init__.
-        return (self.__class__, (self.step, self.losses, self.last_checkpoint))
+        return (self.__class__, (self.step, self.losses, self.last_checkpoint, self.ranks))
 
 
 @dataclass
@@ -115,10 +140,15 @@ def build_networks(cfg: Config, device: torch.device | str) -> Networks:
     amp = use_amp(cfg.train.precision, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        generator = build_generator(cfg.model)
-        critic = build_critic(cfg.model)
+        generator = build_generator(cfg.model, cfg.normalization)
+        critic = build_critic(cfg.model, cfg.normalization)
     perceptual = PerceptualLoss(
-        cfg.loss.perceptual_net, cfg.loss.perceptual_layer, cfg.loss.perceptual_weights, seed=cfg.train.seed
+        cfg.loss.perceptual_net,
+        cfg.loss.perceptual_layer,
+        cfg.loss.perceptual_weights,
+        seed=cfg.train.seed,
+        normalization=cfg.normalization,
+        allow_random=cfg.loss.allow_random_perceptual,
     )
     memory_format = torch.channels_last if amp else torch.contiguous_format
     generator = generator.to(device, memory_format=memory_format)
@@ -146,13 +176,50 @@ def _set_requires_grad(module: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _checked(step: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
-    # One device->host copy for all terms; raise before any backward/optimizer step.
-    values = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).cpu().tolist()
+    """Loss values as floats; NonFiniteLossError on every rank if any rank saw a NaN/inf.
+
+    Called before any backward/optimizer step. Under DDP one all-reduce (MAX) of a small vector,
+    rank+1 where a term is non-finite and 0 elsewhere, tells every rank which term failed where;
+    all ranks then raise together (one flag per term, so the message names the loss).
+    """
+    stacked = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+    flags = (~torch.isfinite(stacked)).float() * (_rank() + 1)
+    if _distributed():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    # One device->host copy for values and flags.
+    values, flag_values = torch.stack([stacked, flags]).cpu().tolist()
     out = dict(zip(losses, values, strict=True))
-    if not all(math.isfinite(v) for v in values):
-        raise NonFiniteLossError(step, out)
+    if any(flag_values):
+        ranks = (
+            {name: int(f) - 1 for name, f in zip(losses, flag_values, strict=True) if f}
+            if _distributed()
+            else None
+        )
+        raise NonFiniteLossError(step, out, ranks=ranks)
     return out
+
+
+DEBUG_LOSSES = ("loss_g", "loss_critic")
+DEBUG_VALUES = ("nan", "inf")
+
+
+def _debug_poison(cfg: Config, step: int, which: str, loss: torch.Tensor) -> torch.Tensor:
+    """The test hook of ``train.debug_nan_*``: ``loss`` made NaN/inf at one step on one rank."""
+    t = cfg.train
+    if t.debug_nan_step <= 0 or step != t.debug_nan_step or t.debug_nan_loss != which:
+        return loss
+    if t.debug_nan_rank >= 0 and t.debug_nan_rank != _rank():
+        return loss
+    return loss + float("inf") if t.debug_nan_value == "inf" else loss * float("nan")
 
 
 def critic_step(
@@ -174,9 +241,11 @@ def critic_step(
         scores = nets.critic(torch.cat([full, fake])).float()
     wasserstein_loss = critic_wasserstein(scores[:n], scores[n:])
     # The penalty runs in fp32 outside autocast: its double backward would otherwise need the
-    # gradient scaler inside autograd.grad as well.
-    gp = gradient_penalty(critic_module, full, fake)
-    loss = wasserstein_loss + cfg.loss.lambda_gp * gp
+    # gradient scaler inside autograd.grad as well. It differentiates the critic with respect to
+    # its standardised input, so the Lipschitz constraint holds in CT units (models/critic.py).
+    standardize = critic_module.standardize
+    gp = gradient_penalty(critic_module.score_standardized, standardize(full), standardize(fake))
+    loss = _debug_poison(cfg, step, "loss_critic", wasserstein_loss + cfg.loss.lambda_gp * gp)
     values = _checked(step, {"loss_critic": loss, "wasserstein": -wasserstein_loss, "gp": gp})
     nets.opt_c.zero_grad(set_to_none=True)
     nets.scaler_c.scale(loss).backward()
@@ -190,8 +259,8 @@ def generator_step(
 ) -> dict[str, float]:
     """One generator update: ``λ_adv·adv + λ_l1·L1 + λ_perceptual·perceptual``.
 
-    ``cfg.train.debug_nan_step == step`` (> 0) makes ``loss_g`` NaN: a test hook for the
-    non-finite handling all the way up to Ray/Tune.
+    ``cfg.train.debug_nan_*`` can make ``loss_g`` (or, in critic_step, ``loss_critic``) NaN/inf
+    at one step: a test hook for the non-finite handling all the way up to Ray/Tune.
     """
     low, full = _to_device(nets, low), _to_device(nets, full)
     critic_module = unwrap(nets.critic)
@@ -204,8 +273,7 @@ def generator_step(
         l1 = l1_loss(fake.float(), full)
         w = cfg.loss
         loss = w.lambda_adv * adv + w.lambda_l1 * l1 + w.lambda_perceptual * perceptual
-        if cfg.train.debug_nan_step > 0 and step == cfg.train.debug_nan_step:
-            loss = loss * float("nan")
+        loss = _debug_poison(cfg, step, "loss_g", loss)
         values = _checked(step, {"loss_g": loss, "adv": adv, "l1": l1, "perceptual": perceptual})
         nets.opt_g.zero_grad(set_to_none=True)
         nets.scaler_g.scale(loss).backward()
@@ -216,6 +284,36 @@ def generator_step(
     return values
 
 
+SCHEDULES = ("constant", "warmup_cosine")
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """Multiplier of ``optim.lr`` at iteration ``step`` (1-based) under ``optim.schedule``.
+
+    "warmup_cosine": linear from 1/warmup up to 1 over ``optim.warmup`` iterations, then a cosine
+    from 1 down to ``optim.min_lr_ratio`` at ``train.iterations``. A pure function of the step, so
+    a resumed run follows the same schedule.
+    """
+    o = cfg.optim
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+    if o.schedule == "constant":
+        return 1.0
+    if o.warmup > 0 and step <= o.warmup:
+        return step / o.warmup
+    progress = min(max((step - o.warmup) / max(cfg.train.iterations - o.warmup, 1), 0.0), 1.0)
+    return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _apply_schedule(nets: Networks, cfg: Config, step: int) -> None:
+    if cfg.optim.schedule == "constant":
+        return  # the optimizers keep the lr they were built with
+    factor = lr_factor(cfg, step)
+    for opt, base in ((nets.opt_g, cfg.optim.lr), (nets.opt_c, cfg.optim.lr * cfg.optim.critic_lr_ratio)):
+        for group in opt.param_groups:
+            group["lr"] = base * factor
+
+
 def train_iteration(
     nets: Networks,
     next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
@@ -224,6 +322,7 @@ def train_iteration(
 ) -> dict[str, float]:
     """``cfg.train.n_critic`` critic steps (a fresh batch each) then one generator step (another
     fresh batch). Critic figures are averaged over its steps. Raises NonFiniteLossError."""
+    _apply_schedule(nets, cfg, step)
     critic_logs = []
     for _ in range(cfg.train.n_critic):
         low, full = next_batch()[:2]

@@ -6,6 +6,8 @@ objective: ``E[D(fake)] - E[D(real)] + λ_gp·GP``.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,6 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from ldct.config import HUNormalization
+
+logger = logging.getLogger("ldct")
+
+# What VGG sees (DESIGN.md §4): the abdomen window, where quarter-dose noise is visible.
+PERCEPTUAL_WINDOW_HU = (-160.0, 240.0)
+# The warning and report line for a random perceptual network.
+RANDOM_PERCEPTUAL_NOTE = "perceptual: random weights; λ₃ is not the paper's"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -33,7 +43,7 @@ def l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_penalty(
-    critic: nn.Module,
+    critic: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     real: torch.Tensor,
     fake: torch.Tensor,
     alpha: torch.Tensor | None = None,
@@ -98,27 +108,58 @@ def cached_imagenet_file(net: str = "vgg19") -> Path:
 class PerceptualLoss(nn.Module):
     """MSE between frozen VGG features (``.features[:layer+1]``) of prediction and target.
 
-    Inputs are [N,1,H,W] in [0,1]; they are repeated to 3 channels and standardised with the
-    ImageNet mean/std. ``layer`` indexes torchvision's ``.features`` (35 = relu5_4 as in
+    Inputs are [N,1,H,W] in the network's [0,1] units (``normalization``). VGG sees the abdomen
+    window: HU clipped to [-160, 240] and mapped to [0, 1], repeated to 3 channels, then the
+    ImageNet mean/std. Over the full [-1024, 3072] range quarter-dose noise spans ~1 % of VGG's
+    input range and its features barely react to it; in the window they see what a reader sees.
+    Pixels outside the window get no perceptual gradient (the L1 term still covers them). ``layer`` indexes torchvision's ``.features`` (35 = relu5_4 as in
     WGAN-VGG, 8 = relu2_2 is much cheaper on CPU). ``weights``:
 
     - ``"auto"``: torchvision's ImageNet file if it is in the torch hub cache, else a seeded
-      random init (recorded as such: perceptual terms are then not comparable to ImageNet ones);
+      random init, with a warning (``RANDOM_PERCEPTUAL_NOTE``): a random relu1_2 is a fixed random
+      filter bank, so λ₃ tuned with it says nothing about the paper's λ₃;
     - ``"imagenet"``: the cached file, or FileNotFoundError naming the expected path;
     - ``"random"``: seeded random init, identical in every process for a seed;
     - any other string: a path to a state_dict file (a full VGG one or ``.features`` only).
 
-    ``weights_source`` says which was used, e.g. ``"imagenet:/root/.cache/torch/hub/checkpoints/
+    ``allow_random=False`` refuses "random" and an "auto" that would fall back to it (the paper
+    profile). ``random_weights`` is True when the network is random. ``weights_source`` says
+    which was used, e.g. ``"imagenet:/root/.cache/torch/hub/checkpoints/
     vgg19-dcbb9e9d.pth"``, ``"file:/p.pth"`` or ``"random(seed=0)"``.
     """
 
-    def __init__(self, net: str = "vgg19", layer: int = 35, weights: str = "auto", seed: int = 0) -> None:
+    def __init__(
+        self,
+        net: str = "vgg19",
+        layer: int = 35,
+        weights: str = "auto",
+        seed: int = 0,
+        normalization: HUNormalization | None = None,
+        window_hu: tuple[float, float] = PERCEPTUAL_WINDOW_HU,
+        allow_random: bool = True,
+    ) -> None:
         super().__init__()
         if net not in _VGG_CFGS:
             raise ValueError(f"perceptual net {net!r} is not supported (use one of {sorted(_VGG_CFGS)})")
         cached = cached_imagenet_file(net)
+        requested = weights
         if weights == "auto":
             weights = "imagenet" if cached.is_file() else "random"
+        if weights == "random" and not allow_random:
+            raise FileNotFoundError(
+                f"loss.perceptual_weights={requested!r} would use a random {net}, and this profile "
+                f"requires real weights (loss.allow_random_perceptual=false): λ₃ tuned against a "
+                f"random network is not the paper's. Put torchvision's {cached.name} at {cached} "
+                "(TORCH_HOME sets the cache root) or pass a state_dict path."
+            )
+        if requested == "auto" and weights == "random":
+            logger.warning(
+                "%s (loss.perceptual_weights=auto found no %s at %s; using random(seed=%d))",
+                RANDOM_PERCEPTUAL_NOTE,
+                cached.name,
+                cached,
+                seed,
+            )
         if weights == "imagenet" and not cached.is_file():
             raise FileNotFoundError(
                 f"perceptual.weights=imagenet but {cached} does not exist (nothing is downloaded). "
@@ -144,6 +185,18 @@ class PerceptualLoss(nn.Module):
         for p in self.features.parameters():
             p.requires_grad_(False)
         self.net, self.layer = net, layer
+        self.random_weights = weights == "random"
+        norm = normalization or HUNormalization()
+        lo, hi = (float(v) for v in window_hu)
+        if not hi > lo:
+            raise ValueError(f"perceptual window must have high > low HU, got {window_hu}")
+        # unit x -> HU = x*span + hu_min -> window (HU - lo)/(hi - lo) = x*gain + offset
+        span = float(norm.hu_max) - float(norm.hu_min)
+        self.window_hu = (lo, hi)
+        self.register_buffer("window_gain", torch.tensor(span / (hi - lo)), persistent=False)
+        self.register_buffer(
+            "window_offset", torch.tensor((float(norm.hu_min) - lo) / (hi - lo)), persistent=False
+        )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -171,7 +224,8 @@ class PerceptualLoss(nn.Module):
         return self
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        windowed = (x * self.window_gain + self.window_offset).clamp(0.0, 1.0)
+        x = (windowed.expand(-1, 3, -1, -1) - self.mean) / self.std
         return self.features(x)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

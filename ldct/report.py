@@ -20,12 +20,14 @@ TUNED = (
 COLUMNS = [
     "rank",
     "trial_id",
+    "label",
     "status",
     "best_step",
     "lambda_l1",
     "lambda_perceptual",
     "lambda_gp",
     "lr",
+    "lambda_adv",
     "val_psnr_window",
     "val_ssim_window",
     "val_psnr_full",
@@ -42,21 +44,44 @@ def _float(value: Any) -> float:
         return math.nan
 
 
-def leaderboard_rows(mlflow_client: Any, study: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """One row per trial (best validation first; failed trials last) and the LDCT input's row."""
-    from ldct.tracking import TAG_TRIAL, trial_runs
+def _first_point_lr(parent: Any) -> tuple[str, float | None]:
+    """The study's profile and its first point's learning rate, from the parent run's params."""
+    from ldct.tune import PAPER_POINT
 
+    if parent is None:
+        return "?", None
+    params = parent.data.params
+    lr = PAPER_POINT["optim.lr"]
+    try:
+        low, high = (float(v) for v in json.loads(params["study.lr_range"]))
+        lr = min(max(lr, low), high)
+    except (KeyError, TypeError, ValueError):
+        return params.get("profile", "?"), None
+    return params.get("profile", "?"), lr
+
+
+def leaderboard_rows(mlflow_client: Any, study: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One row per trial (best validation first; stopped, then failed trials last) and the LDCT
+    input's row. The trial with the paper's λ's is labelled "paper λ's under profile P"."""
+    from ldct.tracking import TAG_TRIAL, study_run, trial_runs
+    from ldct.tune import is_paper_point, paper_label
+
+    profile, first_lr = _first_point_lr(study_run(mlflow_client, study))
     rows, ldct_row = [], {}
     for run in sorted(trial_runs(mlflow_client, study), key=lambda r: r.info.start_time):
         p, m = run.data.params, run.data.metrics
         row = {
             "trial_id": run.data.tags.get(TAG_TRIAL, ""),
+            "label": paper_label(profile) if is_paper_point(p, first_lr) else "",
+            "perceptual_random": run.data.tags.get("ldct.perceptual", "") != ""
+            or str(p.get("loss.perceptual_weights_used", "")).startswith("random"),
             "status": run.data.tags.get("ldct.status", "running"),
             "best_step": p.get("best_step", ""),
             "lambda_l1": _float(p.get("loss.lambda_l1")),
             "lambda_perceptual": _float(p.get("loss.lambda_perceptual")),
             "lambda_gp": _float(p.get("loss.lambda_gp")),
             "lr": _float(p.get("optim.lr")),
+            "lambda_adv": _float(p.get("loss.lambda_adv")),
             "val_psnr_window": m.get("best_val_psnr_window", math.nan),
             "val_ssim_window": m.get("val_ssim_window", math.nan),
             "val_psnr_full": m.get("val_psnr_full", math.nan),
@@ -71,7 +96,8 @@ def leaderboard_rows(mlflow_client: Any, study: str) -> tuple[list[dict[str, Any
                 k: m.get(f"val_ldct_{k}", math.nan)
                 for k in ("psnr_window", "ssim_window", "psnr_full", "ssim_full", "rmse_hu")
             }
-    ranked = sorted(rows, key=lambda r: (r["status"] != "completed", -_nan_low(r["val_psnr_window"])))
+    order = {"completed": 0, "stopped": 1, "running": 2, "failed": 3}
+    ranked = sorted(rows, key=lambda r: (order.get(r["status"], 2), -_nan_low(r["val_psnr_window"])))
     for i, row in enumerate(ranked, 1):
         row["rank"] = i
     return ranked, ldct_row
@@ -90,12 +116,26 @@ def _markdown(rows: list[dict[str, Any]], ldct_row: dict[str, float]) -> str:
             f"{ldct_row['ssim_window']:.4f} | {ldct_row['psnr_full']:.2f} | {ldct_row['rmse_hu']:.1f} |"
         )
     for r in rows:
+        trial = f"{r['trial_id']} ({r['label']})" if r.get("label") else r["trial_id"]
+        status = "stopped (ASHA)" if r["status"] == "stopped" else r["status"]
         lines.append(
-            f"| {r['rank']} | {r['trial_id']} | {r['status']} | {r['lambda_l1']:.3g} | {r['lambda_perceptual']:.3g} "
+            f"| {r['rank']} | {trial} | {status} | {r['lambda_l1']:.3g} | {r['lambda_perceptual']:.3g} "
             f"| {r['lambda_gp']:.3g} | {r['lr']:.2e} | {r['val_psnr_window']:.2f} | {r['val_ssim_window']:.4f} | "
             f"{r['val_psnr_full']:.2f} | {r['val_rmse_hu']:.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    notes = []
+    labelled = next((r for r in rows if r.get("label")), None)
+    if labelled is not None:
+        notes.append(
+            f"\n\"{labelled['label']}\": the paper's λ₂, λ₃, λ_gp and lr, with this profile's "
+            f"λ_adv ({labelled.get('lambda_adv', math.nan):g}), encoder, n_critic, batch and iterations; "
+            "not evidence about the paper's recipe."
+        )
+    if any(r.get("perceptual_random") for r in rows):
+        from ldct.losses import RANDOM_PERCEPTUAL_NOTE
+
+        notes.append(f"\n{RANDOM_PERCEPTUAL_NOTE}.")
+    return "\n".join(lines) + "\n" + "".join(n + "\n" for n in notes)
 
 
 def _plots(rows: list[dict[str, Any]], ldct_row: dict[str, float], out: Path) -> list[Path]:
@@ -199,6 +239,7 @@ def write_report(
         "trials": len(rows),
         "completed": sum(r["status"] == "completed" for r in rows),
         "failed": sum(r["status"] == "failed" for r in rows),
+        "stopped": sum(r["status"] == "stopped" for r in rows),
         "ldct_val": ldct_row,
     }
     parent = tracking.study_run(mlflow_client, study)

@@ -123,6 +123,7 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         self.extra_params = extra_params
         self._runs: dict[str, str] = {}
         self._best: dict[str, tuple[float, str | None]] = {}
+        self._last_step: dict[str, int] = {}
         self._client: Any = None
 
     def _mlflow(self) -> Any:
@@ -174,10 +175,18 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
             if isinstance(v, int | float)
             and not isinstance(v, bool)
             and math.isfinite(float(v))
-            and (k.startswith(("val_", "train_")) or k in ("it_per_s", "step"))
+            and (k.startswith(("val_", "train_")) or k in ("it_per_s", "step", "resumed_from_step"))
         ]
         if metrics:
             self._mlflow().log_batch(run_id, metrics=metrics)
+        self._last_step[trial.trial_id] = step
+        if result.get("perceptual_random"):
+            from ldct.losses import RANDOM_PERCEPTUAL_NOTE
+
+            self._mlflow().set_tag(run_id, "ldct.perceptual", RANDOM_PERCEPTUAL_NOTE)
+        if result.get("resumed_from_step"):
+            # A Ray Train retry restored a checkpoint inside this trial (same run, same trial id).
+            self._mlflow().set_tag(run_id, "ldct.resumed_from_step", str(int(result["resumed_from_step"])))
         value = result.get("val_psnr_window")
         if value is not None and value > self._best.get(trial.trial_id, (-math.inf, None))[0]:
             self._best[trial.trial_id] = (float(value), result.get("checkpoint_path"))
@@ -196,10 +205,14 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         if error:
             mlflow_client.set_tag(run_id, "ldct.error", error[:5000])
         mlflow_client.set_tag(run_id, "ldct.status", status)
-        mlflow_client.set_terminated(run_id, status="FINISHED" if status == "completed" else "FAILED")
+        mlflow_client.set_terminated(run_id, status="FAILED" if status == "failed" else "FINISHED")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "completed")
+        # A trial that ends before train.iterations without an error was stopped by ASHA.
+        iterations = int(self.extra_params.get("train.iterations", 0) or 0)
+        last = self._last_step.get(trial.trial_id)
+        stopped = iterations > 0 and last is not None and last < iterations
+        self._finish(trial, "stopped" if stopped else "completed")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "failed", error=_summarise_error(trial))

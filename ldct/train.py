@@ -252,9 +252,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
     from ldct.engine import NonFiniteLossError, build_networks, evaluate, train_iteration, unwrap
 
     session = session or RaySession()
-    cfg = from_flat(loop_config["config"])
-    if cfg.train.debug_nan_step and cfg.optim.lr < cfg.train.debug_nan_min_lr:
-        cfg = _replace_train(cfg, debug_nan_step=0)
+    cfg = _debug_hooks_for_this_run(from_flat(loop_config["config"]))
     cache_dir = Path(loop_config["cache_dir"])
     splits: dict[str, list[str]] = loop_config["splits"]
     rank, world = session.world_rank, session.world_size
@@ -265,7 +263,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
     # Same seed on every rank: identical initial weights, so DDP starts from one model.
     torch.manual_seed(cfg.train.seed)
     nets = build_networks(cfg, device)
-    step, batches_consumed = 0, 0
+    step, batches_consumed, resumed_from = 0, 0, 0
     state = session.load_state()
     if state is not None:
         unwrap(nets.generator).load_state_dict(state["generator"])
@@ -276,8 +274,12 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
             if state.get(name) and getattr(nets, name, None) is not None:
                 getattr(nets, name).load_state_dict(state[name])
         step, batches_consumed = int(state["step"]), int(state["batches_consumed"])
+        resumed_from = step
         if rank == 0:
             print(f"[ldct] resumed at step {step}", flush=True)
+    if sync_bn_enabled(cfg, world, device):
+        # Same Parameter objects (the optimizer keeps them); BN statistics over the global batch.
+        nets.generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.generator)
     nets.generator = session.wrap(nets.generator)
     nets.critic = session.wrap(nets.critic)
 
@@ -322,10 +324,12 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
         try:
             losses = train_iteration(nets, feed, cfg, step + 1)
         except NonFiniteLossError as exc:
-            raise TrainingError(
+            message = (
                 f"{exc} (run stopped; worker rank {rank}; "
                 f"last good checkpoint at step {step - step % checkpoint_every})"
-            ) from exc
+            )
+            print(f"[ldct] {message}", file=sys.stderr, flush=True)
+            raise TrainingError(message) from exc
         train_seconds += time.perf_counter() - tick
         step += 1
         meter.add(losses)
@@ -350,6 +354,10 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
                 **meter.means(),
                 "train_seconds": train_seconds,
                 "it_per_s": (step - first_step) / max(time.perf_counter() - started, 1e-9),
+                # Where this attempt started: > 0 after a retry restored a checkpoint.
+                "resumed_from_step": resumed_from,
+                # 1.0: λ₃ weighs a random network (the MLflow writer tags the run, reports say so).
+                "perceptual_random": float(getattr(nets.perceptual, "random_weights", False)),
             }
             meter = _Meter()
             if world > 1 and rank != 0:
@@ -376,6 +384,64 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
                         save_state(checkpoint_dir, nets, cfg, step, feed.consumed, metrics)
                         _write_panel(generator, val_slices, cfg, device, checkpoint_dir / PANEL_FILE, step)
                 session.report(metrics, checkpoint_dir)
+            if rank == 0 and step == cfg.train.debug_pause_step and cfg.train.debug_pause_file:
+                _debug_pause(Path(cfg.train.debug_pause_file))
+
+
+def sync_bn_enabled(cfg: Config, world_size: int, device: torch.device) -> bool:
+    """Whether ``train.sync_bn`` turns the generator's BatchNorm into SyncBatchNorm for this run.
+
+    "auto": on for CUDA runs with more than one worker, where each rank's BN would otherwise see
+    batch / workers samples (64 instead of the paper's 128). PyTorch's SyncBatchNorm needs CUDA.
+    """
+    mode = cfg.train.sync_bn
+    if mode not in ("auto", "on", "off"):
+        raise TrainingError(f"train.sync_bn must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "on" and torch.device(device).type != "cuda":
+        raise TrainingError(
+            "train.sync_bn=on needs CUDA workers (PyTorch's SyncBatchNorm has no CPU kernel): "
+            "set train.use_gpu=true or train.sync_bn=off"
+        )
+    if mode == "auto":
+        return torch.device(device).type == "cuda" and world_size > 1
+    return mode == "on" and world_size > 1
+
+
+def _debug_hooks_for_this_run(cfg: Config) -> Config:
+    """Checks the ``train.debug_nan_*`` hook and switches it off outside its learning-rate band."""
+    from ldct.engine import DEBUG_LOSSES, DEBUG_VALUES
+
+    t = cfg.train
+    if not t.debug_nan_step:
+        return cfg
+    if t.debug_nan_loss not in DEBUG_LOSSES or t.debug_nan_value not in DEBUG_VALUES:
+        raise TrainingError(
+            f"train.debug_nan_loss must be one of {DEBUG_LOSSES} and train.debug_nan_value one of "
+            f"{DEBUG_VALUES}, got {t.debug_nan_loss!r} / {t.debug_nan_value!r}"
+        )
+    lr = cfg.optim.lr
+    if lr < t.debug_nan_min_lr or (t.debug_nan_max_lr > 0 and lr > t.debug_nan_max_lr):
+        return _replace_train(cfg, debug_nan_step=0)
+    return cfg
+
+
+def _debug_pause(path: Path, limit_s: float = 300.0) -> None:
+    """The ``train.debug_pause_*`` hook: the first worker here writes its PID and waits to be killed.
+
+    Exclusive creation makes it one-shot per file: the retried attempt (and any later trial)
+    finds the file and goes on. After ``limit_s`` it goes on anyway, so a broken test cannot
+    hang a run forever.
+    """
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    print(f"[ldct] debug pause: pid {os.getpid()} waiting (file {path})", flush=True)
+    deadline = time.time() + limit_s
+    while time.time() < deadline:
+        time.sleep(0.2)
 
 
 def _weights_spread(nets: Any, device: torch.device) -> float:

@@ -18,8 +18,20 @@ from typing import Any
 from ldct.config import Config, from_flat, to_flat
 from ldct.train import VAL_METRIC, TrainingError, build_trainer, init_ray, prepare_data
 
-# The paper's recipe (Hojjat & Shayegan 2025): evaluated first, so every study measures it.
+# The paper's recipe (Hojjat & Shayegan 2025): its tuned values are evaluated first, so every
+# study measures them. λ_adv is not tuned but recorded beside them: a profile that scales it
+# down (the CPU ones) runs "paper λ's", not the paper's recipe.
 PAPER_POINT = {"loss.lambda_l1": 1.0, "loss.lambda_perceptual": 0.1, "loss.lambda_gp": 10.0, "optim.lr": 1e-5}
+PAPER_RECORDED = {"loss.lambda_adv": 1.0}
+# What else the paper's recipe fixes (flat config key -> the paper's value), for the label.
+PAPER_RECIPE = {
+    **PAPER_RECORDED,
+    "model.encoder": "tf_efficientnetv2_m",
+    "train.n_critic": 4,
+    "train.batch_size": 128,
+    "loss.perceptual_layer": 35,
+    "loss.perceptual_weights": "imagenet",
+}
 
 
 @dataclass
@@ -61,6 +73,51 @@ def first_point(cfg: Config) -> dict[str, float]:
     """The paper's values, clipped into the profile's ranges (a range may exclude them on purpose)."""
     ranges = study_ranges(cfg)
     return {k: min(max(v, ranges[k][0]), ranges[k][1]) for k, v in PAPER_POINT.items()}
+
+
+def extra_points(cfg: Config) -> list[dict[str, float]]:
+    """``study.extra_points``: the first point with some tuned values changed ("optim.lr=0.3")."""
+    points = []
+    for text in cfg.study.extra_points:
+        point = dict(first_point(cfg))
+        for item in (p.strip() for p in text.split(";") if p.strip()):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key not in PAPER_POINT or not value:
+                raise ValueError(
+                    f"study.extra_points entry {text!r}: expected key=value[;key=value] over {sorted(PAPER_POINT)}"
+                )
+            try:
+                point[key] = float(value)
+            except ValueError as exc:
+                raise ValueError(f"study.extra_points entry {text!r}: {value!r} is not a number") from exc
+        points.append(point)
+    return points
+
+
+def paper_deviations(cfg: Config) -> list[str]:
+    """Where profile ``cfg`` departs from the paper's recipe beyond the tuned values."""
+    flat = to_flat(cfg)
+    return [
+        f"{key} {flat[key]!r} (paper {value!r})" for key, value in PAPER_RECIPE.items() if flat[key] != value
+    ]
+
+
+def paper_label(profile: str) -> str:
+    """The row label of the paper-λ trial: never "the paper", since the profile decides the rest."""
+    return f"paper λ's under profile {profile}"
+
+
+def is_paper_point(params: dict[str, Any], lr: float | None = None) -> bool:
+    """Whether a trial's λ's (flat keys) are the paper's; ``lr``: the first point's learning rate
+    (the range may clip the paper's), compared too when given."""
+    expected = {k: v for k, v in PAPER_POINT.items() if k != "optim.lr"}
+    if lr is not None:
+        expected["optim.lr"] = lr
+    try:
+        return all(math.isclose(float(params[k]), v, rel_tol=1e-9) for k, v in expected.items())
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def run_trial(
@@ -110,6 +167,12 @@ def run_study(
         cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, trials=trials))
     started = time.perf_counter()
     study = cfg.study.name
+    deviations = paper_deviations(cfg)
+    if deviations:
+        print(
+            f"[ldct] first trial: {paper_label(cfg.profile)}, not the paper's recipe: {', '.join(deviations)}",
+            flush=True,
+        )
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.study.tracking_uri or None)
     tracking.check_reachable(uri)
     storage_path = _storage_path(storage or cfg.study.storage or None)
@@ -154,7 +217,7 @@ def run_study(
         searcher = OptunaSearch(
             metric=VAL_METRIC,
             mode="max",
-            points_to_evaluate=[first_point(cfg)],
+            points_to_evaluate=[first_point(cfg), *extra_points(cfg)],
             sampler=optuna.samplers.TPESampler(seed=cfg.study.seed),
         )
         scheduler = ASHAScheduler(
@@ -188,13 +251,24 @@ def run_study(
 
     rows = []
     train_seconds = 0.0
+    first_lr = first_point(cfg)["optim.lr"]
     for result in grid:
         metrics = result.metrics or {}
         row = {k: (result.config or {}).get(k) for k in tracking.TUNED_PARAMS}
+        # Recorded beside the tuned values: it decides whether "paper λ's" is the paper's recipe.
+        row["loss.lambda_adv"] = cfg.loss.lambda_adv
+        step = metrics.get("step")
+        if result.error:
+            status = "failed"
+        elif step is not None and int(step) < cfg.train.iterations:
+            status = "stopped"  # by ASHA
+        else:
+            status = "completed"
         row.update(
             {
                 "trial_id": metrics.get("trial_id", ""),
-                "status": "failed" if result.error else "completed",
+                "label": paper_label(cfg.profile) if is_paper_point(row, first_lr) else "",
+                "status": status,
                 "validations": metrics.get("training_iteration", 0),
                 "step": metrics.get("step"),
                 VAL_METRIC: metrics.get(VAL_METRIC),
@@ -209,6 +283,7 @@ def run_study(
     mlflow_client.log_metric(parent, "study_train_seconds", train_seconds)
     mlflow_client.log_metric(parent, "trials_completed", sum(r["status"] == "completed" for r in rows))
     mlflow_client.log_metric(parent, "trials_failed", sum(r["status"] == "failed" for r in rows))
+    mlflow_client.log_metric(parent, "trials_stopped", sum(r["status"] == "stopped" for r in rows))
     version = None
     best = None
     try:

@@ -19,6 +19,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        # Ray Train gives a worker group 60 s to start; on a loaded 2-core machine importing
+        # torch/timm in a fresh worker took longer and failed trials at random. Set before
+        # ray.init so that the raylet, trial processes and Train controllers inherit it.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "240")
         ray.init(num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()

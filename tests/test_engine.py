@@ -247,3 +247,119 @@ def test_steps_under_ddp_keep_ranks_equal(tmp_path):
     for key, net in (("g", init.generator), ("c", init.critic)):
         assert torch.equal(r0[key], r1[key]), key
         assert not torch.equal(r0[key], flat_params(net)), key
+
+
+def _ddp_nan_worker(rank: int, port: int, out: str) -> None:
+    import datetime
+    import json
+    import time
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    # A short collective timeout: without the shared finite flag, rank 0 would sit in DDP's
+    # gradient all-reduce until this expires (30 min by default) and report a timeout instead.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        cfg = tiny_config(n_critic=1, debug_nan_step=2, debug_nan_rank=1)
+        nets = build_networks(cfg, "cpu")
+        nets.generator, nets.critic = DDP(nets.generator), DDP(nets.critic)
+        low, full = phantom_pairs(2, 32, seed=10 + rank)
+        started = time.perf_counter()
+        outcome = {"rank": rank}
+        try:
+            for step in (1, 2, 3):
+                train_iteration(nets, lambda: (low, full), cfg, step=step)
+            outcome["error"] = None
+        except NonFiniteLossError as exc:
+            outcome.update(error=str(exc), step=exc.step, ranks=exc.ranks)
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion message
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+        outcome["seconds"] = time.perf_counter() - started
+        with open(f"{out}.{rank}", "w") as fh:
+            json.dump(outcome, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    import json
+
+    out = str(tmp_path / "outcome")
+    mp.start_processes(_ddp_nan_worker, args=(_free_port(), out), nprocs=2, start_method="spawn")
+    outcomes = [json.loads(open(f"{out}.{rank}").read()) for rank in (0, 1)]
+    for o in outcomes:
+        assert o.get("step") == 2, o  # the same NonFiniteLossError on both ranks, same step
+        assert o["ranks"] == {"loss_g": 1}, o
+        assert "at step 2" in o["error"] and "loss_g" in o["error"] and "on rank 1" in o["error"], o
+        assert o["seconds"] < 25, o  # not a collective timeout
+    assert "loss_g (nan on rank 1)" in outcomes[1]["error"]
+    assert "loss_g (non-finite on rank 1)" in outcomes[0]["error"]
+
+
+@pytest.mark.parametrize(
+    ("which", "value", "step_fn"),
+    [("loss_critic", "nan", critic_step), ("loss_g", "inf", generator_step)],
+)
+def test_debug_hook_poisons_the_named_loss(which, value, step_fn):
+    cfg = tiny_config(debug_nan_step=3, debug_nan_loss=which, debug_nan_value=value)
+    nets = build_networks(cfg, "cpu")
+    low, full = phantom_pairs(4, 32, seed=4)
+    step_fn(nets, low, full, cfg, step=2)  # other steps untouched
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite {which} \({value}\) at step 3"):
+        step_fn(nets, low, full, cfg, step=3)
+    # The other network's step at that step is untouched.
+    other = generator_step if step_fn is critic_step else critic_step
+    assert all(np.isfinite(list(other(nets, low, full, cfg, step=3).values())))
+
+
+def test_gradient_penalty_is_taken_in_the_critics_standardised_units():
+    import copy
+
+    from ldct.losses import gradient_penalty
+
+    cfg = tiny_config()
+    nets = build_networks(cfg, "cpu")
+    low, full = phantom_pairs(4, 32, seed=8, noise_hu=100.0)
+    with torch.no_grad():
+        # An untrained critic's input gradient is ~0 in any units (penalty ~1 both ways): make
+        # it steep enough for the units to matter.
+        nets.critic.score.weight.mul_(300.0)
+    critic = copy.deepcopy(nets.critic)  # the critic as critic_step sees it, before its update
+    with torch.no_grad():
+        fake = nets.generator(low)
+    assert float(critic.standardize.scale) == pytest.approx(0.05)  # 204.8 HU of 4096
+    torch.manual_seed(0)
+    logged = critic_step(nets, low, full, cfg, step=1)["gp"]
+    torch.manual_seed(0)  # the same per-sample alphas
+    in_z = gradient_penalty(critic.score_standardized, critic.standardize(full), critic.standardize(fake))
+    torch.manual_seed(0)
+    in_unit = gradient_penalty(critic, full, fake)
+    assert logged == pytest.approx(in_z.item(), rel=1e-5)
+    # In [0,1] units the same critic's input gradient is 1/scale = 20x larger: another penalty.
+    assert in_unit.item() > 10 * in_z.item(), (in_unit.item(), in_z.item())
+
+
+def test_lr_schedule_warmup_cosine_and_constant():
+    from ldct.engine import lr_factor
+
+    const = tiny_config(iterations=100)
+    assert [lr_factor(const, s) for s in (1, 50, 100)] == [1.0, 1.0, 1.0]
+    cfg = replace(const, optim={"schedule": "warmup_cosine", "warmup": 10, "min_lr_ratio": 0.1})
+    assert lr_factor(cfg, 1) == pytest.approx(0.1) and lr_factor(cfg, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 55) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert lr_factor(cfg, 100) == pytest.approx(0.1)
+    nets = build_networks(cfg, "cpu")
+    low, full = phantom_pairs(4, 32, seed=9)
+    train_iteration(nets, lambda: (low, full), cfg, step=5)
+    assert nets.opt_g.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5)
+    assert nets.opt_c.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5)
+    with pytest.raises(ValueError, match="optim.schedule"):
+        lr_factor(replace(const, optim={"schedule": "step"}), 1)

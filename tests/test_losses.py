@@ -143,3 +143,57 @@ def test_perceptual_from_file_and_errors(tmp_path):
         PerceptualLoss(layer=3, weights=str(tmp_path / "nope.pth"))
     with pytest.raises(ValueError, match="out of range"):
         PerceptualLoss(layer=99, weights="random")
+
+
+def test_perceptual_auto_falling_back_to_random_warns(empty_torch_home, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ldct"):
+        loss = PerceptualLoss(layer=1, weights="auto", seed=3)
+    assert loss.random_weights
+    assert "perceptual: random weights; λ₃ is not the paper's" in caplog.text
+    assert "vgg19-dcbb9e9d.pth" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldct"):
+        PerceptualLoss(layer=1, weights="random", seed=3)  # asked for explicitly: no warning
+    assert not caplog.text
+
+
+def test_perceptual_refuses_random_when_real_weights_are_required(empty_torch_home):
+    for weights in ("auto", "random"):
+        with pytest.raises(FileNotFoundError, match="allow_random_perceptual=false"):
+            PerceptualLoss(layer=1, weights=weights, allow_random=False)
+    _save_features(cached_imagenet_file("vgg19"), layer=1, seed=1)
+    assert not PerceptualLoss(layer=1, weights="auto", allow_random=False).random_weights
+
+
+def test_paper_profile_refuses_a_random_perceptual_network(empty_torch_home):
+    from ldct.config import load_config
+    from ldct.engine import build_networks
+
+    # Small encoder, no encoder weights: only the perceptual network is at issue here.
+    cfg = load_config(
+        "paper",
+        ["loss.perceptual_weights=auto", "model.encoder=resnet10t", "model.encoder_weights=none"],
+    )
+    with pytest.raises(FileNotFoundError, match="random vgg19"):
+        build_networks(cfg, "cpu")
+
+
+def test_perceptual_sees_the_abdomen_window():
+    from ldct.config import HUNormalization
+
+    norm = HUNormalization()
+    loss = PerceptualLoss(layer=3, weights="random", seed=0, normalization=norm)
+    torch.manual_seed(0)
+    base = torch.full((1, 1, 32, 32), 40.0)
+    base[..., 8:24, 8:24] = 500.0  # bone
+    other = base.clone()
+    other[..., 8:24, 8:24] = 1500.0  # brighter bone: both clip to the window's top
+    a, b = norm.to_unit(base), norm.to_unit(other)
+    assert loss(a, b).item() == 0.0
+    # 20 HU of noise in soft tissue: visible in the window, ~10x stronger than over [-1024, 3072].
+    noisy = norm.to_unit(base + 20.0 * torch.randn_like(base))
+    windowed = loss(noisy, a).item()
+    full_range = PerceptualLoss(layer=3, weights="random", seed=0, window_hu=(-1024.0, 3072.0))
+    assert windowed > 10 * full_range(noisy, a).item() > 0

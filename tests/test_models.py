@@ -180,3 +180,53 @@ def test_traced_generator_pads_other_sizes():
     x = torch.rand(1, 1, 100, 77)
     with torch.no_grad():
         assert torch.allclose(traced(x), g(x), atol=1e-6)
+
+
+def test_input_standardisation_follows_the_normalisation_and_travels_in_the_state_dict():
+    from ldct.config import HUNormalization
+
+    torch.manual_seed(0)
+    default = Generator("resnet10t", out_indices=(1, 2, 3), decoder_channels=8)
+    # The default normalisation keeps the earlier constants exactly: (x - 0.25) / 0.05.
+    assert float(default.standardize.center) == 0.25 and float(default.standardize.scale) == pytest.approx(
+        0.05
+    )
+    narrow = HUNormalization(hu_min=-1000.0, hu_max=1000.0)
+    g = Generator("resnet10t", out_indices=(1, 2, 3), decoder_channels=8, normalization=narrow)
+    # 0 HU is 0.5 in [-1000, 1000] units; 204.8 HU is 0.1024 of the span.
+    assert float(g.standardize.center) == pytest.approx(0.5) and float(g.standardize.scale) == pytest.approx(
+        0.1024
+    )
+    state = g.state_dict()
+    assert {"standardize.center", "standardize.scale"} <= set(state)
+    # Rebuilt with the default normalisation (as a checkpoint loader does), the state_dict's
+    # buffers win: export and denoise keep what the model was trained with.
+    rebuilt = Generator("resnet10t", out_indices=(1, 2, 3), decoder_channels=8)
+    rebuilt.load_state_dict(state)
+    assert float(rebuilt.standardize.center) == pytest.approx(0.5)
+    # A state_dict written before the buffers existed loads with the old hard-coded constants.
+    old = {k: v for k, v in state.items() if not k.startswith("standardize.")}
+    legacy = Generator("resnet10t", out_indices=(1, 2, 3), decoder_channels=8, normalization=narrow)
+    legacy.load_state_dict(old)
+    assert float(legacy.standardize.center) == 0.25 and float(legacy.standardize.scale) == pytest.approx(0.05)
+    # Traced (export) models keep the buffers as constants.
+    torch.nn.init.normal_(g.out.weight, std=0.1)
+    x = torch.rand(1, 1, 32, 32)
+    traced = torch.jit.trace(g.eval(), x)
+    assert torch.allclose(traced(x), g(x))
+
+
+def test_critic_standardises_its_input_like_the_generator():
+    from ldct.config import HUNormalization
+
+    torch.manual_seed(0)
+    c = Critic(8, normalization=HUNormalization(-1000.0, 1000.0))
+    x = torch.rand(3, 1, 32, 32)
+    z = (x - 0.5) / 0.1024
+    assert torch.allclose(c(x), c.score_standardized(z))
+    assert {"standardize.center", "standardize.scale"} <= set(c.state_dict())
+    # An old critic state_dict (no buffers) was trained on the raw input: it loads as identity.
+    old = {k: v for k, v in c.state_dict().items() if not k.startswith("standardize.")}
+    legacy = Critic(8)
+    legacy.load_state_dict(old)
+    assert torch.allclose(legacy(x), c.score_standardized(x))

@@ -25,6 +25,9 @@ def test_resume_is_exact(tmp_path):
 
     resumed = run_local(cfg, checkpoint_root=tmp_path / "b", resume_from=halfway)
     assert [r["step"] for r in resumed.reports] == [4]
+    # The retry is visible in what the run reports (and so in MLflow).
+    assert [r["resumed_from_step"] for r in straight.reports] == [0, 0]
+    assert resumed.reports[0]["resumed_from_step"] == 2
     a, b = straight.reports[-1], resumed.reports[0]
     for key in ("train_loss_g", "train_loss_critic", "train_l1", "val_psnr_window", "val_ssim_full"):
         assert a[key] == b[key], key  # bit-identical on CPU, not merely close
@@ -43,6 +46,30 @@ def test_checkpoint_is_self_describing(tmp_path):
     assert {"generator", "critic", "opt_g", "opt_c", "step", "batches_consumed"} <= set(state)
     assert (session.checkpoints[-1] / "panel.png").stat().st_size > 1000
     assert state["perceptual_weights"].startswith("random")
+    assert session.reports[-1]["perceptual_random"] == 1.0
+    # The generator's and critic's input standardisation travel with their weights.
+    assert float(state["generator"]["standardize.center"]) == 0.25
+    assert float(state["critic"]["standardize.scale"]) == pytest.approx(0.05)
+
+
+def test_sync_bn_choice():
+    from ldct.train import sync_bn_enabled
+
+    auto = _smoke()
+    assert sync_bn_enabled(auto, 2, torch.device("cuda", 0))
+    assert not sync_bn_enabled(auto, 1, torch.device("cuda", 0))
+    assert not sync_bn_enabled(auto, 2, torch.device("cpu"))
+    assert not sync_bn_enabled(_smoke("train.sync_bn=off"), 2, torch.device("cuda", 0))
+    assert load_config("paper").train.sync_bn == "auto"
+    with pytest.raises(TrainingError, match="needs CUDA"):
+        sync_bn_enabled(_smoke("train.sync_bn=on"), 2, torch.device("cpu"))
+    with pytest.raises(TrainingError, match="train.sync_bn"):
+        sync_bn_enabled(_smoke("train.sync_bn=yes"), 2, torch.device("cpu"))
+
+
+def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
+    with pytest.raises(TrainingError, match="sync_bn=on needs CUDA"):
+        run_local(_smoke("train.sync_bn=on", "train.iterations=1"), checkpoint_root=tmp_path)
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path):
@@ -63,6 +90,40 @@ def test_two_worker_ddp_keeps_ranks_identical(tmp_path, ray_local):
     assert math.isfinite(result.metrics["val_psnr_window"])
     with result.checkpoint.as_directory() as directory:
         assert load_state(directory)["step"] == 2
+
+
+@pytest.mark.slow
+def test_nan_on_rank_1_stops_both_ddp_workers_with_step_and_loss(tmp_path, ray_local):
+    import time
+
+    cfg = _smoke(
+        "train.workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.iterations=6",
+        "train.val_every=2",
+        "train.debug_nan_step=3",
+        "train.debug_nan_rank=1",
+        "study.max_failures=0",
+    )
+    cache_dir, splits = prepare_data(cfg)
+    trainer = build_trainer(cfg, name="ddp-nan", storage_path=tmp_path, cache_dir=cache_dir, splits=splits)
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+        error = result.error
+    except Exception as exc:  # noqa: BLE001 - Train V2 raises, older versions return the error
+        error = exc
+    seconds = time.perf_counter() - started
+    assert error is not None
+    failures = getattr(error, "worker_failures", None) or getattr(error.__cause__, "worker_failures", {})
+    # Both ranks raised the same error at the same step (rank 0 did not wait in an all-reduce
+    # until Ray killed it or gloo timed out), naming the step, the loss and the rank that saw it.
+    assert set(failures) == {0, 1}, error
+    for rank, exc in failures.items():
+        text = str(exc)
+        assert "at step 3" in text and "loss_g" in text and "on rank 1" in text, (rank, text)
+        assert f"worker rank {rank}" in text
+    assert seconds < 180, seconds  # start-up (~30-60 s here) plus seconds, not a timeout
 
 
 @pytest.mark.slow

@@ -1,6 +1,9 @@
 """WGAN-GP critic: strided convolutions, LeakyReLU, global average pooling, one linear score.
 
-No normalisation layers: batch norm couples the samples of a batch, and the gradient penalty
+The input is first standardised like the generator's (``ldct.models.standardize``: HU / 204.8
+around 0 HU), and ``score_standardized`` is what the gradient penalty differentiates, so the
+1-Lipschitz constraint is measured in those CT units rather than in [0, 1] units where
+quarter-dose noise is ~0.007. No normalisation layers: batch norm couples the samples of a batch, and the gradient penalty
 is defined per sample (Gulrajani et al. 2017). Global average pooling makes it size agnostic;
 three stride-2 stages need a patch of at least 16x16 (shapes for a 64x64 patch, C = channels):
 
@@ -15,14 +18,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ldct.config import HUNormalization
+from ldct.models.standardize import Standardize
+
 MIN_SIZE = 16
 
 
 class Critic(nn.Module):
     """Scores [N,1,H,W] images in [0,1] with one unbounded real number each ([N])."""
 
-    def __init__(self, channels: int = 64) -> None:
+    def __init__(self, channels: int = 64, normalization: HUNormalization | None = None) -> None:
         super().__init__()
+        # A state_dict from before the standardisation loads as the identity it was trained with.
+        self.standardize = Standardize(normalization, legacy=(0.0, 1.0))
         if channels < 1:
             raise ValueError(f"critic channels must be >= 1, got {channels}")
         c = channels
@@ -36,15 +44,19 @@ class Critic(nn.Module):
         self.score = nn.Linear(4 * c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"Critic expects [N,1,H,W], got {tuple(x.shape)}")
-        if min(x.shape[-2:]) < MIN_SIZE:
+        return self.score_standardized(self.standardize(x))
+
+    def score_standardized(self, z: torch.Tensor) -> torch.Tensor:
+        """Scores of already standardised images ``z`` [N,1,H,W] -> [N] (the penalty's input space)."""
+        if z.ndim != 4 or z.shape[1] != 1:
+            raise ValueError(f"Critic expects [N,1,H,W], got {tuple(z.shape)}")
+        if min(z.shape[-2:]) < MIN_SIZE:
             raise ValueError(
-                f"Critic needs patches of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(x.shape[-2:])}"
+                f"Critic needs patches of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(z.shape[-2:])}"
             )
-        return self.score(self.features(x).mean(dim=(2, 3))).squeeze(1)
+        return self.score(self.features(z).mean(dim=(2, 3))).squeeze(1)
 
 
-def build_critic(model_cfg: Any) -> Critic:
-    """Critic from a ``ModelConfig`` (critic_channels)."""
-    return Critic(channels=model_cfg.critic_channels)
+def build_critic(model_cfg: Any, normalization: HUNormalization | None = None) -> Critic:
+    """Critic from a ``ModelConfig`` (critic_channels) and the run's HU normalisation."""
+    return Critic(channels=model_cfg.critic_channels, normalization=normalization)

@@ -26,13 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Input standardisation inside the network, in CT terms: with the default HU normalisation
-# ([-1024, 3072] -> [0, 1]) 0.25 is 0 HU and 0.05 is ~205 HU, so soft tissue sits near 0, air and
-# bone near -5/+5, and quarter-dose noise (20-40 HU) has amplitude ~0.15 instead of ~0.007. With
-# the raw [0, 1] input the features carry the noise so faintly that the zero-initialised output
-# conv needs ~10x more Adam steps to pick it up.
-_INPUT_CENTER = 0.25
-_INPUT_SCALE = 0.05
+from ldct.config import HUNormalization
+from ldct.models.standardize import Standardize
+
+# The generator's input standardisation (ldct.models.standardize) before these buffers existed:
+# (x - 0.25) / 0.05, whatever the normalisation. Old state_dicts load with it.
+_LEGACY_STANDARDIZATION = (0.25, 0.05)
 
 # Files a timm model page holds on the Hugging Face hub, in the order timm prefers them.
 _HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
@@ -138,8 +137,9 @@ def load_encoder_state(encoder: nn.Module, path: str | Path, first_conv: str | N
 class Generator(nn.Module):
     """timm encoder + top-down decoder predicting a residual: ``forward(x) = x + residual(x)``.
 
-    ``x`` is [N,1,H,W] in [0,1] (HU scaled by the config's normalisation); any H, W works: the
-    input is reflect-padded to a multiple of the encoder's largest reduction and cropped back.
+    ``x`` is [N,1,H,W] in [0,1] (HU scaled by the config's normalisation, which also sets the
+    ``standardize`` buffers); any H, W works: the input is reflect-padded to a multiple of the
+    encoder's largest reduction and cropped back.
     """
 
     def __init__(
@@ -148,8 +148,11 @@ class Generator(nn.Module):
         out_indices: tuple[int, ...] = (2, 3, 4),
         decoder_channels: int = 64,
         encoder_weights: str = "none",
+        normalization: HUNormalization | None = None,
     ) -> None:
         super().__init__()
+        # [0,1] input -> CT-scaled z; buffers travel with the state_dict (export, denoise).
+        self.standardize = Standardize(normalization, legacy=_LEGACY_STANDARDIZATION)
         out_indices = tuple(int(i) for i in out_indices)
         if not out_indices:
             raise ValueError("out_indices must name at least one encoder feature level")
@@ -242,7 +245,7 @@ class Generator(nn.Module):
         mode = "reflect" if ph < h and pw < w else "replicate"
         xp = F.pad(x, (0, pw, 0, ph), mode=mode)
 
-        xs = (xp - _INPUT_CENTER) / _INPUT_SCALE
+        xs = self.standardize(xp)
         feats = self.encoder(xs)
         y = self.laterals[-1](feats[-1])
         for i in range(len(feats) - 2, -1, -1):
@@ -256,11 +259,13 @@ class Generator(nn.Module):
         return x + residual[..., :h, :w]
 
 
-def build_generator(model_cfg: Any) -> Generator:
-    """Generator from a ``ModelConfig`` (encoder, out_indices, decoder_channels, encoder_weights)."""
+def build_generator(model_cfg: Any, normalization: HUNormalization | None = None) -> Generator:
+    """Generator from a ``ModelConfig`` (encoder, out_indices, decoder_channels, encoder_weights)
+    and the run's HU normalisation (it sets the input standardisation buffers)."""
     return Generator(
         encoder=model_cfg.encoder,
         out_indices=tuple(model_cfg.out_indices),
         decoder_channels=model_cfg.decoder_channels,
         encoder_weights=model_cfg.encoder_weights,
+        normalization=normalization,
     )
