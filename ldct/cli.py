@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -247,6 +248,113 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- ldct eval
+
+
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="every method on one split: LDCT, Gaussian, BM3D (tuned on val) and a model",
+        description="Score one split of a cache, one table per slice and the mean ± std over slices, "
+        "in both metric conventions: the LDCT input, a Gaussian filter and BM3D (each tuned on the "
+        "validation split, never on the scored one) and, if given, a model.",
+    )
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data", help="a cache directory made by `ldct data index`")
+    data.add_argument("--profile", help="use this profile's data (default: quick's built-in set)")
+    p.add_argument("--split", default="test", help="train, val or test (default test)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="URI", help="registry URI, e.g. models:/ldct-denoiser@champion")
+    src.add_argument(
+        "--model-version", "--version", dest="model_version", metavar="V", help="registry version number"
+    )
+    src.add_argument("--checkpoint", metavar="DIR", help="a training checkpoint directory (state.pt)")
+    src.add_argument("--onnx", metavar="DIR", help="an export directory (from `ldct-best export`)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--no-bm3d", action="store_true", help="leave BM3D out (it takes ~8 s per 512x512 slice)")
+    p.add_argument(
+        "--tune-slices",
+        type=int,
+        default=None,
+        help="validation slices used to tune Gaussian/BM3D (default 4)",
+    )
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ldct import evaluate
+
+    if args.data:
+        cache = Path(args.data)
+        if not (cache / "manifest.json").is_file():
+            raise FileNotFoundError(
+                f"{cache} is not a cache (no manifest.json): make one with `ldct data index ROOT --cache {cache}`"
+            )
+    else:
+        from ldct.config import load_config
+        from ldct.data.cache import ensure_data
+
+        cache, _ = ensure_data(load_config(args.profile or "quick").data)
+    denoiser, label = None, "model"
+    if args.model or args.model_version or args.checkpoint or args.onnx:
+        denoiser, label = evaluate.load_denoiser(
+            model=args.model,
+            version=args.model_version,
+            checkpoint=args.checkpoint,
+            onnx=args.onnx,
+            tracking_uri=args.tracking_uri,
+        )
+    kwargs = {} if args.tune_slices is None else {"tune_slices": args.tune_slices}
+    table = evaluate.evaluate_cache(
+        cache,
+        args.split,
+        denoiser=denoiser,
+        model_label=label,
+        bm3d=not args.no_bm3d,
+        progress=not args.quiet and sys.stderr.isatty(),
+        **kwargs,
+    )
+    print(json.dumps(table, indent=1) if args.json else evaluate.format_eval(table))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------ ldct study / profiles
+
+
+def _add_study_commands(sub: argparse._SubParsersAction) -> None:
+    # The study parses its own options (ldct.study.main), so `ldct study --help` shows them.
+    p = sub.add_parser("study", help="run (or --resume) the loss-weight study", add_help=False)
+    p.set_defaults(handler=_cmd_study, passthrough=True)
+
+    p = sub.add_parser("profiles", help="list the named profiles and the files they load from")
+    p.set_defaults(handler=_cmd_profiles)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from ldct.study import main as study_main
+
+    return study_main(args.passthrough_args, prog="ldct study")
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    from ldct.config import list_profiles
+
+    profiles = list_profiles()
+    if not profiles:
+        print("no profiles found (the package's ldct/profiles/ is missing)", file=sys.stderr)
+        return EXIT_ERROR
+    width = max(len(n) for n in profiles)
+    for name, path in profiles.items():
+        # The first comment line of a profile says what it is for.
+        first = next(
+            (ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), ""
+        )
+        print(f"{name:<{width}}  {path}  {first}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------- ldct-best
 
 
@@ -255,6 +363,7 @@ def best_main(argv: Sequence[str] | None = None) -> int:
     _quiet_cpu_threads()
     parser = argparse.ArgumentParser(prog="ldct-best", description="The registered ldct-denoiser model.")
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    _add_global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("show", help="registered versions with aliases, metrics and FPS")
@@ -262,7 +371,7 @@ def best_main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("validate", help="measure FPS at 512x512; on pass move alias champion here")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--version", help="registry version number")
+    which.add_argument("--model-version", "--version", dest="version", help="registry version number")
     which.add_argument("--alias", default=None, help="registry alias (default: candidate)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
     p.add_argument(
@@ -273,7 +382,7 @@ def best_main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("export", help="write model.onnx, model.pt and model_card.json")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--version", help="registry version number")
+    which.add_argument("--model-version", "--version", dest="version", help="registry version number")
     which.add_argument("--alias", default=None, help="registry alias (default: champion)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="overwrite an existing export")
@@ -296,7 +405,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     rows = list_versions(args.tracking_uri)
     if not rows:
-        print("no registered versions of ldct-denoiser (run a study first)")
+        print("ldct-best: no registered versions of ldct-denoiser (run a study first)", file=sys.stderr)
         return 1
     columns = [
         "version",
@@ -409,15 +518,40 @@ def _quiet_cpu_threads() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldct", description="Low-dose CT denoising study (ldct).")
+    _add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="GROUP", required=True)
     _add_data_commands(sub)
     _add_train_command(sub)
+    _add_eval_command(sub)
+    _add_study_commands(sub)
     _add_report_command(sub)
     return parser
 
 
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    from ldct import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error too (or set LDCT_DEBUG=1)"
+    )
+
+
+def debug_enabled() -> bool:
+    """``--debug`` given (it sets LDCT_DEBUG) or LDCT_DEBUG set to anything but empty/0."""
+    return os.environ.get("LDCT_DEBUG", "") not in ("", "0")
+
+
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    args = parser.parse_args(argv)
+    # `ldct study` hands everything after it to the study's own parser (ldct.study.main).
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.passthrough_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "debug", False):
+        # Through the environment, so code below the CLI (ldct train's own error line) sees it too.
+        os.environ["LDCT_DEBUG"] = "1"
     try:
         return int(args.handler(args) or EXIT_OK)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as exc:
@@ -426,6 +560,8 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         if isinstance(exc, RuntimeError) and not type(exc).__module__.startswith("ldct"):
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        if debug_enabled():
+            traceback.print_exc(file=sys.stderr)
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
 

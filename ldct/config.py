@@ -17,7 +17,11 @@ from typing import Any
 import numpy as np
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PROFILE_DIR = PROJECT_ROOT / "studies"
+# Profiles: studies/*.toml of a source checkout (editable installs read them in place), else the
+# copy a wheel ships as package data in ldct/profiles/ (pyproject.toml maps studies/ there).
+CHECKOUT_PROFILE_DIR = PROJECT_ROOT / "studies"
+PACKAGED_PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+PROFILE_DIR = CHECKOUT_PROFILE_DIR if CHECKOUT_PROFILE_DIR.is_dir() else PACKAGED_PROFILE_DIR
 
 
 class ConfigError(ValueError):
@@ -167,6 +171,8 @@ class StudyConfig:
     tracking_uri: str = ""
     # Ray storage for trials and checkpoints ("" = ./runs); a cluster needs shared storage (s3://...).
     storage: str = ""
+    # Optuna storage URL of the study ("" = sqlite <storage>/<name>.optuna.db; or e.g. postgresql://).
+    optuna_storage: str = ""
     # Throughput bar for promotion (paper: 12.5 FPS at 512x512 on a T4).
     min_fps: float = 12.5
 
@@ -277,16 +283,34 @@ def from_dict(tree: dict[str, Any], profile: str = "custom") -> Config:
     return Config(profile=profile, **sections)
 
 
+def profile_dirs() -> list[Path]:
+    """Where named profiles are looked up, first match wins: the checkout's, then the packaged ones."""
+    return [d for d in (CHECKOUT_PROFILE_DIR, PACKAGED_PROFILE_DIR) if d.is_dir()]
+
+
+def list_profiles() -> dict[str, Path]:
+    """Every named profile (``quick``, ``smoke``, ...) and the TOML file it loads from."""
+    found: dict[str, Path] = {}
+    for directory in profile_dirs():
+        for path in sorted(directory.glob("*.toml")):
+            found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
+
+
 def profile_path(profile: str | Path) -> Path:
     """Resolve a profile name (``quick``) or path (``my.toml``) to an existing TOML file."""
     candidate = Path(profile)
     if candidate.suffix == ".toml" and candidate.is_file():
         return candidate.resolve()
-    named = PROFILE_DIR / f"{profile}.toml"
-    if named.is_file():
+    named = list_profiles().get(str(profile))
+    if named is not None:
         return named
-    available = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
-    raise ConfigError(f"no profile {str(profile)!r}: give a .toml path or one of {available}")
+    available = sorted(list_profiles())
+    where = ", ".join(str(d) for d in profile_dirs()) or "no profile directory found"
+    raise ConfigError(
+        f"no profile {str(profile)!r}: give a .toml path or one of {available} (from {where}); "
+        "`ldct profiles` lists them"
+    )
 
 
 def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:

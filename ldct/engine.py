@@ -1,4 +1,4 @@
-"""One critic step, one generator step, evaluation and the Gaussian baseline; plain PyTorch.
+"""One critic step, one generator step and evaluation; plain PyTorch.
 
 No Ray and no MLflow here (DESIGN.md §1): ``ldct.train`` calls these functions inside each Ray
 Train worker, tests call them in one process. The generator and critic may arrive wrapped in
@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from scipy import ndimage
 from torch.nn.parallel import DistributedDataParallel
 
 from ldct.config import Config, HUNormalization
@@ -44,13 +43,11 @@ from ldct.losses import (
     gradient_penalty,
     l1_loss,
 )
-from ldct.metrics import MetricAccumulator, psnr_window
+from ldct.metrics import MetricAccumulator
 from ldct.models.critic import build_critic
 from ldct.models.generator import build_generator
 
 PRECISIONS = ("auto", "fp16", "fp32")
-# Gaussian baseline: sigmas (pixels) tried on the validation slices; 0 = the LDCT input itself.
-DEFAULT_SIGMAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -376,57 +373,14 @@ def evaluate(
     return {"ldct": ldct_acc.mean(), "denoised": out_acc.mean()}
 
 
-def gaussian_denoise(hu: np.ndarray | torch.Tensor, sigma: float) -> np.ndarray | torch.Tensor:
-    """Gaussian smoothing over the last two (image) axes; returns the input's type/device/dtype.
-
-    The classical baseline the learned denoiser must beat; ``sigma`` in pixels, 0 = a copy.
-    """
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
-    is_tensor = isinstance(hu, torch.Tensor)
-    arr = hu.detach().cpu().numpy() if is_tensor else np.asarray(hu)
-    if arr.ndim < 2:
-        raise ValueError(f"expected an image with at least 2 dimensions, got shape {arr.shape}")
-    sigmas = (0.0,) * (arr.ndim - 2) + (float(sigma), float(sigma))
-    out = ndimage.gaussian_filter(arr.astype(np.float64), sigmas, mode="reflect").astype(arr.dtype)
-    if is_tensor:
-        return torch.from_numpy(out).to(device=hu.device, dtype=hu.dtype)
-    return out
+# The Gaussian baseline moved to ldct.evaluate (DESIGN.md §2). Resolved lazily on access: evaluate
+# sits below the engine in the import order, so importing it here at load time would be circular.
+_MOVED_TO_EVALUATE = ("DEFAULT_SIGMAS", "gaussian_denoise", "tune_gaussian_sigma", "evaluate_gaussian")
 
 
-def _hu_pairs(slices: Iterable[Any], normalization: HUNormalization, max_slices: int) -> list:
-    pairs = []
-    for i, item in enumerate(slices):
-        if max_slices and i >= max_slices:
-            break
-        low = normalization.to_hu(_as_batch(item[0]).cpu().numpy())
-        full = normalization.to_hu(_as_batch(item[1]).cpu().numpy())
-        pairs.append((low, full))
-    if not pairs:
-        raise ValueError("no slices to evaluate the Gaussian baseline on")
-    return pairs
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_EVALUATE:
+        from ldct import evaluate as _evaluate
 
-
-def tune_gaussian_sigma(
-    slices: Iterable[Any],
-    normalization: HUNormalization,
-    sigmas: tuple[float, ...] = DEFAULT_SIGMAS,
-    max_slices: int = 0,
-) -> float:
-    """The sigma from ``sigmas`` with the best mean PSNR (window) on ``slices`` (validation)."""
-    pairs = _hu_pairs(slices, normalization, max_slices)
-    scores = []
-    for sigma in sigmas:
-        values = [float(psnr_window(gaussian_denoise(low, sigma), full).mean()) for low, full in pairs]
-        scores.append(sum(values) / len(values))
-    return float(sigmas[int(np.argmax(scores))])
-
-
-def evaluate_gaussian(
-    slices: Iterable[Any], sigma: float, normalization: HUNormalization, max_slices: int = 0
-) -> dict[str, float]:
-    """The five metrics of the Gaussian-smoothed LDCT input against full dose."""
-    acc = MetricAccumulator()
-    for low, full in _hu_pairs(slices, normalization, max_slices):
-        acc.update(gaussian_denoise(low, sigma), full)
-    return acc.mean()
+        return getattr(_evaluate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -461,6 +461,9 @@ def list_versions(tracking_uri: str | None = None) -> list[dict[str, Any]]:
         versions = mlflow_client.search_model_versions(f"name = '{MODEL_NAME}'")
     except MlflowException:
         return []
+    if not versions:
+        # An empty store has no registered model to read aliases from (get_registered_model raises).
+        return []
     # search_model_versions leaves `aliases` empty; the registered model holds the mapping.
     by_version: dict[str, list[str]] = {}
     for alias, number in mlflow_client.get_registered_model(MODEL_NAME).aliases.items():

@@ -610,42 +610,16 @@ def run_with_ray(cfg: Config, storage_path: Path | str, name: str | None = None)
     return trainer.fit()
 
 
-def score_test_split(
-    generator: torch.nn.Module, cfg: Config, device: str = "cpu"
-) -> dict[str, dict[str, float]]:
-    """The test split scored three ways: LDCT input, tuned Gaussian filter, denoised output."""
-    from ldct.data.patches import SliceDataset
-    from ldct.engine import evaluate, evaluate_gaussian, tune_gaussian_sigma
-
-    cache_dir, splits = prepare_data(cfg)
-    if not splits.get("test"):
-        raise TrainingError(f"the test split of {cache_dir} is empty")
-    val = SliceDataset(cache_dir, splits["val"], normalization=cfg.normalization)
-    test = SliceDataset(cache_dir, splits["test"], normalization=cfg.normalization)
-    sigma = tune_gaussian_sigma(val, cfg.normalization)
-    scored = evaluate(generator.to(device).eval(), test, cfg.normalization, torch.device(device))
-    return {
-        "ldct": scored["ldct"],
-        "classical": {**evaluate_gaussian(test, sigma, cfg.normalization), "sigma": sigma},
-        "denoised": scored["denoised"],
-    }
+# Test-split scoring moved to ldct.evaluate (DESIGN.md §2); these names stay importable from here.
+_MOVED_TO_EVALUATE = ("score_test_split", "format_table")
 
 
-def format_table(table: dict[str, dict[str, float]]) -> str:
-    """Text table: rows LDCT / classical / denoised, five metric columns."""
-    from ldct.metrics import METRIC_NAMES
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_EVALUATE:
+        from ldct import evaluate as _evaluate
 
-    header = f"{'':<22}" + "".join(f"{m:>13}" for m in METRIC_NAMES)
-    rows = [header]
-    labels = {"ldct": "LDCT input", "classical": "Gaussian filter", "denoised": "denoised (ldct)"}
-    for key, label in labels.items():
-        if key not in table:
-            continue
-        row = table[key]
-        if key == "classical" and "sigma" in row:
-            label = f"Gaussian σ={row['sigma']:.2f}px"
-        rows.append(f"{label:<22}" + "".join(f"{row[m]:>13.4f}" for m in METRIC_NAMES))
-    return "\n".join(rows)
+        return getattr(_evaluate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main_train(cfg: Config, workers: int | None, json_out: bool, storage: str | None = None) -> int:
@@ -667,13 +641,20 @@ def main_train(cfg: Config, workers: int | None, json_out: bool, storage: str | 
             best_dir = Path(tempfile.mkdtemp(prefix="ldct-best-"))
             best_checkpoint.to_directory(str(best_dir))
     except Exception as exc:  # noqa: BLE001 - one clear line, then the traceback for the curious
+        if os.environ.get("LDCT_DEBUG", "") not in ("", "0"):  # `ldct --debug` / LDCT_DEBUG=1
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
         print(f"ldct train: failed: {root_cause(exc)}", file=sys.stderr)
         return 1
     generator, _ = generator_from_state(load_state(best_dir))
-    table = score_test_split(generator, cfg)
+    from ldct.evaluate import evaluate_generator, format_eval, mean_rows
+
+    full_table = evaluate_generator(generator, cfg, progress=sys.stderr.isatty())
+    table = mean_rows(full_table)
     minutes = (time.perf_counter() - started) / 60
     print(f"\nTest split ({cfg.profile} profile, best checkpoint {best_dir}, {minutes:.1f} min):")
-    print(format_table(table))
+    print(format_eval(full_table))
     if json_out:
         print(json.dumps({k: {m: float(v) for m, v in row.items()} for k, row in table.items()}))
     return 0

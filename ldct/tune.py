@@ -140,6 +140,37 @@ def run_trial(
     trainer.fit()
 
 
+def optuna_storage_url(cfg: Config, storage_path: Path | str) -> str:
+    """Where the study's Optuna study lives: ``study.optuna_storage``, else ``<storage>/<name>.optuna.db``.
+
+    A remote Ray storage (``s3://...``) cannot hold SQLite; the study's Optuna DB then goes to
+    ``$LDCT_HOME/optuna/`` on the driver, unless the profile names a shared database.
+    """
+    if cfg.study.optuna_storage:
+        return cfg.study.optuna_storage
+    if "://" in str(storage_path):
+        from ldct.data.cache import ldct_home
+
+        root = ldct_home() / "optuna"
+    else:
+        root = Path(storage_path)
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(root / f'{cfg.study.name}.optuna.db').resolve()}"
+
+
+def optuna_storage(url: str, study: str, fresh: bool) -> Any:
+    """An Optuna RDB storage; ``fresh``: a leftover study of this name (no Tune state) is removed."""
+    import optuna
+
+    storage = optuna.storages.RDBStorage(url)
+    if fresh and study in {s.study_name for s in storage.get_all_studies()}:
+        # Tune found nothing to resume (checked before), so these trials belong to a start that died
+        # before its first save: keeping them would mix two studies' trials in one TPE model.
+        print(f"[ldct] removing the stale Optuna study {study!r} from {url} (no Tune state to resume)")
+        optuna.delete_study(study_name=study, storage=storage)
+    return storage
+
+
 def _storage_path(storage: str | None) -> Path | str:
     if storage and "://" in storage:
         return storage
@@ -209,6 +240,11 @@ def run_study(
         # The trial function only waits on its trainer; its workers reserve their own CPUs/GPUs.
         {"CPU": cfg.study.driver_cpus},
     )
+    # The Optuna study persists beside the Ray storage, so optuna-dashboard and Optuna's plots open
+    # it; a resumed Tuner restores the searcher, which reconnects to this same study.
+    optuna_url = optuna_storage_url(cfg, storage_path)
+    mlflow_client.set_tag(parent, "ldct.optuna_storage", optuna_url)
+    print(f"[ldct] Optuna study {study!r} in {optuna_url} (optuna-dashboard {optuna_url})", flush=True)
     if resume:
         print(f"[ldct] resuming study {study} from {experiment_dir}", flush=True)
         tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False)
@@ -219,6 +255,8 @@ def run_study(
             mode="max",
             points_to_evaluate=[first_point(cfg), *extra_points(cfg)],
             sampler=optuna.samplers.TPESampler(seed=cfg.study.seed),
+            study_name=study,
+            storage=optuna_storage(optuna_url, study, fresh=True),
         )
         scheduler = ASHAScheduler(
             time_attr="training_iteration",

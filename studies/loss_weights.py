@@ -11,8 +11,6 @@ there) the default profile is `paper`; elsewhere it is `quick`.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -22,74 +20,10 @@ def default_profile() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--profile", default=default_profile(), help="studies/<name>.toml or a .toml path")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a profile value (repeatable)",
-    )
-    parser.add_argument("--trials", type=int, help="number of trials (default: study.trials of the profile)")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
-    parser.add_argument(
-        "--storage", help="Ray storage for trials and checkpoints (default ./runs; shared on a cluster)"
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue an interrupted study of the same name"
-    )
-    parser.add_argument("--no-report", action="store_true", help="skip writing results/<study>/")
-    parser.add_argument("--results", default="results", help="where the report goes (default ./results)")
-    args = parser.parse_args(argv)
-    # Passive OpenMP waiting before torch loads anywhere (ldct.train.cpu_thread_env says why).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The study itself lives in the package (`ldct study`); this file stays the `ray submit` entry.
+    from ldct.study import main as study_main
 
-    from ldct.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.profile, args.overrides)
-    except ConfigError as exc:
-        print(f"loss_weights: {exc}", file=sys.stderr)
-        return 2
-
-    from ldct.tracking import TrackingError
-    from ldct.train import TrainingError
-    from ldct.tune import run_study
-
-    try:
-        result = run_study(
-            cfg, trials=args.trials, tracking_uri=args.tracking_uri, resume=args.resume, storage=args.storage
-        )
-    except (TrainingError, TrackingError) as exc:
-        print(f"loss_weights: {exc}", file=sys.stderr)
-        return 1
-
-    completed = sum(t["status"] == "completed" for t in result.trials)
-    print(
-        f"\nstudy {result.study}: {completed}/{len(result.trials)} trials completed in "
-        f"{result.wall_seconds / 60:.1f} min; training steps took {result.train_seconds / 60:.1f} min "
-        f"({100 * result.train_seconds / max(result.wall_seconds, 1e-9):.0f} % of the wall time)"
-    )
-    if result.registered_version:
-        print(f"registered ldct-denoiser version {result.registered_version} as alias 'candidate'")
-    if not args.no_report:
-        from ldct.report import write_report
-
-        out = write_report(
-            result.study,
-            tracking_uri=result.tracking_uri,
-            results_root=args.results,
-            cfg=cfg,
-            study_result=result,
-        )
-        print((out / "leaderboard.md").read_text())
-        print(f"report: {out}")
-    print(f"compare the runs:  mlflow ui --backend-store-uri {result.tracking_uri}")
-    return 0 if completed else 1
+    return study_main(argv, default_profile=default_profile(), prog="loss_weights.py")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,40 @@ def _check_registered_model_denoises(uri: str) -> None:
         assert out.shape == shape and torch.isfinite(out).all()
 
 
+def _check_dashboard_reads(storage: str, study: str, trials: int) -> None:
+    """The real optuna-dashboard server on 127.0.0.1 lists the study with its trials."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dashboard = Path(sys.executable).parent / "optuna-dashboard"
+    server = subprocess.Popen(
+        [dashboard, storage, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as answer:
+                    listed = json.load(answer)["study_summaries"]
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "optuna-dashboard did not start"
+                time.sleep(0.5)
+        assert [s["study_name"] for s in listed] == [study]
+        url = f"http://127.0.0.1:{port}/api/studies/{listed[0]['study_id']}"
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            detail = json.load(answer)
+        assert detail["name"] == study and len(detail["trials"]) == trials
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_smoke_study_sqlite(tmp_path, ray_local):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_study(
@@ -101,11 +135,41 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
         "best_test.md",
     } <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["completed"] + summary.get("stopped", 0) == 2 and set(summary["best_test"]) == {
-        "ldct",
-        "classical",
-        "denoised",
-    }
+    assert summary["completed"] + summary.get("stopped", 0) == 2
+    assert set(summary["best_test"]) == {"ldct", "classical", "bm3d", "denoised"}
+    assert "| BM3D" in (out / "best_test.md").read_text()
+
+    # The Optuna study persists beside the Ray storage, named after the study, and Optuna opens it.
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'runs' / 's1.optuna.db'}"
+    assert parent.data.tags["ldct.optuna_storage"] == storage
+    ot_study = optuna.load_study(study_name="s1", storage=storage)
+    assert [t.state for t in ot_study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert ot_study.trials[0].params == pytest.approx(PAPER_POINT)
+    assert sorted(t.value for t in ot_study.trials) == pytest.approx(
+        sorted(r.data.metrics["val_psnr_window"] for r in runs)
+    )
+    _check_dashboard_reads(storage, "s1", trials=2)
+    importances = summary["param_importances"]["importances"]
+    assert set(importances) == set(PAPER_POINT) and sum(importances.values()) == pytest.approx(1.0)
+    assert (out / "param_importances.png").is_file() and (out / "param_importances.md").is_file()
+
+
+def test_nan_trial_fails_study_completes_on_mlflow_server(tmp_path, ray_local, mlflow_server):
+    # The first trial (paper lr 1e-5) trains normally; the second (lr sampled above 1.5e-5) is
+    # forced to NaN at step 1, before ASHA could stop it: recorded as failed, the study goes on
+    # and registers the first.
+    cfg = load_config("smoke", ["study.name=s2", "train.debug_nan_step=1", "train.debug_nan_min_lr=1.5e-5"])
+    result = run_study(cfg, tracking_uri=mlflow_server, storage=str(tmp_path / "runs"))
+    assert sorted(t["status"] for t in result.trials) == ["completed", "failed"]
+    mlflow_client = tracking.client(mlflow_server)
+    runs = _trials(mlflow_client, "s2")
+    assert [r.data.tags["ldct.status"] for r in runs] == ["completed", "failed"]
+    assert runs[1].info.status == "FAILED"
+    assert "step 1" in runs[1].data.tags["ldct.error"] and "loss_g" in runs[1].data.tags["ldct.error"]
+    assert result.registered_version is not None
+    _check_registered_model_denoises(mlflow_server)
 
 
 def test_unreachable_server_is_a_clear_error():
@@ -160,6 +224,13 @@ def test_stopped_study_resumes_without_repeating_a_trial(tmp_path, ray_local):
     again = mlflow_client.get_metric_history(finished[0].info.run_id, "val_psnr_window")
     assert [(m.step, m.value) for m in again] == [(m.step, m.value) for m in finished_history]
     assert "registered ldct-denoiser version" in resumed.stdout
+    # The resumed Tuner continued the same persistent Optuna study: both trials, one study.
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'runs' / 's3.optuna.db'}"
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["s3"]
+    trials = optuna.load_study(study_name="s3", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
 
 
 def test_extra_points_and_the_paper_label():

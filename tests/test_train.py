@@ -134,7 +134,7 @@ def test_ldct_train_cli_smoke_json(tmp_path, capsys, ray_local, monkeypatch):
     assert main(["train", "--profile", "smoke", "--json"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     table = json.loads(last)
-    assert set(table) == {"ldct", "classical", "denoised"}
+    assert set(table) == {"ldct", "classical", "bm3d", "denoised"}
     for row in table.values():
         assert {"psnr_window", "ssim_window", "psnr_full", "ssim_full", "rmse_hu"} <= set(row)
         assert all(math.isfinite(v) for v in row.values())

@@ -1,0 +1,185 @@
+"""`ldct eval` / ldct.evaluate on the smoke profile's real cache: rows, scikit-image parity, BM3D."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from ldct import evaluate
+from ldct.cli import main
+from ldct.config import load_config
+from ldct.data.cache import ensure_data, load_manifest
+from ldct.metrics import FULL_RANGE, METRIC_NAMES, WINDOW_RANGE, psnr_window
+from ldct.train import run_local
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke profile's built-in cache (in a temp LDCT_HOME) and a 2-step checkpoint on it."""
+    home = tmp_path_factory.mktemp("ldct-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LDCT_HOME", str(home))
+        cfg = load_config("smoke", ["train.iterations=2"])
+        cache, splits = ensure_data(cfg.data)
+        session = run_local(cfg, checkpoint_root=home / "ckpt")
+        yield {"cfg": cfg, "cache": cache, "splits": splits, "checkpoint": session.checkpoints[-1]}
+
+
+@pytest.fixture(scope="module")
+def table(smoke):
+    """`ldct eval --data CACHE --split test --checkpoint DIR --json`, parsed."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(
+            [
+                "eval",
+                "--data",
+                str(smoke["cache"]),
+                "--split",
+                "test",
+                "--checkpoint",
+                str(smoke["checkpoint"]),
+            ]
+            + ["--json", "--quiet"]
+        )
+    assert rc == 0
+    return json.loads(out.getvalue())
+
+
+def test_every_row_present_and_finite(table, smoke):
+    assert table["rows"] == ["ldct", "gaussian", "bm3d", "model"]
+    test_patients = load_manifest(smoke["cache"]).splits["test"]
+    assert table["patients"] == test_patients
+    assert len(table["slices"]) >= 1
+    for s in table["slices"]:
+        assert set(s["metrics"]) == set(table["rows"])
+        for row in s["metrics"].values():
+            assert set(row) == set(METRIC_NAMES)
+        assert math.isfinite(s["noise_std_hu"]) and s["noise_std_hu"] > 1.0
+    assert evaluate.table_is_finite(table)
+    for key in table["rows"]:
+        assert all(math.isfinite(v) for v in table["mean"][key].values())
+        assert all(math.isfinite(v) and v >= 0 for v in table["std"][key].values())
+    # The budget is stated and the choices come from their grids, tuned on val, not on test.
+    for method in ("gaussian", "bm3d"):
+        tuned = table["tuning"][method]
+        assert tuned["chosen"] in tuned["candidates"]
+        assert len(tuned["val_psnr_window"]) == len(tuned["candidates"])
+        assert tuned["val_slices"] >= 1
+    assert table["tuning"]["patients"] == load_manifest(smoke["cache"]).splits["val"]
+    assert not set(table["tuning"]["patients"]) & set(test_patients)
+    assert "warning" not in table["tuning"]
+
+
+def test_ldct_row_equals_scikit_image_from_the_cache(table, smoke):
+    manifest = load_manifest(smoke["cache"])
+    for s in table["slices"]:
+        arrays = manifest.patients[s["patient"]]["arrays"]
+        low = np.load(smoke["cache"] / arrays["low"])[s["index"]].astype(np.float64)
+        full = np.load(smoke["cache"] / arrays["full"])[s["index"]].astype(np.float64)
+        row = s["metrics"]["ldct"]
+        for name, (lo, hi) in (("window", WINDOW_RANGE), ("full", FULL_RANGE)):
+            p, t = np.clip(low, lo, hi), np.clip(full, lo, hi)
+            assert row[f"psnr_{name}"] == pytest.approx(
+                peak_signal_noise_ratio(t, p, data_range=hi - lo), abs=1e-6
+            )
+            expected = structural_similarity(
+                t, p, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=hi - lo
+            )
+            assert row[f"ssim_{name}"] == pytest.approx(expected, abs=1e-4)
+        assert row["rmse_hu"] == pytest.approx(np.sqrt(np.mean((low - full) ** 2)), rel=1e-6)
+
+
+def test_text_and_markdown_show_every_row_and_the_budget(table):
+    text = evaluate.format_eval(table)
+    for label in table["labels"].values():
+        assert label in text
+    assert "noise std" in text and "mean ± std over" in text
+    assert "5 candidates" in text and "11 candidates" in text and "tuned on the val split" in text
+    md = evaluate.markdown_eval(table)
+    assert md.count("| BM3D") == 1 + len(table["slices"])
+    # The legacy mean-rows shape (ldct train --json, report summary) carries the BM3D row too.
+    rows = evaluate.mean_rows(table)
+    assert list(rows) == ["ldct", "classical", "bm3d", "denoised"]
+    assert rows["bm3d"]["sigma_psd"] == table["tuning"]["bm3d"]["chosen"]
+    assert "BM3D" in evaluate.format_table(rows)
+
+
+def test_mean_and_std_are_over_slices(smoke):
+    # The train split has several slices: mean and (sample) std must be numpy's over them.
+    train = smoke["splits"]["train"][:2]
+    result = evaluate.evaluate_split(smoke["cache"], train, smoke["splits"]["val"], split="train", bm3d=False)
+    values = np.array([s["metrics"]["ldct"]["psnr_window"] for s in result["slices"]])
+    assert len(values) >= 2
+    assert result["mean"]["ldct"]["psnr_window"] == pytest.approx(values.mean())
+    assert result["std"]["ldct"]["psnr_window"] == pytest.approx(values.std(ddof=1))
+
+
+def test_bm3d_beats_ldct_on_a_slice_made_noisy_on_purpose(smoke):
+    manifest = load_manifest(smoke["cache"])
+    patient = manifest.splits["test"][0]
+    full = np.load(smoke["cache"] / manifest.patients[patient]["arrays"]["full"])[0].astype(np.float32)
+    full = full[16:112, 16:112]  # 96x96 of real anatomy: BM3D is slow
+    rng = np.random.default_rng(0)
+    noisy = full + rng.normal(0.0, 40.0, full.shape).astype(np.float32)
+    # sigma_psd from another noise draw (a validation stand-in), never from the scored image.
+    other = evaluate.SlicePair("val", 0, full + rng.normal(0.0, 40.0, full.shape).astype(np.float32), full)
+    tuned = evaluate.tune_parameter(evaluate.bm3d_denoise, [other], (20.0, 40.0, 80.0), "bm3d")
+    before = float(psnr_window(noisy, full)[0])
+    after = float(psnr_window(evaluate.bm3d_denoise(noisy, tuned["chosen"]), full)[0])
+    assert after > before + 2.0, (before, after, tuned)
+
+
+def test_model_sources_are_checked():
+    with pytest.raises(ValueError, match="exactly one model source"):
+        evaluate.load_denoiser()
+    with pytest.raises(ValueError, match="exactly one model source"):
+        evaluate.load_denoiser(version="1", checkpoint="x")
+    assert evaluate.parse_model_uri("models:/ldct-denoiser@champion") == ("champion", None)
+    assert evaluate.parse_model_uri("models:/ldct-denoiser/3") == (None, "3")
+    with pytest.raises(ValueError, match="models:/ldct-denoiser@ALIAS"):
+        evaluate.parse_model_uri("models:/other@champion")
+
+
+def test_eval_names_a_missing_cache(tmp_path, capsys):
+    assert main(["eval", "--data", str(tmp_path / "nope"), "--no-bm3d"]) == 1
+    err = capsys.readouterr().err
+    assert "nope" in err and "ldct data index" in err and "Traceback" not in err
+
+
+def test_moved_names_stay_importable_from_their_old_modules():
+    from ldct.engine import gaussian_denoise, tune_gaussian_sigma
+    from ldct.train import format_table, score_test_split
+
+    assert gaussian_denoise is evaluate.gaussian_denoise
+    assert tune_gaussian_sigma is evaluate.tune_gaussian_sigma
+    assert score_test_split is evaluate.score_test_split and format_table is evaluate.format_table
+
+
+def test_onnx_export_scores_like_its_checkpoint(smoke, tmp_path):
+    from ldct.deploy.export import export_bundle
+    from ldct.train import generator_from_state, load_state
+
+    state = load_state(smoke["checkpoint"])
+    generator, cfg = generator_from_state(state)
+    export_bundle(
+        generator, {"config": state["config"], "normalization": state["normalization"]}, tmp_path / "x"
+    )
+    onnx, label = evaluate.load_denoiser(onnx=tmp_path / "x")
+    assert label.startswith("ONNX")
+    torch_run = evaluate.torch_denoiser(generator, cfg.normalization)
+    common = {"split": "test", "bm3d": False}
+    splits = smoke["splits"]
+    by_onnx = evaluate.evaluate_split(smoke["cache"], splits["test"], splits["val"], denoiser=onnx, **common)
+    by_torch = evaluate.evaluate_split(
+        smoke["cache"], splits["test"], splits["val"], denoiser=torch_run, **common
+    )
+    for metric in METRIC_NAMES:
+        assert by_onnx["mean"]["model"][metric] == pytest.approx(by_torch["mean"]["model"][metric], rel=1e-4)
