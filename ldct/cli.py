@@ -212,6 +212,10 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers (0 = train in this process, no Ray)")
     p.add_argument("--storage", help="where Ray keeps runs and checkpoints (default ./runs)")
     p.add_argument("--json", action="store_true", help="end with one JSON line: ldct / classical / denoised")
+    p.add_argument(
+        "--tracking-uri",
+        help="log the run to this MLflow store (default: MLFLOW_TRACKING_URI if set, else no logging)",
+    )
     p.set_defaults(handler=_cmd_train)
 
 
@@ -222,7 +226,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
     if args.data:
         cfg = apply_overrides(cfg, [f"data.cache={Path(args.data).resolve()}"])
-    return main_train(cfg, workers=args.workers, json_out=args.json, storage=args.storage)
+    return main_train(
+        cfg, workers=args.workers, json_out=args.json, storage=args.storage, tracking_uri=args.tracking_uri
+    )
 
 
 # ----------------------------------------------------------------------------------------- ldct report
@@ -397,7 +403,22 @@ def best_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     p.set_defaults(handler=_cmd_denoise)
 
+    p = sub.add_parser(
+        "migrate", help="re-register an old pickle-format version in the safe format (same aliases)"
+    )
+    p.add_argument("--model-version", "--version", dest="version", required=True, help="version number")
+    p.set_defaults(handler=_cmd_migrate)
+
     return _run(parser, argv)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from ldct import tracking
+
+    new = tracking.migrate(args.version, args.tracking_uri)
+    moved = ", ".join(sorted(new.aliases)) or "none"
+    print(f"re-registered v{args.version} as v{new.version} (safetensors + pyfunc); aliases moved: {moved}")
+    return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -417,6 +438,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         "val_ssim_window",
         "fps",
         "fps_device",
+        "format",
     ]
     table = [[",".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(columns)]

@@ -271,6 +271,8 @@ def write_report(
     if parent is not None and parent.data.tags.get("ldct.optuna_storage"):
         summary["param_importances"] = write_importances(study, parent.data.tags["ldct.optuna_storage"], out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    # The same files (and the test table as metrics) on the study's parent run, for the MLflow UI.
+    tracking.log_report(mlflow_client, study, out, summary.get("best_test"))
     return out
 
 

@@ -25,6 +25,8 @@ TAG_STUDY = "ldct.study"
 TAG_ROLE = "ldct.role"
 TAG_TRIAL = "ldct.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment of this kind on its runs table, not on the GenAI overview.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 TUNED_PARAMS = ("loss.lambda_l1", "loss.lambda_perceptual", "loss.lambda_gp", "optim.lr")
 
 
@@ -73,12 +75,29 @@ def client(uri: str | None = None) -> Any:
     return MlflowClient(tracking_uri=resolved)
 
 
-def _experiment_id(mlflow_client: Any, study: str) -> str:
-    name = f"ldct/{study}"
+def artifact_root(uri: str) -> str | None:
+    """Default artifact root of a store: ``mlartifacts/`` beside a SQLite file, never the cwd.
+
+    MLflow's own default for a SQLite store is ``./mlruns`` of whatever directory the process runs
+    in (trials chdir, tests run from the repository). A server decides for itself (None).
+    """
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def ensure_experiment(mlflow_client: Any, name: str) -> str:
+    """The id of experiment ``name``, created with its artifacts under :func:`artifact_root`."""
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return mlflow_client.create_experiment(name)
+    root = artifact_root(mlflow_client.tracking_uri)
+    location = f"{root}/{name.replace('/', '_')}" if root else None
+    return mlflow_client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+
+
+def _experiment_id(mlflow_client: Any, study: str) -> str:
+    return ensure_experiment(mlflow_client, f"ldct/{study}")
 
 
 def _find_run(mlflow_client: Any, experiment_id: str, **tags: str) -> Any | None:
@@ -94,17 +113,122 @@ def _param_value(value: Any) -> str:
     return text[:6000]
 
 
+def ui_url(tracking_uri: str, experiment_id: str, base: str | None = None) -> str:
+    """The MLflow UI page that shows a study's trials as a comparison.
+
+    MLflow 3.17 opens an experiment on its GenAI overview unless the ``workflowType`` URL
+    parameter (or the browser's remembered sidebar switch) says "machine_learning"; the
+    experiment tag ``mlflow.experimentKind`` alone does not change that (checked in Chromium).
+    The filter keeps the trial runs only, so they are listed flat (not collapsed under the
+    parent), best validation PSNR first.
+    """
+    from urllib.parse import quote
+
+    if base is None:
+        base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    query = "&".join(
+        [
+            "workflowType=machine_learning",
+            "searchFilter=" + quote(f"tags.`{TAG_ROLE}` = 'trial'"),
+            "orderByKey=" + quote("metrics.`best_val_psnr_window`"),
+            "orderByAsc=false",
+        ]
+    )
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def describe_store(mlflow_client: Any, study: str) -> str:
+    """Where a study's runs and artifacts are, and the UI link, for the study to print."""
+    uri = mlflow_client.tracking_uri
+    experiment = mlflow_client.get_experiment_by_name(f"ldct/{study}")
+    lines = [f"[ldct] MLflow store {uri}, artifacts {experiment.artifact_location}"]
+    if not uri.startswith(("http://", "https://")):
+        lines.append(f"[ldct] to compare the trials: mlflow ui --backend-store-uri {uri}  then open")
+    else:
+        lines.append("[ldct] to compare the trials open")
+    lines.append(f"[ldct]   {ui_url(uri, experiment.experiment_id)}")
+    return "\n".join(lines)
+
+
 def start_study_run(mlflow_client: Any, study: str, flat_config: dict[str, Any], resume: bool) -> str:
     """The study's parent run: created, or (on resume) found again by its tags."""
     experiment_id = _experiment_id(mlflow_client, study)
+    print(describe_store(mlflow_client, study), flush=True)
     existing = _find_run(mlflow_client, experiment_id, **{TAG_STUDY: study, TAG_ROLE: "study"})
     if existing is not None and resume:
         mlflow_client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id
-    run = mlflow_client.create_run(experiment_id, run_name=study, tags={TAG_STUDY: study, TAG_ROLE: "study"})
-    for key, value in flat_config.items():
-        mlflow_client.log_param(run.info.run_id, key, _param_value(value))
+    run = mlflow_client.create_run(
+        experiment_id,
+        run_name=study,
+        tags={TAG_STUDY: study, TAG_ROLE: "study", **provenance_tags(flat_config)},
+    )
+    log_params(mlflow_client, run.info.run_id, {**flat_config, "data.source": data_source(flat_config)})
     return run.info.run_id
+
+
+def log_params(mlflow_client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """All params in log_batch calls of 100 (MLflow's limit), not one round trip each."""
+    from mlflow.entities import Param
+
+    items = [Param(str(k), _param_value(v)) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[start : start + 100])
+
+
+def trial_run_name(trial_id: str, config: dict[str, Any]) -> str:
+    """``<trial id> λ2=.. λ3=.. λgp=.. lr=..``: the runs table then reads as the comparison."""
+    short = {
+        "loss.lambda_l1": "λ2",
+        "loss.lambda_perceptual": "λ3",
+        "loss.lambda_gp": "λgp",
+        "optim.lr": "lr",
+    }
+    parts = [f"{short[k]}={float(config[k]):.3g}" for k in TUNED_PARAMS if k in config]
+    return " ".join([trial_id, *parts])
+
+
+def data_source(flat_config: dict[str, Any]) -> str:
+    """Where a run's data came from: the built-in simulated set, a DICOM root or a cache."""
+    if flat_config.get("data.root"):
+        return f"dicom:{flat_config['data.root']}"
+    if flat_config.get("data.cache"):
+        return f"cache:{flat_config['data.cache']}"
+    return "builtin-simulated"
+
+
+def git_commit() -> str:
+    """The commit of the ldct code that runs (``+dirty`` with local changes), or "unknown"."""
+    import subprocess
+
+    import ldct
+
+    root = Path(ldct.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance_tags(flat_config: dict[str, Any]) -> dict[str, str]:
+    """Git commit (MLflow's own tag too, so the UI shows it) and data source of a run."""
+    commit = git_commit()
+    return {
+        "mlflow.source.git.commit": commit.removesuffix("+dirty"),
+        "ldct.git_commit": commit,
+        "ldct.data_source": flat_config.get("data.source") or data_source(flat_config),
+    }
 
 
 def _ray_callback_base() -> type:
@@ -145,18 +269,17 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         else:
             run = mlflow_client.create_run(
                 experiment_id,
-                run_name=f"trial-{trial.trial_id}",
+                run_name=trial_run_name(trial.trial_id, trial.config),
                 tags={
                     TAG_STUDY: self.study,
                     TAG_ROLE: "trial",
                     TAG_TRIAL: trial.trial_id,
                     PARENT_TAG: self.parent_run_id,
+                    **provenance_tags(self.extra_params),
                 },
             )
             run_id = run.info.run_id
-            params = {**self.extra_params, **flat_trial_config(trial.config)}
-            for key, value in params.items():
-                mlflow_client.log_param(run_id, key, _param_value(value))
+            log_params(mlflow_client, run_id, {**self.extra_params, **flat_trial_config(trial.config)})
         self._runs[trial.trial_id] = run_id
         return run_id
 
@@ -164,19 +287,9 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         self.run_id_for(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        from mlflow.entities import Metric
-
         run_id = self.run_id_for(trial)
         step = int(result.get("step", result.get("training_iteration", 0)))
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(k, float(v), now, step)
-            for k, v in result.items()
-            if isinstance(v, int | float)
-            and not isinstance(v, bool)
-            and math.isfinite(float(v))
-            and (k.startswith(("val_", "train_")) or k in ("it_per_s", "step", "resumed_from_step"))
-        ]
+        metrics = metrics_of(result)
         if metrics:
             self._mlflow().log_batch(run_id, metrics=metrics)
         self._last_step[trial.trial_id] = step
@@ -222,6 +335,134 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         return {**self.__dict__, "_client": None}
 
 
+def metrics_of(result: dict[str, Any], now_ms: int | None = None) -> list[Any]:
+    """The loggable numbers of one validation report, as MLflow Metrics at its training step."""
+    from mlflow.entities import Metric
+
+    step = int(result.get("step", result.get("training_iteration", 0)))
+    now = now_ms or int(time.time() * 1000)
+    return [
+        Metric(k, float(v), now, step)
+        for k, v in result.items()
+        if isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(float(v))
+        and (k.startswith(("val_", "train_")) or k in ("it_per_s", "step", "resumed_from_step"))
+    ]
+
+
+# ------------------------------------------------------------------------------------ `ldct train` runs
+
+
+def start_training_run(tracking_uri: str | None, flat_config: dict[str, Any], name: str) -> tuple[str, str]:
+    """An MLflow run for one `ldct train` (experiment ``ldct/train``): (resolved URI, run id)."""
+    mlflow_client = client(tracking_uri)
+    experiment_id = ensure_experiment(mlflow_client, "ldct/train")
+    params = {**flat_config, "data.source": data_source(flat_config)}
+    run = mlflow_client.create_run(
+        experiment_id,
+        run_name=name,
+        tags={
+            TAG_ROLE: "train",
+            "ldct.profile": str(flat_config.get("profile", "")),
+            **provenance_tags(params),
+        },
+    )
+    log_params(mlflow_client, run.info.run_id, params)
+    return mlflow_client.tracking_uri, run.info.run_id
+
+
+def log_reports(tracking_uri: str, run_id: str, reports: list[dict[str, Any]]) -> None:
+    """Per-validation metrics of a finished in-process run, in log_batch calls of 1000."""
+    metrics = [m for report in reports for m in metrics_of(report)]
+    mlflow_client = client(tracking_uri)
+    for start in range(0, len(metrics), 1000):
+        mlflow_client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def _train_callback_base() -> type:
+    from ray.train import UserCallback
+
+    return UserCallback
+
+
+def train_callback(tracking_uri: str, run_id: str) -> Any:
+    """A Ray Train callback (runs in the Train controller) logging every validation to ``run_id``."""
+
+    class MLflowTrainCallback(_train_callback_base()):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.tracking_uri, self.run_id, self._client = tracking_uri, run_id, None
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            # Rank 0 carries the validation metrics (the other ranks report the step only).
+            values = metrics_of(metrics[0]) if metrics else []
+            if values:
+                self._client = self._client or client(self.tracking_uri)
+                self._client.log_batch(self.run_id, metrics=values)
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {**self.__dict__, "_client": None}
+
+    return MLflowTrainCallback()
+
+
+def finish_training_run(
+    tracking_uri: str,
+    run_id: str,
+    best_dir: Path | None,
+    table: dict[str, dict[str, float]] | None,
+    error: str | None = None,
+) -> None:
+    """Best checkpoint (+ panel) and the test-split table into the run, then end it."""
+    mlflow_client = client(tracking_uri)
+    if best_dir is not None:
+        from ldct.checkpoint import CHECKPOINT_FILE, load_state
+        from ldct.train import PANEL_FILE
+
+        mlflow_client.log_artifacts(run_id, str(best_dir), artifact_path="checkpoint")
+        if (Path(best_dir) / PANEL_FILE).is_file():
+            mlflow_client.log_artifact(run_id, str(Path(best_dir) / PANEL_FILE))
+        state = load_state(Path(best_dir) / CHECKPOINT_FILE)
+        log_params(
+            mlflow_client,
+            run_id,
+            {"loss.perceptual_weights_used": state.get("perceptual_weights"), "best_step": state.get("step")},
+        )
+    if table:
+        log_test_table(mlflow_client, run_id, table)
+    if error:
+        mlflow_client.set_tag(run_id, "ldct.error", error[:5000])
+    mlflow_client.set_terminated(run_id, status="FAILED" if error else "FINISHED")
+
+
+def log_test_table(mlflow_client: Any, run_id: str, table: dict[str, dict[str, float]]) -> None:
+    """The test-split table: metrics ``test_<row>_<metric>`` plus ``test_table.json``."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"test_{row}_{name}", float(value), now, 0)
+        for row, values in table.items()
+        for name, value in values.items()
+        if isinstance(value, int | float) and math.isfinite(float(value))
+    ]
+    mlflow_client.log_batch(run_id, metrics=metrics)
+    mlflow_client.log_dict(run_id, {k: dict(v) for k, v in table.items()}, "test_table.json")
+
+
+def log_report(
+    mlflow_client: Any, study: str, out_dir: Path, test_table: dict[str, Any] | None
+) -> str | None:
+    """A study report (leaderboard, plots, panel) and its test table onto the study's parent run."""
+    parent = study_run(mlflow_client, study)
+    if parent is None:
+        return None
+    mlflow_client.log_artifacts(parent.info.run_id, str(out_dir), artifact_path="report")
+    if test_table:
+        log_test_table(mlflow_client, parent.info.run_id, test_table)
+    return parent.info.run_id
+
+
 def _summarise_error(trial: Any) -> str:
     path = getattr(trial, "error_file", None) or getattr(
         getattr(trial, "run_metadata", None), "error_filename", None
@@ -248,7 +489,8 @@ def log_checkpoint(mlflow_client: Any, run_id: str, checkpoint_path: str) -> Non
     """Copy a (possibly remote) Ray checkpoint into the run: ``checkpoint/`` plus ``panel.png``."""
     from ray.train import Checkpoint
 
-    from ldct.train import CHECKPOINT_FILE, PANEL_FILE, load_state
+    from ldct.checkpoint import CHECKPOINT_FILE, load_state
+    from ldct.train import PANEL_FILE
 
     with tempfile.TemporaryDirectory(prefix="ldct-artifact-") as tmp:
         local = Path(tmp) / "checkpoint"
@@ -257,10 +499,11 @@ def log_checkpoint(mlflow_client: Any, run_id: str, checkpoint_path: str) -> Non
         if (local / PANEL_FILE).is_file():
             mlflow_client.log_artifact(run_id, str(local / PANEL_FILE))
         state = load_state(local / CHECKPOINT_FILE)
-        mlflow_client.log_param(
-            run_id, "loss.perceptual_weights_used", _param_value(state.get("perceptual_weights"))
+        log_params(
+            mlflow_client,
+            run_id,
+            {"loss.perceptual_weights_used": state.get("perceptual_weights"), "best_step": state.get("step")},
         )
-        mlflow_client.log_param(run_id, "best_step", str(state.get("step")))
 
 
 def trial_runs(mlflow_client: Any, study: str) -> list[Any]:
@@ -294,7 +537,7 @@ def best_trial_run(mlflow_client: Any, study: str) -> Any:
 
 def register_best(study: str, tracking_uri: str | None = None, profile: str = "") -> Any:
     """Register the study's best trial as ``ldct-denoiser`` with alias ``candidate``; returns the version."""
-    from ldct.train import CHECKPOINT_FILE, load_state
+    from ldct.checkpoint import CHECKPOINT_FILE, load_state
 
     mlflow_client = client(tracking_uri)
     best = best_trial_run(mlflow_client, study)
@@ -313,55 +556,132 @@ def register_state(
     run_id: str,
     tracking_uri: str | None = None,
     tags: dict[str, str] | None = None,
-    alias: str = CANDIDATE,
+    alias: str | None = CANDIDATE,
+    onnx: bool = True,
 ) -> Any:
-    """Log a checkpoint's generator as a model of ``run_id``, register it and point ``alias`` at it."""
-    import mlflow
-    import mlflow.pytorch
-    import torch
+    """Log a checkpoint's generator as a model of ``run_id``, register it and point ``alias`` at it.
 
-    from ldct.train import generator_from_state
+    The model is the safe format of ``ldct.serving`` (models-from-code pyfunc, safetensors weights,
+    explicit [N, H, W] HU signature, this package as code_paths, the ONNX export as an artifact).
+    """
+    import mlflow
+    import mlflow.pyfunc
+
+    from ldct import serving
+    from ldct.checkpoint import generator_from_state
 
     mlflow_client = client(tracking_uri)
     generator, cfg = generator_from_state(state)
     metadata = {
+        "ldct_format": serving.MODEL_FORMAT,
         "normalization": state["normalization"],
         "config": state["config"],
         "metrics": {k: float(v) for k, v in state["metrics"].items() if isinstance(v, int | float)},
         "study": (tags or {}).get("study", ""),
         "trial_run_id": run_id,
         "perceptual_weights": state.get("perceptual_weights", ""),
+        "input": "HU slices [N, H, W] float32, any H and W; output: denoised HU, same shape",
     }
-    with mlflow.start_run(run_id=run_id):
-        # "pickle", not the default "pt2": torch.export programs are specialised to the example's
-        # shape, and this generator must take any batch and image size (DESIGN.md §5a).
-        info = mlflow.pytorch.log_model(
-            generator,
-            name="model",
-            serialization_format="pickle",
-            metadata=metadata,
-            input_example=torch.zeros(1, 1, 64, 64).numpy(),
-            pip_requirements=_requirements(),
-        )
+    with tempfile.TemporaryDirectory(prefix="ldct-model-") as tmp:
+        files = serving.write_model_files(state, Path(tmp) / "files")
+        artifacts = {"weights": str(files["weights"]), "spec": str(files["spec"])}
+        onnx_error = ""
+        if onnx:
+            from ldct.deploy.export import export_onnx
+
+            try:
+                export_onnx(generator, Path(tmp) / "files" / serving.ONNX_FILE)
+                artifacts["onnx"] = str(Path(tmp) / "files" / serving.ONNX_FILE)
+            except Exception as exc:  # noqa: BLE001 - the pyfunc model is still worth registering
+                onnx_error = f"{type(exc).__name__}: {exc}"[:500]
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(serving.PYFUNC_SCRIPT),
+                artifacts=artifacts,
+                code_paths=[_package_copy(Path(tmp) / "code")],
+                signature=serving.signature(),
+                metadata=metadata,
+                pip_requirements=_requirements(),
+            )
     version = mlflow.register_model(info.model_uri, MODEL_NAME)
+    metrics = metadata["metrics"]
     all_tags = {
         "trial_run_id": run_id,
         "profile": cfg.profile,
         "encoder": cfg.model.encoder,
-        **{k: f"{v:.4f}" for k, v in metadata["metrics"].items() if k.startswith("val_")},
+        "format": serving.MODEL_FORMAT,
+        **{k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("val_")},
+        **({"onnx_error": onnx_error} if onnx_error else {}),
         **(tags or {}),
     }
     for key, value in all_tags.items():
         mlflow_client.set_model_version_tag(MODEL_NAME, version.version, key, str(value))
-    mlflow_client.set_registered_model_alias(MODEL_NAME, alias, version.version)
+    mlflow_client.update_registered_model(MODEL_NAME, description=MODEL_DESCRIPTION)
+    mlflow_client.update_model_version(
+        MODEL_NAME,
+        version.version,
+        description=_version_description(cfg, metrics, all_tags, "onnx" in artifacts),
+    )
+    if alias:
+        mlflow_client.set_registered_model_alias(MODEL_NAME, alias, version.version)
     return mlflow_client.get_model_version(MODEL_NAME, version.version)
+
+
+MODEL_DESCRIPTION = (
+    "Low-dose CT denoiser (EfficientNetV2-style encoder + decoder, WGAN-GP with L1 and perceptual "
+    "losses), trained by the ldct study. Input and output are CT slices in Hounsfield units, "
+    "float32 [N, H, W], any H and W; the HU window normalisation is inside the model. Aliases: "
+    "`candidate` = best trial of the latest study, `champion` = passed `ldct-best validate` "
+    "(FPS at 512x512). Serve: `mlflow models serve -m models:/ldct-denoiser@champion "
+    "--env-manager local`; DICOM in/out: `ldct-best denoise`."
+)
+
+
+def _version_description(cfg: Any, metrics: dict[str, float], tags: dict[str, str], onnx: bool) -> str:
+    tuned = ", ".join(
+        f"{key.split('.')[-1]}={getattr(getattr(cfg, key.split('.')[0]), key.split('.')[1]):.3g}"
+        for key in TUNED_PARAMS
+    )
+    parts = [
+        f"study {tags.get('study') or '-'}, trial {tags.get('trial_id') or '-'} (run {tags['trial_run_id']})",
+        f"profile {cfg.profile}, encoder {cfg.model.encoder}; {tuned}",
+    ]
+    if "val_psnr_window" in metrics:
+        parts.append(
+            f"validation at step {int(metrics.get('step', 0))}: PSNR(window) {metrics['val_psnr_window']:.2f} dB"
+            + (
+                f" vs LDCT input {metrics['val_ldct_psnr_window']:.2f} dB"
+                if "val_ldct_psnr_window" in metrics
+                else ""
+            )
+            + (f", SSIM(window) {metrics['val_ssim_window']:.4f}" if "val_ssim_window" in metrics else "")
+        )
+    parts.append(
+        "files: weights.safetensors + ldct_model.json (safe to load), "
+        + ("model.onnx (pad/crop inside, [N,1,H,W] in [0, 1]), " if onnx else "")
+        + "pyfunc HU in / HU out"
+    )
+    return "\n".join(parts)
+
+
+def _package_copy(target: Path) -> str:
+    """This package without caches, for ``code_paths`` (the model then needs no ldct install)."""
+    import shutil
+
+    import ldct
+
+    source = Path(ldct.__file__).resolve().parent
+    shutil.copytree(source, target / "ldct", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(target / "ldct")
 
 
 def _requirements() -> list[str]:
     # Given explicitly: MLflow's inference of requirements imports and profiles the model (slow).
+    # Only PyPI packages: the ldct code travels in the model's code/ directory.
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "timm", "numpy")] + ["ldct"]
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "timm", "numpy", "safetensors")]
 
 
 def resolve_version(mlflow_client: Any, alias: str | None = None, version: str | int | None = None) -> Any:
@@ -390,32 +710,126 @@ def resolve_version(mlflow_client: Any, alias: str | None = None, version: str |
 def load_registered(
     alias: str | None = None, version: str | int | None = None, tracking_uri: str | None = None
 ) -> tuple[Any, dict[str, Any]]:
-    """Load a registered generator (any batch/image size) and its metadata."""
-    import mlflow.pytorch
-    from mlflow.models import Model
+    """Load a registered generator (any batch/image size, [N,1,H,W] in [0, 1]) and its metadata.
+
+    Reads only the version's MLmodel (YAML), ldct_model.json and weights.safetensors: nothing
+    from the store is unpickled or executed. A version in the old pickle format is refused with
+    the command that re-registers it.
+    """
+    from ldct import serving
 
     mlflow_client = client(tracking_uri)
     model_version = resolve_version(mlflow_client, alias, version)
     uri = f"models:/{MODEL_NAME}/{model_version.version}"
-    generator = mlflow.pytorch.load_model(uri, map_location="cpu").eval()
-    model_meta = Model.load(uri).metadata or {}
-    if "normalization" not in model_meta:
-        # The HU scaling must travel with the model; guessing it would silently shift every pixel.
-        raise TrackingError(
-            f"{uri} carries no HU normalisation in its metadata: re-register it from its checkpoint"
-        )
+    with tempfile.TemporaryDirectory(prefix="ldct-load-") as tmp:
+        model_meta = _registered_metadata(uri, str(model_version.version), Path(tmp))
+        try:
+            weights = _download(f"{uri}/artifacts/{serving.WEIGHTS_FILE}", Path(tmp))
+            spec = _download(f"{uri}/artifacts/{serving.SPEC_FILE}", Path(tmp))
+            generator, spec_data = serving.read_model_files(weights, spec)
+        except Exception as exc:  # noqa: BLE001 - missing file, bad safetensors, bad spec: one answer
+            raise TrackingError(
+                f"{uri}: its weights/spec are not the safe ldct format ({exc}). "
+                f"{_reregister_hint(model_version.version)}"
+            ) from exc
     meta = {
         "version": str(model_version.version),
         "run_id": model_version.run_id,
         "aliases": list(model_version.aliases),
         "tags": dict(model_version.tags),
-        "normalization": model_meta["normalization"],
-        "config": model_meta.get("config", {}),
+        "normalization": spec_data["normalization"],
+        "config": spec_data.get("config", {}),
         "metrics": _metric_rows(model_meta.get("metrics", {})),
         "study": model_meta.get("study", ""),
         "tracking_uri": mlflow_client.tracking_uri,
     }
     return generator, meta
+
+
+def _download(artifact_uri: str, directory: Path) -> str:
+    import mlflow.artifacts
+
+    target = directory / artifact_uri.rsplit("/", 1)[-1].replace(".", "_")
+    target.mkdir(parents=True, exist_ok=True)
+    return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(target))
+
+
+def _reregister_hint(version: str | int) -> str:
+    return (
+        f"Re-register it in the safe format: `ldct-best migrate --model-version {version}` (reads the "
+        f"trial's weights-only checkpoint and registers a new version with the same aliases), or "
+        f"rerun the study."
+    )
+
+
+def _registered_metadata(uri: str, version: str | int, tmp: Path) -> dict[str, Any]:
+    """The MLmodel metadata of a version (safe YAML); an old or foreign format raises TrackingError."""
+    from mlflow.models import Model
+
+    from ldct import serving
+
+    model = Model.load(_download(f"{uri}/MLmodel", tmp))
+    meta = model.metadata or {}
+    if meta.get("ldct_format") != serving.MODEL_FORMAT:
+        flavors = ", ".join(sorted(model.flavors))
+        old = "pytorch" in model.flavors
+        raise TrackingError(
+            f"{uri} is "
+            + (
+                "in the old pickle format (MLflow pytorch flavour)"
+                if old
+                else f"not an ldct model ({flavors})"
+            )
+            + ": ldct refuses to load it, because unpickling a model can run arbitrary code. "
+            + _reregister_hint(version)
+        )
+    return meta
+
+
+def is_safe_version(mlflow_client: Any, version: str | int) -> bool:
+    """True when a version is in the safe ldct format (what :func:`load_registered` accepts)."""
+    with tempfile.TemporaryDirectory(prefix="ldct-check-") as tmp:
+        try:
+            _registered_metadata(f"models:/{MODEL_NAME}/{version}", version, Path(tmp))
+        except TrackingError:
+            return False
+    return True
+
+
+def migrate(version: str | int, tracking_uri: str | None = None) -> Any:
+    """Re-register an old-format version from its trial run's (weights-only) checkpoint.
+
+    The new version gets the old one's tags and aliases; the old one is tagged as superseded.
+    Nothing of the old model is loaded.
+    """
+    from ldct.checkpoint import CHECKPOINT_FILE, load_state
+
+    mlflow_client = client(tracking_uri)
+    old = resolve_version(mlflow_client, version=version)
+    if is_safe_version(mlflow_client, old.version):
+        raise TrackingError(f"version {old.version} of {MODEL_NAME!r} is already in the safe format")
+    aliases = [
+        a
+        for a, v in mlflow_client.get_registered_model(MODEL_NAME).aliases.items()
+        if str(v) == str(old.version)
+    ]
+    with tempfile.TemporaryDirectory(prefix="ldct-migrate-") as tmp:
+        try:
+            local = mlflow_client.download_artifacts(old.run_id, f"checkpoint/{CHECKPOINT_FILE}", tmp)
+        except Exception as exc:  # noqa: BLE001 - any store error means the same thing here
+            raise TrackingError(
+                f"version {old.version}: its run {old.run_id} holds no checkpoint/{CHECKPOINT_FILE} to "
+                f"re-register from ({exc}); rerun the study"
+            ) from exc
+        state = load_state(local)
+    keep = {k: v for k, v in old.tags.items() if k not in ("format",) and not k.startswith("fps")}
+    new = register_state(
+        state, old.run_id, tracking_uri, tags={**keep, "migrated_from": str(old.version)}, alias=None
+    )
+    for alias in aliases:
+        mlflow_client.set_registered_model_alias(MODEL_NAME, alias, new.version)
+    mlflow_client.set_model_version_tag(MODEL_NAME, str(old.version), "superseded_by", str(new.version))
+    return mlflow_client.get_model_version(MODEL_NAME, new.version)
 
 
 def promote(
@@ -481,6 +895,8 @@ def list_versions(tracking_uri: str | None = None) -> list[dict[str, Any]]:
                 "val_ssim_window": v.tags.get("val_ssim_window", ""),
                 "fps": v.tags.get("fps", ""),
                 "fps_device": v.tags.get("fps_device", ""),
+                # Versions from before the safe format carry no tag: `ldct-best migrate` them.
+                "format": v.tags.get("format", "old pickle (migrate)"),
                 "run_id": v.run_id,
             }
         )

@@ -24,9 +24,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+# Re-exported: the checkpoint functions moved to ldct.checkpoint; `from ldct.train import ...` works.
+from ldct.checkpoint import (  # noqa: F401
+    CHECKPOINT_FILE,
+    CheckpointError,
+    generator_from_state,
+    load_state,
+    restore_rng,
+    save_state,
+)
 from ldct.config import Config, from_flat, to_flat
 
-CHECKPOINT_FILE = "state.pt"
 PANEL_FILE = "panel.png"
 # Metrics every validation reports; the study optimises VAL_METRIC.
 VAL_METRIC = "val_psnr_window"
@@ -159,63 +167,7 @@ def _batches_per_iteration(cfg: Config) -> int:
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
-
-def save_state(
-    directory: Path, nets: Any, cfg: Config, step: int, batches_consumed: int, metrics: dict[str, Any]
-) -> Path:
-    """Write a resumable checkpoint (both networks, both optimizers, step, config, normalisation)."""
-    from ldct.engine import unwrap
-
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": "ldct-checkpoint-1",
-        "generator": unwrap(nets.generator).state_dict(),
-        "critic": unwrap(nets.critic).state_dict(),
-        "opt_g": nets.opt_g.state_dict(),
-        "opt_c": nets.opt_c.state_dict(),
-        # fp16 loss scales (empty on CPU): without them a CUDA run would not resume exactly.
-        "scaler_g": nets.scaler_g.state_dict() if getattr(nets, "scaler_g", None) else {},
-        "scaler_c": nets.scaler_c.state_dict() if getattr(nets, "scaler_c", None) else {},
-        "step": step,
-        "batches_consumed": batches_consumed,
-        "config": to_flat(cfg),
-        "normalization": {"hu_min": cfg.normalization.hu_min, "hu_max": cfg.normalization.hu_max},
-        "perceptual_weights": getattr(nets.perceptual, "weights_source", "n/a"),
-        "metrics": metrics,
-    }
-    tmp = directory / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / CHECKPOINT_FILE)
-    return directory / CHECKPOINT_FILE
-
-
-def load_state(path: Path | str) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_state` (a directory or the state file itself)."""
-    path = Path(path)
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {file}: expected a directory holding {CHECKPOINT_FILE}")
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    if state.get("format") != "ldct-checkpoint-1":
-        raise ValueError(f"{file} is not an ldct checkpoint (format {state.get('format')!r})")
-    return state
-
-
-def generator_from_state(state: dict[str, Any]) -> tuple[torch.nn.Module, Config]:
-    """Rebuild the generator from a checkpoint's own config (never from flags) and load its weights."""
-    from ldct.models.generator import build_generator
-
-    cfg = from_flat(state["config"])
-    # The checkpoint carries the weights: no encoder weights need to be found again.
-    generator = build_generator(_with(cfg.model, encoder_weights="none"))
-    generator.load_state_dict(state["generator"])
-    return generator.eval(), cfg
-
-
-def _with(section: Any, **changes: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(section, **changes)
+# save_state / load_state / generator_from_state live in ldct.checkpoint (imported above).
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -275,6 +227,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
                 getattr(nets, name).load_state_dict(state[name])
         step, batches_consumed = int(state["step"]), int(state["batches_consumed"])
         resumed_from = step
+        restore_rng(state.get("rng"))
         if rank == 0:
             print(f"[ldct] resumed at step {step}", flush=True)
     if sync_bn_enabled(cfg, world, device):
@@ -596,7 +549,9 @@ def root_cause(exc: BaseException) -> str:
     )
 
 
-def run_with_ray(cfg: Config, storage_path: Path | str, name: str | None = None) -> Any:
+def run_with_ray(
+    cfg: Config, storage_path: Path | str, name: str | None = None, callbacks: list[Any] | None = None
+) -> Any:
     """One Ray Train run (``ldct train``): returns the Ray Result (best checkpoint, metrics)."""
     cache_dir, splits = prepare_data(cfg)
     init_ray()
@@ -606,6 +561,7 @@ def run_with_ray(cfg: Config, storage_path: Path | str, name: str | None = None)
         storage_path=storage_path,
         cache_dir=cache_dir,
         splits=splits,
+        callbacks=callbacks,
     )
     return trainer.fit()
 
@@ -622,19 +578,39 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def main_train(cfg: Config, workers: int | None, json_out: bool, storage: str | None = None) -> int:
-    """``ldct train``: one run, then the test table. workers=0 trains in this process."""
+def main_train(
+    cfg: Config,
+    workers: int | None,
+    json_out: bool,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+) -> int:
+    """``ldct train``: one run, then the test table. workers=0 trains in this process.
+
+    With a tracking URI (given, or MLFLOW_TRACKING_URI) the run is logged to MLflow experiment
+    ``ldct/train``: params, every validation, the best checkpoint and the test table.
+    """
+    from ldct import tracking
+
     if workers is not None:
         cfg = _replace_train(cfg, workers=max(workers, 1))
     storage_path = Path(storage or os.environ.get("LDCT_RUNS", "runs")).resolve()
     started = time.perf_counter()
+    name = f"train-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = run_id = None
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        uri, run_id = tracking.start_training_run(tracking_uri, to_flat(cfg), name)
+        print(f"[ldct] MLflow run {run_id} in {uri} (experiment ldct/train)", flush=True)
     try:
         if workers == 0:
             session = run_local(cfg, checkpoint_root=storage_path / f"local-{cfg.profile}")
             best = max(session.reports, key=lambda r: r.get(VAL_METRIC, -math.inf))
             best_dir = next(p for p in session.checkpoints if p.name.endswith(f"{int(best['step']):07d}"))
+            if run_id:
+                tracking.log_reports(uri, run_id, session.reports)
         else:
-            result = run_with_ray(cfg, storage_path)
+            callbacks = [tracking.train_callback(uri, run_id)] if run_id else None
+            result = run_with_ray(cfg, storage_path, name=name, callbacks=callbacks)
             if result.error is not None:
                 raise result.error
             best_checkpoint = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
@@ -646,6 +622,8 @@ def main_train(cfg: Config, workers: int | None, json_out: bool, storage: str | 
 
             traceback.print_exc(file=sys.stderr)
         print(f"ldct train: failed: {root_cause(exc)}", file=sys.stderr)
+        if run_id:
+            tracking.finish_training_run(uri, run_id, None, None, error=root_cause(exc))
         return 1
     generator, _ = generator_from_state(load_state(best_dir))
     from ldct.evaluate import evaluate_generator, format_eval, mean_rows
@@ -653,6 +631,8 @@ def main_train(cfg: Config, workers: int | None, json_out: bool, storage: str | 
     full_table = evaluate_generator(generator, cfg, progress=sys.stderr.isatty())
     table = mean_rows(full_table)
     minutes = (time.perf_counter() - started) / 60
+    if run_id:
+        tracking.finish_training_run(uri, run_id, best_dir, table)
     print(f"\nTest split ({cfg.profile} profile, best checkpoint {best_dir}, {minutes:.1f} min):")
     print(format_eval(full_table))
     if json_out:

@@ -5,32 +5,22 @@ from __future__ import annotations
 import json
 import shutil
 
-import mlflow
 import numpy as np
 import pydicom
 import pytest
+from _registry import register_smoke
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from ldct import tracking
 from ldct.cli import best_main
-from ldct.config import load_config
-from ldct.train import load_state, run_local
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A smoke-trained generator registered as version 1 with alias `candidate` in a SQLite store."""
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    session = run_local(load_config("smoke", ["train.iterations=2"]), checkpoint_root=root / "ckpt")
-    state = load_state(session.checkpoints[-1])
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment("ldct/cli-test")
-    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
-        pass
-    version = tracking.register_state(state, run.info.run_id, uri, tags={"study": "cli-test"})
-    return uri, str(version.version)
+    uri, version, _ = register_smoke(tmp_path_factory.mktemp("registry"))
+    return uri, version
 
 
 def _aliases(uri: str) -> dict[str, str]:
@@ -72,7 +62,13 @@ def test_show_lists_versions_with_aliases(registry, capsys):
     uri, version = registry
     assert best_main(["--tracking-uri", uri, "show"]) == 0
     out = capsys.readouterr().out
-    assert "candidate" in out and version in out
+    assert "candidate" in out and version in out and "ldct-pyfunc-1" in out
+
+
+def test_show_with_nothing_registered_says_so_on_stderr(tmp_path, capsys):
+    assert best_main(["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "show"]) == 1
+    captured = capsys.readouterr()
+    assert "no registered versions" in captured.err and captured.out == ""
 
 
 def test_unknown_alias_names_what_exists(registry, capsys):

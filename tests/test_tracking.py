@@ -1,0 +1,93 @@
+"""Tracking: `ldct train` logs a run, params go in batches, artifacts stay beside a SQLite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ldct import tracking
+from ldct.cli import main
+
+
+def test_artifact_root_is_beside_the_sqlite_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    mlflow_client = tracking.client(f"sqlite:///{db}")
+    experiment_id = tracking.ensure_experiment(mlflow_client, "ldct/x")
+    location = mlflow_client.get_experiment(experiment_id).artifact_location
+    assert location == (db.parent / "mlartifacts" / "ldct_x").as_uri()
+    assert tracking.artifact_root("http://127.0.0.1:5000") is None  # a server decides for itself
+    # The study prints where its runs and artifacts are, and the UI link.
+    text = tracking.describe_store(mlflow_client, "x")
+    assert str(db.parent / "mlartifacts") in text and "workflowType=machine_learning" in text
+
+
+def test_trial_run_name_carries_the_lambdas():
+    name = tracking.trial_run_name(
+        "a1b2", {"loss.lambda_l1": 1.0, "loss.lambda_perceptual": 0.1, "loss.lambda_gp": 10, "optim.lr": 1e-5}
+    )
+    assert name == "a1b2 λ2=1 λ3=0.1 λgp=10 lr=1e-05"
+
+
+def test_ldct_train_logs_a_run(tmp_path, monkeypatch, capsys):
+    """In-process `ldct train` against a SQLite store: params (one batch), every validation, the
+    best checkpoint, the test table, git commit and data source; nothing in the working directory."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(
+        ["train", "--profile", "smoke", "--workers", "0", "--storage", str(tmp_path / "runs"),
+         "--tracking-uri", uri, "--set", "train.iterations=4"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert "MLflow run" in capsys.readouterr().out
+    mlflow_client = tracking.client(uri)
+    experiment = mlflow_client.get_experiment_by_name("ldct/train")
+    (run,) = mlflow_client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.encoder"] == "resnet10t"
+    assert run.data.params["data.source"] == "builtin-simulated"
+    assert run.data.params["best_step"] in ("2", "4")
+    assert len(run.data.tags["ldct.git_commit"]) >= 40
+    assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val_psnr_window")] == [2, 4]
+    assert run.data.metrics["test_denoised_psnr_window"] > 0 and "test_ldct_ssim_full" in run.data.metrics
+    artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "panel.png", "test_table.json"} <= artifacts
+    table = json.loads(
+        Path(mlflow_client.download_artifacts(run.info.run_id, "test_table.json", str(tmp_path))).read_text()
+    )
+    assert set(table) == {"ldct", "classical", "denoised"}
+    assert list(work.iterdir()) == []
+    assert (tmp_path / "mlartifacts" / "ldct_train").is_dir()
+
+
+def test_params_are_logged_in_batches(tmp_path):
+    """60 params: one log_batch round trip, read back complete (counted on the real client)."""
+    mlflow_client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow_client.create_run(tracking.ensure_experiment(mlflow_client, "ldct/p"))
+    calls = []
+    real = mlflow_client.log_batch
+    mlflow_client.log_batch = lambda *a, **k: calls.append(len(k.get("params", []))) or real(*a, **k)
+    tracking.log_params(mlflow_client, run.info.run_id, {f"p.k{i}": i for i in range(160)})
+    assert calls == [100, 60]
+    assert len(mlflow_client.get_run(run.info.run_id).data.params) == 160
+
+
+@pytest.mark.slow
+def test_ldct_train_under_ray_logs_each_validation(tmp_path, ray_local, monkeypatch, capsys):
+    """The Ray Train path: a Train callback logs every validation as it happens."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(
+        ["train", "--profile", "smoke", "--workers", "1", "--storage", str(tmp_path / "runs"),
+         "--tracking-uri", uri, "--set", "train.iterations=4", "--set", "train.cpus_per_worker=0.5"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    mlflow_client = tracking.client(uri)
+    (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("ldct/train").experiment_id])
+    assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val_psnr_window")] == [2, 4]
+    assert "checkpoint" in {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
