@@ -74,6 +74,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # Architecture (ldct.models registry): "encoder_decoder" (timm encoder + decoder, the paper's
+    # generator) or "redcnn" (the RED-CNN baseline; train it with loss.lambda_adv = 0).
+    arch: str = "encoder_decoder"
     encoder: str = "tf_efficientnetv2_m"
     # Indices into timm's feature_info. For tf_efficientnetv2_m, (2, 3, 4) are blocks.2/4/6, the
     # paper's stages 3, 5 and 7 (strides 8, 16, 32).
@@ -82,6 +85,7 @@ class ModelConfig:
     encoder_weights: str = "none"
     decoder_channels: int = 64
     critic_channels: int = 64
+    redcnn_channels: int = 96  # RED-CNN width (the paper's 96)
 
 
 @dataclass(frozen=True)

@@ -609,6 +609,7 @@ def register_state(
     all_tags = {
         "trial_run_id": run_id,
         "profile": cfg.profile,
+        "arch": cfg.model.arch,
         "encoder": cfg.model.encoder,
         "format": serving.MODEL_FORMAT,
         **{k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("val_")},
