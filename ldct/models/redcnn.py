@@ -59,7 +59,9 @@ class REDCNN(nn.Module):
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"RED-CNN expects [N,1,H,W], got {tuple(x.shape)}")
         if x.shape[-1] < MIN_SIZE or x.shape[-2] < MIN_SIZE:
-            raise ValueError(f"RED-CNN needs H, W >= {MIN_SIZE} (five unpadded 5x5 convs), got {tuple(x.shape)}")
+            raise ValueError(
+                f"RED-CNN needs H, W >= {MIN_SIZE} (five unpadded 5x5 convs), got {tuple(x.shape)}"
+            )
         z = self.standardize(x)
         c1 = F.relu(self.convs[0](z))
         c2 = F.relu(self.convs[1](c1))
