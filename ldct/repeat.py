@@ -55,6 +55,7 @@ class RepeatResult:
     runs: list[dict[str, Any]]  # per run: run_id, arm, seed, status, test (metric -> value)
     classical: dict[str, dict[str, float]]
     labels: dict[str, str]
+    classical_budget: list[str]  # how the classical rows were tuned (ldct.evaluate.budget_lines)
     wall_seconds: float
 
 
@@ -185,7 +186,7 @@ def run_repeat(
     )
     tuner.fit()
 
-    classical, labels = score_classical(base, cache_dir, splits)
+    classical, labels, budget = score_classical(base, cache_dir, splits)
     tracking.log_test_table(mlflow_client, parent, classical)
     runs = []
     for run in sorted(
@@ -206,12 +207,15 @@ def run_repeat(
     wall = time.perf_counter() - started
     mlflow_client.log_metric(parent, "repeat_wall_seconds", wall)
     mlflow_client.set_terminated(parent, status="FINISHED")
-    return RepeatResult(name, uri, parent, seed_list, runs, classical, labels, wall)
+    return RepeatResult(name, uri, parent, seed_list, runs, classical, labels, budget, wall)
 
 
-def score_classical(cfg: Any, cache_dir: Path, splits: dict[str, list[str]]) -> tuple[dict, dict]:
-    """LDCT, Gaussian and BM3D (both tuned on validation) on the test split: once per repeat."""
-    from ldct.evaluate import DEFAULT_TUNE_SLICES, evaluate_split
+def score_classical(
+    cfg: Any, cache_dir: Path, splits: dict[str, list[str]]
+) -> tuple[dict[str, dict[str, float]], dict[str, str], list[str]]:
+    """LDCT, Gaussian and BM3D (both tuned on validation) on the test split, once per repeat:
+    (mean rows, row labels, the tuning budget in words)."""
+    from ldct.evaluate import DEFAULT_TUNE_SLICES, budget_lines, evaluate_split
 
     table = evaluate_split(
         cache_dir,
@@ -220,16 +224,7 @@ def score_classical(cfg: Any, cache_dir: Path, splits: dict[str, list[str]]) -> 
         tune_slices=cfg.data.max_val_slices or DEFAULT_TUNE_SLICES,
     )
     rows = {key: dict(table["mean"][key]) for key in table["rows"]}
-    return rows, {**table["labels"], "_tuning": json.dumps(_tuning_note(table))}
-
-
-def _tuning_note(table: dict[str, Any]) -> dict[str, Any]:
-    tuning = table["tuning"]
-    return {
-        key: {"grid": tuning[key].get("grid"), "chosen": tuning[key].get("chosen")}
-        for key in ("gaussian", "bm3d")
-        if key in tuning
-    } | {"val_patients": tuning.get("patients"), "crop": tuning.get("crop")}
+    return rows, dict(table["labels"]), budget_lines(table)
 
 
 def score_run(mlflow_client: Any, run_id: str, cache_dir: Path, splits: dict[str, list[str]]) -> dict:
@@ -311,8 +306,8 @@ def summary_of(result: RepeatResult) -> dict[str, Any]:
         "seeds": result.seeds,
         "arms": arms,
         "classical": result.classical,
-        "labels": {k: v for k, v in result.labels.items() if not k.startswith("_")},
-        "classical_tuning": json.loads(result.labels.get("_tuning", "{}")),
+        "labels": result.labels,
+        "classical_budget": result.classical_budget,
         "paired": paired,
         "wall_seconds": result.wall_seconds,
         "parent_run_id": result.parent_run_id,
@@ -337,8 +332,9 @@ def markdown(summary: dict[str, Any], cfg: Any, arm_labels: dict[str, str]) -> s
         f"Profile `{cfg.profile}`: {t.iterations} iterations of batch {t.batch_size} "
         f"({cfg.data.patch_size}² patches) per run, seeds {summary['seeds']} (`train.seed`: network "
         "initialisation and patch stream). Every learned arm has the same iteration budget and the "
-        "same seeds; the classical rows are tuned on the validation split "
-        f"({json.dumps(summary['classical_tuning'])}), never on test.",
+        "same seeds; the classical rows are tuned on the validation split, never on test:",
+        "",
+        *(f"- {line}" for line in summary["classical_budget"]),
         "",
         "Test split (real CT), mean ± sample std (ddof=1) over seeds of each run's mean over slices; "
         "`window`: [-160, 240] HU (range 400), `full`: [-1024, 3072] HU (range 4096).",

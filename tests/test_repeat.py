@@ -11,7 +11,7 @@ from scipy import stats
 from ldct import tracking
 from ldct.config import load_config
 from ldct.metrics import METRIC_NAMES
-from ldct.repeat import arms_for, main, paired_test, summarise
+from ldct.repeat import RepeatResult, arms_for, main, markdown, paired_test, summarise, summary_of
 from ldct.train import run_local
 from ldct.tune import first_point
 
@@ -89,3 +89,29 @@ def test_smoke_repeat_three_seeds(tmp_path, ray_local, capsys):
     assert "LDCT input" in report and "BM3D" in report
     psnr = arm["metrics"]["psnr_window"]
     assert f"{psnr['mean']:.2f} ± {psnr['std']:.2f}" in report
+
+
+def test_report_pairs_the_arms_by_seed():
+    rng = np.random.default_rng(0)
+    runs = []
+    for arm, shift in (("source", 0.3), ("paper", 0.0)):
+        for seed in (0, 1, 2, 3):
+            test = {m: float(rng.normal(30 + shift, 0.1)) for m in METRIC_NAMES}
+            runs.append(
+                {"run_id": f"{arm}{seed}", "arm": arm, "seed": seed, "status": "completed", "test": test}
+            )
+    runs.append({"run_id": "x", "arm": "paper", "seed": 4, "status": "failed", "test": None})
+    classical = {k: dict.fromkeys(METRIC_NAMES, 1.0) for k in ("ldct", "gaussian", "bm3d")}
+    labels = {"ldct": "LDCT input", "gaussian": "Gaussian σ=1px", "bm3d": "BM3D σ_psd=30HU"}
+    result = RepeatResult(
+        "repeat-x", "sqlite://", "p", [0, 1, 2, 3, 4], runs, classical, labels, ["grid"], 60.0
+    )
+    summary = summary_of(result)
+    assert summary["arms"]["paper"]["failed_seeds"] == [4] and summary["paired"]["seeds"] == [0, 1, 2, 3]
+    by = {(r["arm"], r["seed"]): r["test"]["psnr_window"] for r in runs if r["test"]}
+    diff = np.array([by["source", s] - by["paper", s] for s in range(4)])
+    paired = summary["paired"]["metrics"]["psnr_window"]
+    assert paired["mean"] == pytest.approx(diff.mean()) and paired["std"] == pytest.approx(diff.std(ddof=1))
+    text = markdown(summary, load_config("smoke"), {"source": "x configuration", "paper": "paper λ's"})
+    assert "x configuration − paper λ's, paired by seed (n=4)" in text and "failed seeds: [4]" in text
+    assert f"{paired['mean']:+.4f}" in text and "- grid" in text
