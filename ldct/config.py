@@ -179,6 +179,12 @@ class StudyConfig:
     optuna_storage: str = ""
     # Throughput bar for promotion (paper: 12.5 FPS at 512x512 on a T4).
     min_fps: float = 12.5
+    # Pareto study (ldct.pareto): Optuna maximises val PSNR and 512² batch-1 FPS together (no
+    # ASHA); the last validation measures FPS (`fps_repeats` timed calls, on the trial's device).
+    pareto: bool = False
+    # A categorical over architectures: a timm encoder name (arch encoder_decoder) or "redcnn".
+    arch_choices: tuple[str, ...] = ()
+    fps_repeats: int = 3
 
 
 @dataclass(frozen=True)

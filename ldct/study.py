@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None, default_profile: str | None = None, prog
             cfg=cfg,
             study_result=result,
         )
+        if result.pareto is not None:
+            from ldct.pareto import write_front
+
+            write_front(result.pareto["rows"], result.pareto["min_fps"], result.pareto["message"], out)
+            print((out / "pareto.md").read_text())
         print((out / "leaderboard.md").read_text())
         print(f"report: {out}")
     print(f"compare the runs:  mlflow ui --backend-store-uri {result.tracking_uri}")

@@ -297,6 +297,8 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
             from ldct.losses import RANDOM_PERCEPTUAL_NOTE
 
             self._mlflow().set_tag(run_id, "ldct.perceptual", RANDOM_PERCEPTUAL_NOTE)
+        if result.get("fps_device"):
+            self._mlflow().set_tag(run_id, "ldct.fps_device", str(result["fps_device"]))
         if result.get("resumed_from_step"):
             # A Ray Train retry restored a checkpoint inside this trial (same run, same trial id).
             self._mlflow().set_tag(run_id, "ldct.resumed_from_step", str(int(result["resumed_from_step"])))
@@ -347,7 +349,7 @@ def metrics_of(result: dict[str, Any], now_ms: int | None = None) -> list[Any]:
         if isinstance(v, int | float)
         and not isinstance(v, bool)
         and math.isfinite(float(v))
-        and (k.startswith(("val_", "train_")) or k in ("it_per_s", "step", "resumed_from_step"))
+        and (k.startswith(("val_", "train_")) or k in ("it_per_s", "step", "resumed_from_step", "fps"))
     ]
 
 
@@ -535,12 +537,15 @@ def best_trial_run(mlflow_client: Any, study: str) -> Any:
     return max(runs, key=lambda r: r.data.metrics["best_val_psnr_window"])
 
 
-def register_best(study: str, tracking_uri: str | None = None, profile: str = "") -> Any:
-    """Register the study's best trial as ``ldct-denoiser`` with alias ``candidate``; returns the version."""
+def register_best(
+    study: str, tracking_uri: str | None = None, profile: str = "", run: Any | None = None
+) -> Any:
+    """Register the study's best trial (or ``run``, one of its trial runs) as ``ldct-denoiser``
+    with alias ``candidate``; returns the version."""
     from ldct.checkpoint import CHECKPOINT_FILE, load_state
 
     mlflow_client = client(tracking_uri)
-    best = best_trial_run(mlflow_client, study)
+    best = run if run is not None else best_trial_run(mlflow_client, study)
     run_id = best.info.run_id
     with tempfile.TemporaryDirectory(prefix="ldct-register-") as tmp:
         local = Path(mlflow_client.download_artifacts(run_id, f"checkpoint/{CHECKPOINT_FILE}", tmp))

@@ -318,8 +318,8 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
                 "resumed_from_step": resumed_from,
                 # 1.0: λ₃ weighs a random network (the MLflow writer tags the run, reports say so).
                 "perceptual_random": float(
-                        cfg.loss.lambda_perceptual != 0 and getattr(nets.perceptual, "random_weights", False)
-                    ),
+                    cfg.loss.lambda_perceptual != 0 and getattr(nets.perceptual, "random_weights", False)
+                ),
             }
             meter = _Meter()
             if world > 1 and rank != 0:
@@ -336,6 +336,15 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
                     metrics["val_gain_psnr_window"] = (
                         metrics["val_psnr_window"] - metrics["val_ldct_psnr_window"]
                     )
+                    if cfg.study.pareto:
+                        # The second objective, on this worker's own device, after training. Tune
+                        # wants it in every result; Optuna reads only the last (multi-objective).
+                        from ldct.pareto import trial_fps
+
+                        last = step == cfg.train.iterations
+                        metrics.update(
+                            trial_fps(generator, device, cfg.study.fps_repeats) if last else {"fps": math.nan}
+                        )
                     is_best = metrics[VAL_METRIC] > best
                     best = max(best, metrics[VAL_METRIC])
                     metrics["is_best"] = int(is_best)
