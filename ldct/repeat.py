@@ -189,8 +189,12 @@ def run_repeat(
     classical, labels, budget = score_classical(base, cache_dir, splits)
     tracking.log_test_table(mlflow_client, parent, classical)
     runs = []
+    # Only this parent's runs: an earlier repeat of the same name (its Ray dir removed) stays apart.
+    mine = [
+        r for r in tracking.trial_runs(mlflow_client, name) if r.data.tags.get(tracking.PARENT_TAG) == parent
+    ]
     for run in sorted(
-        tracking.trial_runs(mlflow_client, name),
+        mine,
         key=lambda r: (r.data.params.get("repeat_arm", ""), int(r.data.params.get("train.seed", 0))),
     ):
         row = {
