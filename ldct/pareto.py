@@ -41,7 +41,9 @@ def trial_fps(generator: Any, device: Any, repeats: int) -> dict[str, Any]:
     result = measure_fps(
         generator, str(device), size=512, batch_sizes=(1,), warmup=1, repeats=max(1, repeats)
     )
-    return {"fps": float(result["fps"]), "fps_device": f"{result['device']} ({result['device_name']})"}
+    # The precision is part of the figure (CUDA measures fp16 autocast, CPU fp32).
+    where = f"{result['device']} ({result['device_name']}, {result['precision']})"
+    return {"fps": float(result["fps"]), "fps_device": where}
 
 
 def pareto_ranks(points: list[tuple[float, float]]) -> list[int]:
