@@ -56,8 +56,8 @@ def main() -> None:
     crop = evaluate.DEFAULT_TUNE_CROP
     n_tune = len(evaluate.DEFAULT_BM3D_SIGMAS_HU) * evaluate.DEFAULT_TUNE_SLICES
     sizes = [int(s) for s in args.test.split(",")]
-    scale = {s: per[512][0] * (s / 512) ** 2 for s in sizes}
-    tune_s, test_s = n_tune * per[crop][0], sum(scale.values())
+    tune_s = n_tune * per[crop][0]
+    test_s = sum(per[512][0] * (s / 512) ** 2 for s in sizes)
     print(
         f"one `ldct eval`: BM3D tuning {n_tune} runs at {crop}x{crop} ~ {tune_s:.0f} s, "
         f"test slices {sizes} ~ {test_s:.0f} s (area-scaled), total ~ {tune_s + test_s:.0f} s wall"

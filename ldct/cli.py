@@ -277,7 +277,7 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--checkpoint", metavar="DIR", help="a training checkpoint directory (state.pt)")
     src.add_argument("--onnx", metavar="DIR", help="an export directory (from `ldct-best export`)")
     p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--no-bm3d", action="store_true", help="leave BM3D out (it takes ~8 s per 512x512 slice)")
+    p.add_argument("--no-bm3d", action="store_true", help="leave BM3D out (8-14 s of CPU per 512x512 slice)")
     p.add_argument(
         "--tune-slices",
         type=int,

@@ -31,7 +31,8 @@ from ldct.metrics import METRIC_NAMES, MetricAccumulator, all_metrics, psnr_wind
 # Gaussian baseline: sigmas (pixels) tried on the validation slices; 0 = the LDCT input itself.
 DEFAULT_SIGMAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 # BM3D: sigma_psd candidates in HU. Quarter-dose noise is ~10-60 HU (each slice's figure is in the
-# table); BM3D costs ~8 s per 512x512 slice on one core, so the grid stays at five points.
+# table); BM3D costs 8-14 s of CPU per 512x512 CT slice (benchmarks/bm3d_eval.py), so the grid
+# stays at five points.
 DEFAULT_BM3D_SIGMAS_HU = (10.0, 20.0, 35.0, 50.0, 70.0)
 # Validation slices used to tune each classical method (spread evenly over the split), each cut to
 # its central DEFAULT_TUNE_CROP x DEFAULT_TUNE_CROP pixels: BM3D's best sigma follows the noise
@@ -131,7 +132,8 @@ def gaussian_denoise(hu: np.ndarray | torch.Tensor, sigma: float) -> np.ndarray 
 def bm3d_denoise(hu: np.ndarray, sigma_psd: float) -> np.ndarray:
     """BM3D (Dabov et al. 2007; the ``bm3d`` package, both stages) of a HU slice [H, W].
 
-    ``sigma_psd`` is the white-noise std in HU. Slow: ~8 s for 512x512 on one core.
+    ``sigma_psd`` is the white-noise std in HU. Slow: 8-14 s of CPU for a 512x512 CT slice
+    (benchmarks/bm3d_eval.py).
     """
     import bm3d
 
