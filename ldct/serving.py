@@ -119,7 +119,9 @@ def _mlflow_python_model() -> type:
                 context.artifacts["weights"], context.artifacts["spec"]
             )
 
-        def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        # model_input unannotated on purpose: MLflow reads that hint as a schema and warns on Any;
+        # the logged signature ([N, H, W] float32) is the schema.
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
             if isinstance(model_input, dict) and len(model_input) == 1:  # {"name": array}
                 model_input = next(iter(model_input.values()))
             if hasattr(model_input, "to_numpy"):  # a DataFrame of one slice's rows

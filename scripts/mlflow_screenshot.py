@@ -63,7 +63,12 @@ def main() -> int:
     parser.add_argument("--tracking-uri", required=True, help="the study's store (sqlite:///... absolute)")
     parser.add_argument("--study", required=True, help="study name (experiment ldct/<study>)")
     parser.add_argument("--out", required=True, help="PNG to write")
-    parser.add_argument("--page", default="table", choices=["table", "chart"], help="runs table or charts")
+    parser.add_argument(
+        "--page",
+        default="table",
+        choices=["table", "chart", "plain"],
+        help="the study's link (table), its charts, or the bare experiment URL (what MLflow opens by itself)",
+    )
     parser.add_argument("--size", default="1600,1000", help="window size W,H in pixels")
     parser.add_argument("--wait-ms", type=int, default=20000, help="virtual time the page gets to render")
     args = parser.parse_args()
@@ -91,6 +96,8 @@ def main() -> int:
             url = tracking.ui_url(mlflow_client.tracking_uri, experiment.experiment_id, base=base)
             if args.page == "chart":
                 url += "&compareRunsMode=CHART"
+            elif args.page == "plain":
+                url = f"{base}/#/experiments/{experiment.experiment_id}"
             out = Path(args.out).resolve()
             out.parent.mkdir(parents=True, exist_ok=True)
             command = [
