@@ -213,6 +213,11 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", help="where Ray keeps runs and checkpoints (default ./runs)")
     p.add_argument("--json", action="store_true", help="end with one JSON line: ldct / classical / denoised")
     p.add_argument(
+        "--check",
+        action="store_true",
+        help="only report every missing input (weights, data, storage, MLflow)",
+    )
+    p.add_argument(
         "--tracking-uri",
         help="log the run to this MLflow store (default: MLFLOW_TRACKING_URI if set, else no logging)",
     )
@@ -226,6 +231,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
     if args.data:
         cfg = apply_overrides(cfg, [f"data.cache={Path(args.data).resolve()}"])
+    if args.check:
+        from ldct.preflight import report
+
+        return report(cfg, storage=args.storage, tracking_uri=args.tracking_uri)
     return main_train(
         cfg, workers=args.workers, json_out=args.json, storage=args.storage, tracking_uri=args.tracking_uri
     )
@@ -384,18 +393,59 @@ def best_main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("show", help="registered versions with aliases, metrics and FPS")
     p.set_defaults(handler=_cmd_show)
 
-    p = sub.add_parser("validate", help="measure FPS at 512x512; on pass move alias champion here")
+    p = sub.add_parser(
+        "validate",
+        help="gate + time an inference path at 512x512; on pass move alias champion here",
+        description="Judge the path (backend x precision) by the precision gate on the test split "
+        "(window PSNR/SSIM and max |diff| vs fp32, deploy.gate_* keys), time the passing paths at "
+        "512x512 batch 1 (the gate figure; batched throughput reported beside it), and promote the "
+        "fastest that meets the bar.",
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model-version", "--version", dest="version", help="registry version number")
     which.add_argument("--alias", default=None, help="registry alias (default: candidate)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
     p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["auto", *_backend_names()],
+        help="inference runtime (default torch); auto = the fastest gated path of this device",
+    )
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=["auto", "fp32", "bf16", "fp16", "int8"],
+        help="default fp32 on CPU, fp16 on CUDA; auto = every precision this backend runs here",
+    )
+    p.add_argument(
         "--min-fps", type=float, help="bar (default 12.5 on CUDA, the paper's T4 figure; required on CPU)"
     )
     p.add_argument("--repeats", type=int, default=5, help="timed runs per batch size (median)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=512,
+        help="timed image size (default 512, the paper's; smaller only for smoke checks, and tagged)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override the model's own config, e.g. deploy.gate_max_abs_hu=3 (repeatable)",
+    )
+    p.add_argument(
+        "--on-cluster",
+        action="store_true",
+        help="gate and time in a Ray task holding one GPU (a T4 worker), not on this (head) machine",
+    )
+    p.add_argument("--gpu-timeout", type=float, default=900.0, help="seconds to wait for a GPU worker")
     p.set_defaults(handler=_cmd_validate)
 
-    p = sub.add_parser("export", help="write model.onnx, model.pt and model_card.json")
+    p = sub.add_parser(
+        "export", help="write model.onnx, model.pt, model.xml/.bin (OpenVINO) and model_card.json"
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model-version", "--version", dest="version", help="registry version number")
     which.add_argument("--alias", default=None, help="registry alias (default: champion)")
@@ -409,7 +459,13 @@ def best_main(argv: Sequence[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="an export directory (from `ldct-best export`)")
     src.add_argument("--alias", help="registry alias to load instead (e.g. champion)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "openvino"])
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="openvino/torch precision (bf16 only where the CPU has it natively; default fp32)",
+    )
     p.set_defaults(handler=_cmd_denoise)
 
     p = sub.add_parser(
@@ -457,13 +513,36 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backend_names() -> list[str]:
+    # Names only (no runtime imports): ldct.deploy.backends imports torch, which --help must not wait for.
+    return ["torch", "onnxruntime", "openvino", "torch-cuda", "onnxruntime-cuda", "tensorrt"]
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     import torch
 
     from ldct import tracking
-    from ldct.deploy.throughput import check_bar, default_min_fps, measure_fps
+    from ldct.config import apply_overrides, from_flat
+    from ldct.deploy.backends import BACKENDS, candidate_paths
+    from ldct.deploy.throughput import default_min_fps
+    from ldct.deploy.validate import validate_paths
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.on_cluster:
+        from ldct.remote import RemoteError, connect
+
+        try:
+            connect()  # before loading anything: no cluster is a two-second answer, not a hang
+        except RemoteError as exc:
+            print(f"ldct-best validate: {exc}", file=sys.stderr)
+            return 2
+    backend = args.backend
+    if args.on_cluster or (backend != "auto" and BACKENDS[backend].device_type == "cuda"):
+        device = "cuda"
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if backend == "torch" and device == "cuda":
+        backend = "torch-cuda"
+    precision = args.precision or ("fp16" if device == "cuda" else "fp32")
     min_fps = args.min_fps if args.min_fps is not None else default_min_fps(device)
     if min_fps is None:
         print(
@@ -472,28 +551,76 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    paths = candidate_paths(backend, precision, device)  # an impossible path fails here, loudly
     generator, meta = tracking.load_registered(
         alias=args.alias if args.version is None else None,
         version=args.version,
         tracking_uri=args.tracking_uri,
     )
-    print(f"validating ldct-denoiser v{meta['version']} on {device} (bar {min_fps:g} FPS at 512x512)...")
-    result = measure_fps(generator, device=device, repeats=args.repeats)
-    for batch, row in sorted(result["per_batch"].items()):
-        print(f"  batch {batch}: {row['fps']:.2f} FPS (median {row['median_s'] * 1000:.0f} ms per batch)")
-    if check_bar(result, min_fps):
-        tracking.promote(meta["version"], {**result, "size": 512}, min_fps, args.tracking_uri)
+    cfg = apply_overrides(from_flat(meta["config"]), args.overrides)
+    print(
+        f"validating ldct-denoiser v{meta['version']} on {device}: paths "
+        f"{', '.join(f'{b} {p}' for b, p in paths)} (bar {min_fps:g} FPS at {args.size}x{args.size}, "
+        "batch 1)..."
+    )
+    if args.on_cluster:
+        from ldct.remote import RemoteError, validate_on_gpu_worker
+
+        try:
+            report = validate_on_gpu_worker(
+                generator, cfg, paths, repeats=args.repeats, size=args.size, timeout_s=args.gpu_timeout
+            )
+        except RemoteError as exc:
+            print(f"ldct-best validate: {exc}", file=sys.stderr)
+            return 1
+    else:
+        report = validate_paths(generator, cfg, paths, repeats=args.repeats, size=args.size)
+    chosen = report["chosen"]
+    mlflow_client = tracking.client(args.tracking_uri)
+    if chosen is None:
+        refused = "; ".join(
+            f"{r['backend']} {r['precision']}: {', '.join(r['gate']['failures'])}" for r in report["rows"]
+        )
+        mlflow_client.set_model_version_tag(
+            tracking.MODEL_NAME,
+            meta["version"],
+            "fps_last_failed",
+            f"precision gate refused {refused}"[:5000],
+        )
+        print(f"FAIL: no path passed the precision gate ({refused}); aliases unchanged", file=sys.stderr)
+        return 1
+    result = chosen["throughput"]
+    label = f"{result['backend']} {result['precision']}"
+    if result["fps"] >= min_fps:
+        tracking.promote(meta["version"], result, min_fps, args.tracking_uri)  # fps_size from result
+        _tag_path(mlflow_client, tracking.MODEL_NAME, meta["version"], chosen)
         print(
-            f"PASS: {result['fps']:.2f} FPS >= {min_fps:g} on {result['device_name']}; "
+            f"PASS: {label} {result['fps']:.2f} FPS at batch 1 >= {min_fps:g} on {result['device_name']} "
+            f"(batch {result['batched_batch']}: {result['batched_fps']:.2f} FPS); "
             f"alias 'champion' -> v{meta['version']}"
         )
         return 0
     tracking.record_failed_validation(meta["version"], result, min_fps, args.tracking_uri)
     print(
-        f"FAIL: {result['fps']:.2f} FPS < {min_fps:g} on {result['device_name']}; aliases unchanged",
+        f"FAIL: fastest gated path {label} {result['fps']:.2f} FPS at batch 1 < {min_fps:g} on "
+        f"{result['device_name']} (batch {result['batched_batch']}: {result['batched_fps']:.2f} FPS); "
+        "aliases unchanged",
         file=sys.stderr,
     )
     return 1
+
+
+def _tag_path(mlflow_client, model_name: str, version: str, row: dict) -> None:
+    """Beside tracking.promote's fps tags: backend, latency, batched figure and the gate's deltas."""
+    result, verdict = row["throughput"], row["gate"]
+    tags = {
+        "fps_backend": result["backend"],
+        "fps_latency_ms": f"{result['latency_ms']:.1f}",
+        "fps_batched": f"{result['batched_fps']:.2f} at batch {result['batched_batch']}",
+        "fps_gate": json.dumps({k: v for k, v in verdict.items() if k != "failures"}),
+    }
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model_name, str(version), key, value)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -507,8 +634,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = export_bundle(generator, meta, Path(args.out), force=args.force)
     print(
         f"exported ldct-denoiser v{meta['version']} to {args.out}: "
-        f"{', '.join(sorted(report.get('files', [])))}; onnxruntime vs torch max error "
-        f"{report['parity_max_abs_hu']:.4f} HU"
+        f"{', '.join(sorted(report.get('files', [])))}; max error vs torch: onnxruntime "
+        f"{report['parity_max_abs_hu']:.4f} HU, openvino {report['parity']['max_abs_hu_openvino']:.4f} HU"
     )
     return 0
 
@@ -531,6 +658,7 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
         backend="torch" if generator is not None else args.backend,
         generator=generator,
         meta=meta,
+        precision=args.precision,
     )
     print(f"wrote {len(report['written'])} slices to {args.output} ({report['seconds']:.1f} s)")
     for path, reason in report["skipped"]:

@@ -188,6 +188,19 @@ class StudyConfig:
 
 
 @dataclass(frozen=True)
+class DeployConfig:
+    """The precision gate of ``ldct-best validate`` (DESIGN.md §5b): a reduced-precision path is
+    judged against fp32 on the test split, in image-quality terms."""
+
+    # Window-convention PSNR/SSIM of the path minus fp32's (mean over the panel), at most:
+    gate_psnr_db: float = 0.02
+    gate_ssim: float = 0.0005
+    gate_max_abs_hu: float = 5.0  # largest |path - fp32| over every panel pixel
+    gate_max_slices: int = 16  # test slices in the gate panel (evenly spread; 0 = all)
+    calibration_slices: int = 16  # training slices for INT8 calibration (never test)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -195,6 +208,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     profile: str = "default"
     normalization: HUNormalization = field(default_factory=HUNormalization)
 
@@ -206,6 +220,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "study": StudyConfig,
+    "deploy": DeployConfig,
 }
 
 

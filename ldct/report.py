@@ -61,15 +61,18 @@ def _first_point_lr(parent: Any) -> tuple[str, float | None]:
     return params.get("profile", "?"), lr
 
 
-def leaderboard_rows(mlflow_client: Any, study: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """One row per trial (best validation first; stopped, then failed trials last) and the LDCT
-    input's row. The trial with the paper's λ's is labelled "paper λ's under profile P"."""
+def leaderboard_rows(
+    mlflow_client: Any, study: str, parent_run_id: str | None = None
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One row per trial of one study invocation (its parent run; default the latest): best
+    validation first, stopped, then failed trials last, and the LDCT input's row. The trial with
+    the paper's λ's is labelled "paper λ's under profile P"."""
     from ldct.tracking import TAG_TRIAL, study_run, trial_runs
     from ldct.tune import is_paper_point, paper_label
 
-    profile, first_lr = _first_point_lr(study_run(mlflow_client, study))
+    profile, first_lr = _first_point_lr(study_run(mlflow_client, study, parent_run_id))
     rows, ldct_row = [], {}
-    for run in sorted(trial_runs(mlflow_client, study), key=lambda r: r.info.start_time):
+    for run in sorted(trial_runs(mlflow_client, study, parent_run_id), key=lambda r: r.info.start_time):
         p, m = run.data.params, run.data.metrics
         row = {
             "trial_id": run.data.tags.get(TAG_TRIAL, ""),
@@ -213,7 +216,8 @@ def write_report(
     from ldct import tracking
 
     mlflow_client = tracking.client(tracking_uri)
-    rows, ldct_row = leaderboard_rows(mlflow_client, study)
+    parent_id = getattr(study_result, "parent_run_id", None)
+    rows, ldct_row = leaderboard_rows(mlflow_client, study, parent_id)
     if not rows:
         raise tracking.TrackingError(f"study {study!r} has no trial runs in {mlflow_client.tracking_uri}")
     out = Path(results_root) / study
@@ -243,7 +247,7 @@ def write_report(
         "stopped": sum(r["status"] == "stopped" for r in rows),
         "ldct_val": ldct_row,
     }
-    parent = tracking.study_run(mlflow_client, study)
+    parent = tracking.study_run(mlflow_client, study, parent_id)
     if parent is not None:
         summary.update(
             {
@@ -272,7 +276,7 @@ def write_report(
         summary["param_importances"] = write_importances(study, parent.data.tags["ldct.optuna_storage"], out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     # The same files (and the test table as metrics) on the study's parent run, for the MLflow UI.
-    tracking.log_report(mlflow_client, study, out, summary.get("best_test"))
+    tracking.log_report(mlflow_client, study, out, summary.get("best_test"), parent_id)
     return out
 
 

@@ -1,11 +1,14 @@
 """The loss-weight study: Optuna (TPE) over λ₂ (L1), λ₃ (perceptual), λ_gp and the learning rate.
 
-    ldct study --profile quick                                # one machine, built-in data
-    python studies/loss_weights.py --profile quick            # the same (a thin caller of this)
-    ray submit cluster/cluster.yaml studies/loss_weights.py   # the cluster (paper profile)
+    ldct study --profile quick                                                    # one machine
+    python studies/loss_weights.py --profile quick                                # the same (thin caller)
+    ray submit cluster/local.yaml studies/loss_weights.py -- --profile paper      # a cluster
+    ray job submit --working-dir . -- python studies/loss_weights.py --profile paper
 
-On a cluster head (the launcher leaves ~/ray_bootstrap_config.yaml there) the default profile is
-`paper`; elsewhere it is `quick`.
+The profile is never guessed from leftovers on disk: it is --profile, else LDCT_PROFILE (which the
+cluster configs set for Ray Jobs), else `quick` - and where a Ray cluster is running (RAY_ADDRESS,
+or `ray start` on this machine) --profile or LDCT_PROFILE is required, so a former head node never
+trains the GPU profile by accident.
 """
 
 from __future__ import annotations
@@ -13,23 +16,36 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
-def cluster_default_profile() -> str:
-    """``paper`` on a Ray cluster head, ``quick`` elsewhere."""
-    return "paper" if (Path.home() / "ray_bootstrap_config.yaml").is_file() else "quick"
+def choose_profile(explicit: str | None, prog: str = "loss_weights") -> str:
+    """--profile, else LDCT_PROFILE, else `quick` - except on a cluster, where one must be given."""
+    if explicit:
+        return explicit
+    if os.environ.get("LDCT_PROFILE"):
+        return os.environ["LDCT_PROFILE"]
+    from ldct.remote import running_cluster
+
+    cluster = running_cluster()
+    if cluster:
+        raise SystemExit(
+            f"{prog}: a Ray cluster is running here ({cluster}): pass --profile explicitly "
+            f"(paper for the GPU cluster, quick or smoke for a check) or set LDCT_PROFILE"
+        )
+    return "quick"
 
 
-def main(argv: list[str] | None = None, default_profile: str | None = None, prog: str | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the study (``ldct study``, ``python studies/loss_weights.py``); returns the exit code."""
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--profile",
-        default=default_profile or cluster_default_profile(),
-        help="a profile name (`ldct profiles`) or a .toml path",
+        help="a profile name (`ldct profiles`) or a .toml path (default: LDCT_PROFILE, else quick; required on a cluster)",
+    )
+    parser.add_argument(
+        "--name", help="study name (default: study.name of the profile); a new name = a new study"
     )
     parser.add_argument(
         "--set",
@@ -47,19 +63,35 @@ def main(argv: list[str] | None = None, default_profile: str | None = None, prog
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted study of the same name"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only report every missing input (weights, data, storage, MLflow)",
+    )
     parser.add_argument("--no-report", action="store_true", help="skip writing results/<study>/")
-    parser.add_argument("--results", default="results", help="where the report goes (default ./results)")
+    parser.add_argument(
+        "--results",
+        help="where the report goes (default ./results; under Ray Jobs <storage>/results, and always "
+        "also the study's MLflow run as artifacts report/)",
+    )
     args = parser.parse_args(argv)
     # Passive OpenMP waiting before torch loads anywhere (ldct.train.cpu_thread_env says why).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from ldct.config import ConfigError, load_config
 
+    profile = choose_profile(args.profile, parser.prog)
+    overrides = [*args.overrides, *([f"study.name={args.name}"] if args.name else [])]
     try:
-        cfg = load_config(args.profile, args.overrides)
+        cfg = load_config(profile, overrides)
     except ConfigError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+
+    if args.check:
+        from ldct.preflight import report
+
+        return report(cfg, storage=args.storage, tracking_uri=args.tracking_uri)
 
     from ldct.tracking import TrackingError
     from ldct.train import TrainingError
@@ -82,12 +114,20 @@ def main(argv: list[str] | None = None, default_profile: str | None = None, prog
     if result.registered_version:
         print(f"registered ldct-denoiser version {result.registered_version} as alias 'candidate'")
     if not args.no_report:
-        from ldct.report import write_report
+        import tempfile
 
+        from ldct.report import write_report
+        from ldct.tune import in_ray_job
+
+        results = args.results
+        if results is None and in_ray_job():
+            # A Ray Job's working directory is deleted with the job: keep the report beside the
+            # checkpoints when they are on a (shared) path, else only in MLflow.
+            results = f"{result.storage}/results" if "://" not in result.storage else tempfile.mkdtemp()
         out = write_report(
             result.study,
             tracking_uri=result.tracking_uri,
-            results_root=args.results,
+            results_root=results or "results",
             cfg=cfg,
             study_result=result,
         )
@@ -97,6 +137,10 @@ def main(argv: list[str] | None = None, default_profile: str | None = None, prog
             write_front(result.pareto["rows"], result.pareto["min_fps"], result.pareto["message"], out)
             print((out / "pareto.md").read_text())
         print((out / "leaderboard.md").read_text())
-        print(f"report: {out}")
-    print(f"compare the runs:  mlflow ui --backend-store-uri {result.tracking_uri}")
+        print(f"report: {out} (and artifacts report/ of MLflow run {result.parent_run_id})")
+    from ldct.tracking import client, describe_store
+
+    print(describe_store(client(result.tracking_uri), result.study).replace("[ldct] ", ""))
+    if result.tracking_uri.startswith("http"):
+        print("(from your machine, forward the head's MLflow port first: ray attach CLUSTER.yaml -p PORT)")
     return 0 if completed else 1

@@ -240,8 +240,17 @@ def _ray_callback_base() -> type:
 class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
     """Tune callback (driver process): nested run per trial, metrics per validation, artifacts at the end."""
 
-    def __init__(self, tracking_uri: str, study: str, parent_run_id: str, extra_params: dict[str, Any]):
+    def __init__(
+        self,
+        tracking_uri: str,
+        study: str,
+        parent_run_id: str,
+        extra_params: dict[str, Any],
+        storage: str | None = None,
+    ):
         self.tracking_uri = tracking_uri
+        # The study's storage URI: Ray reports a checkpoint's path without its scheme (s3://).
+        self.storage = storage
         self.study = study
         self.parent_run_id = parent_run_id
         self.extra_params = extra_params
@@ -260,8 +269,11 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
             return self._runs[trial.trial_id]
         mlflow_client = self._mlflow()
         experiment_id = _experiment_id(mlflow_client, self.study)
+        # Scoped to this invocation's parent: a trial id may recur in another study of this name.
         existing = _find_run(
-            mlflow_client, experiment_id, **{TAG_STUDY: self.study, TAG_TRIAL: trial.trial_id}
+            mlflow_client,
+            experiment_id,
+            **{TAG_STUDY: self.study, TAG_TRIAL: trial.trial_id, PARENT_TAG: self.parent_run_id},
         )
         if existing is not None:
             run_id = existing.info.run_id
@@ -288,11 +300,10 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self.run_id_for(trial)
-        step = int(result.get("step", result.get("training_iteration", 0)))
         metrics = metrics_of(result)
         if metrics:
             self._mlflow().log_batch(run_id, metrics=metrics)
-        self._last_step[trial.trial_id] = step
+        self._last_step[trial.trial_id] = int(result.get("step", result.get("training_iteration", 0)))
         if result.get("perceptual_random"):
             from ldct.losses import RANDOM_PERCEPTUAL_NOTE
 
@@ -304,7 +315,8 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
             self._mlflow().set_tag(run_id, "ldct.resumed_from_step", str(int(result["resumed_from_step"])))
         value = result.get("val_psnr_window")
         if value is not None and value > self._best.get(trial.trial_id, (-math.inf, None))[0]:
-            self._best[trial.trial_id] = (float(value), result.get("checkpoint_path"))
+            path = result.get("checkpoint_path")
+            self._best[trial.trial_id] = (float(value), checkpoint_uri(path, self.storage) if path else None)
 
     def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
         mlflow_client = self._mlflow()
@@ -453,10 +465,15 @@ def log_test_table(mlflow_client: Any, run_id: str, table: dict[str, dict[str, f
 
 
 def log_report(
-    mlflow_client: Any, study: str, out_dir: Path, test_table: dict[str, Any] | None
+    mlflow_client: Any,
+    study: str,
+    out_dir: Path,
+    test_table: dict[str, Any] | None,
+    parent_run_id: str | None = None,
 ) -> str | None:
-    """A study report (leaderboard, plots, panel) and its test table onto the study's parent run."""
-    parent = study_run(mlflow_client, study)
+    """A study report (leaderboard, plots, panel) and its test table onto the study's parent run
+    (``parent_run_id``, default the latest invocation's)."""
+    parent = study_run(mlflow_client, study, parent_run_id)
     if parent is None:
         return None
     mlflow_client.log_artifacts(parent.info.run_id, str(out_dir), artifact_path="report")
@@ -487,6 +504,16 @@ def flat_trial_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if isinstance(v, int | float | str | bool)}
 
 
+def checkpoint_uri(path: str, storage: str | None) -> str:
+    """A checkpoint path as Ray reports it (``bucket/prefix/...`` on S3) as a URI of the study's
+    storage (``s3://bucket/prefix/...?query``), so that it is read from there and not from local disk."""
+    if "://" in path or not storage or "://" not in storage or storage.startswith("file://"):
+        return path
+    scheme = storage.split("://", 1)[0]
+    query = storage.partition("?")[2]
+    return f"{scheme}://{path.lstrip('/')}" + (f"?{query}" if query else "")
+
+
 def log_checkpoint(mlflow_client: Any, run_id: str, checkpoint_path: str) -> None:
     """Copy a (possibly remote) Ray checkpoint into the run: ``checkpoint/`` plus ``panel.png``."""
     from ray.train import Checkpoint
@@ -508,49 +535,75 @@ def log_checkpoint(mlflow_client: Any, run_id: str, checkpoint_path: str) -> Non
         )
 
 
-def trial_runs(mlflow_client: Any, study: str) -> list[Any]:
+def trial_runs(mlflow_client: Any, study: str, parent_run_id: str | None = None) -> list[Any]:
+    """The trial runs of one invocation of ``study``: those nested under ``parent_run_id``, by
+    default under the study's latest parent run. Never every run of the experiment: a study
+    resubmitted under the same name (e.g. as a Ray Job) would mix in another invocation's trials.
+    """
     experiment = mlflow_client.get_experiment_by_name(f"ldct/{study}")
     if experiment is None:
         return []
+    if parent_run_id is None:
+        parent = study_run(mlflow_client, study)
+        if parent is None:
+            return []
+        parent_run_id = parent.info.run_id
     return mlflow_client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`{TAG_STUDY}` = '{study}' and tags.`{TAG_ROLE}` = 'trial'",
+        filter_string=(
+            f"tags.`{TAG_STUDY}` = '{study}' and tags.`{TAG_ROLE}` = 'trial' "
+            f"and tags.`{PARENT_TAG}` = '{parent_run_id}'"
+        ),
         max_results=5000,
     )
 
 
-def study_run(mlflow_client: Any, study: str) -> Any | None:
+def study_run(mlflow_client: Any, study: str, parent_run_id: str | None = None) -> Any | None:
+    """The parent run ``parent_run_id`` if given, else the latest parent run of ``study``."""
+    if parent_run_id is not None:
+        return mlflow_client.get_run(parent_run_id)
     experiment = mlflow_client.get_experiment_by_name(f"ldct/{study}")
     if experiment is None:
         return None
     return _find_run(mlflow_client, experiment.experiment_id, **{TAG_STUDY: study, TAG_ROLE: "study"})
 
 
-def best_trial_run(mlflow_client: Any, study: str) -> Any:
+def best_trial_run(mlflow_client: Any, study: str, parent_run_id: str | None = None) -> Any:
+    """The best completed trial of one study invocation (see :func:`trial_runs`)."""
     runs = [
         r
-        for r in trial_runs(mlflow_client, study)
+        for r in trial_runs(mlflow_client, study, parent_run_id)
         if r.data.tags.get("ldct.status") == "completed" and "best_val_psnr_window" in r.data.metrics
     ]
     if not runs:
-        raise TrackingError(f"study {study!r} has no completed trial with a validation metric in MLflow")
+        where = f" under parent run {parent_run_id}" if parent_run_id else ""
+        raise TrackingError(
+            f"study {study!r} has no completed trial with a validation metric{where} in MLflow"
+        )
     return max(runs, key=lambda r: r.data.metrics["best_val_psnr_window"])
 
 
 def register_best(
-    study: str, tracking_uri: str | None = None, profile: str = "", run: Any | None = None
+    study: str,
+    tracking_uri: str | None = None,
+    profile: str = "",
+    parent_run_id: str | None = None,
+    run: Any | None = None,
 ) -> Any:
-    """Register the study's best trial (or ``run``, one of its trial runs) as ``ldct-denoiser``
-    with alias ``candidate``; returns the version."""
+    """Register the best trial of one study invocation (its parent run; default the latest), or
+    ``run`` (one of its trial runs), as ``ldct-denoiser`` with alias ``candidate``; returns the
+    version."""
     from ldct.checkpoint import CHECKPOINT_FILE, load_state
 
     mlflow_client = client(tracking_uri)
-    best = run if run is not None else best_trial_run(mlflow_client, study)
+    best = run if run is not None else best_trial_run(mlflow_client, study, parent_run_id)
     run_id = best.info.run_id
     with tempfile.TemporaryDirectory(prefix="ldct-register-") as tmp:
         local = Path(mlflow_client.download_artifacts(run_id, f"checkpoint/{CHECKPOINT_FILE}", tmp))
         state = load_state(local)
     tags = {"study": study, "trial_id": best.data.tags.get(TAG_TRIAL, "")}
+    if parent_run_id:
+        tags["study_run_id"] = parent_run_id
     if profile:
         tags["profile"] = profile
     return register_state(state, run_id, tracking_uri, tags=tags)

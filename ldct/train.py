@@ -232,8 +232,8 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
             if state.get(name) and getattr(nets, name, None) is not None:
                 getattr(nets, name).load_state_dict(state[name])
         step, batches_consumed = int(state["step"]), int(state["batches_consumed"])
-        resumed_from = step
         restore_rng(state.get("rng"))
+        resumed_from = step
         if rank == 0:
             print(f"[ldct] resumed at step {step}", flush=True)
     if sync_bn_enabled(cfg, world, device):
@@ -491,7 +491,7 @@ def build_trainer(
     cfg: Config,
     *,
     name: str,
-    storage_path: Path | str,
+    storage_path: str | os.PathLike[str],
     cache_dir: Path,
     splits: dict[str, list[str]],
     callbacks: list[Any] | None = None,
@@ -500,10 +500,7 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    storage_path = Path(storage_path).expanduser()
-    if not storage_path.is_absolute() and "://" not in str(storage_path):
-        # Ray resolves relative paths against each trial's own working directory.
-        storage_path = storage_path.resolve()
+    storage_path = storage_uri(storage_path)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
@@ -515,7 +512,7 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage_path),
+            storage_path=storage_path,
             callbacks=callbacks or None,
             # Worker deaths are retried from the latest checkpoint; a controller that cannot place
             # its workers fails fast instead of waiting forever (2-CPU deadlock, DESIGN.md §5a).
@@ -528,6 +525,32 @@ def build_trainer(
             ),
         ),
     )
+
+
+def storage_uri(storage: str | os.PathLike[str] | None, default: str = "runs") -> str:
+    """Ray storage as one string: a URI (``s3://``, ``gs://``, ``file://``...) kept as it is, a
+    local path made absolute (Ray resolves relative paths against each trial's own directory).
+
+    Never a ``Path`` for a URI: ``Path("s3://b/x")`` is ``s3:/b/x``, a local directory.
+    """
+    text = os.fspath(storage) if storage else default
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        rest, query = rest.partition("?")[::2]
+        if not rest.strip("/"):
+            raise ValueError(f"storage {text!r} names no bucket or path")
+        # No trailing slash, so that joins never put "//" into an object key.
+        return f"{scheme}://{rest.rstrip('/')}" + (f"?{query}" if query else "")
+    return str(Path(text).expanduser().resolve())
+
+
+def join_storage(base: str, *parts: str) -> str:
+    """``base/part/...`` for a storage URI or an absolute path, without pathlib (see storage_uri).
+
+    A URI's query (``?endpoint_override=...``, pyarrow's filesystem options) stays at the end.
+    """
+    head, sep, query = storage_uri(base).partition("?")
+    return "/".join([head, *(p.strip("/") for p in parts)]) + sep + query
 
 
 def cpu_thread_env() -> dict[str, str]:
@@ -571,7 +594,10 @@ def root_cause(exc: BaseException) -> str:
 
 
 def run_with_ray(
-    cfg: Config, storage_path: Path | str, name: str | None = None, callbacks: list[Any] | None = None
+    cfg: Config,
+    storage_path: str | os.PathLike[str],
+    name: str | None = None,
+    callbacks: list[Any] | None = None,
 ) -> Any:
     """One Ray Train run (``ldct train``): returns the Ray Result (best checkpoint, metrics)."""
     cache_dir, splits = prepare_data(cfg)
@@ -615,7 +641,7 @@ def main_train(
 
     if workers is not None:
         cfg = _replace_train(cfg, workers=max(workers, 1))
-    storage_path = Path(storage or os.environ.get("LDCT_RUNS", "runs")).resolve()
+    storage_path = storage_uri(storage or os.environ.get("LDCT_RUNS"))
     started = time.perf_counter()
     name = f"train-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = run_id = None
@@ -624,7 +650,11 @@ def main_train(
         print(f"[ldct] MLflow run {run_id} in {uri} (experiment ldct/train)", flush=True)
     try:
         if workers == 0:
-            session = run_local(cfg, checkpoint_root=storage_path / f"local-{cfg.profile}")
+            if "://" in storage_path:
+                raise TrainingError(
+                    f"--workers 0 trains without Ray and needs a local --storage, not {storage_path}"
+                )
+            session = run_local(cfg, checkpoint_root=Path(storage_path) / f"local-{cfg.profile}")
             best = max(session.reports, key=lambda r: r.get(VAL_METRIC, -math.inf))
             best_dir = next(p for p in session.checkpoints if p.name.endswith(f"{int(best['step']):07d}"))
             if run_id:

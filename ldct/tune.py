@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from ldct.config import Config, from_flat, to_flat
-from ldct.train import VAL_METRIC, TrainingError, build_trainer, init_ray, prepare_data
+from ldct.train import (
+    VAL_METRIC,
+    TrainingError,
+    build_trainer,
+    init_ray,
+    join_storage,
+    prepare_data,
+    storage_uri,
+)
 
 # The paper's recipe (Hojjat & Shayegan 2025): its tuned values are evaluated first, so every
 # study measures them. λ_adv is not tuned but recorded beside them: a profile that scales it
@@ -37,7 +45,7 @@ PAPER_RECIPE = {
 @dataclass
 class StudyResult:
     study: str
-    storage: Path
+    storage: str  # a URI (s3://, file://) or an absolute path: never a Path, which mangles URIs
     tracking_uri: str
     parent_run_id: str
     wall_seconds: float
@@ -146,12 +154,47 @@ def run_trial(
     trainer = build_trainer(
         cfg,
         name=f"{cfg.study.name}-{trial_id}",
-        storage_path=Path(storage) / "train",
+        storage_path=join_storage(storage, "train"),
         cache_dir=Path(cache_dir),
         splits=splits,
         callbacks=[TuneReportCallback()],
     )
     trainer.fit()
+
+
+def _storage_path(storage: str | None) -> str:
+    """The study's storage as a string: a URI as given, a local path absolute (never pathlib on s3://)."""
+    return storage_uri(storage or None)
+
+
+def in_ray_job() -> bool:
+    """True in the entrypoint of a `ray job submit` (its working directory is a temporary copy)."""
+    import os
+
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def check_job_outputs(storage: str, tracking_uri: str) -> None:
+    """Under Ray Jobs, refuse storage or an MLflow store inside the temporary working directory:
+    everything written there is deleted with it (DESIGN.md §5a)."""
+    import os
+
+    if not in_ray_job():
+        return
+    cwd = str(Path.cwd().resolve())
+    for what, where, fix in (
+        ("storage", storage, "--storage /shared/path or s3://bucket/prefix (or study.storage)"),
+        (
+            "MLflow store",
+            tracking_uri.removeprefix("sqlite:///"),
+            "--tracking-uri / MLFLOW_TRACKING_URI (the head's MLflow server) or study.tracking_uri",
+        ),
+    ):
+        if "://" not in where and os.path.commonpath([cwd, where]) == cwd:
+            raise TrainingError(
+                f"this Ray Job would write its {what} to {where}, inside the job's temporary "
+                f"working directory: give {fix}"
+            )
 
 
 def optuna_storage_url(cfg: Config, storage_path: Path | str) -> str:
@@ -162,12 +205,13 @@ def optuna_storage_url(cfg: Config, storage_path: Path | str) -> str:
     """
     if cfg.study.optuna_storage:
         return cfg.study.optuna_storage
-    if "://" in str(storage_path):
+    text = str(storage_path).removeprefix("file://")
+    if "://" in text:
         from ldct.data.cache import ldct_home
 
         root = ldct_home() / "optuna"
     else:
-        root = Path(storage_path)
+        root = Path(text)
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(root / f'{cfg.study.name}.optuna.db').resolve()}"
 
@@ -183,12 +227,6 @@ def optuna_storage(url: str, study: str, fresh: bool) -> Any:
         print(f"[ldct] removing the stale Optuna study {study!r} from {url} (no Tune state to resume)")
         optuna.delete_study(study_name=study, storage=storage)
     return storage
-
-
-def _storage_path(storage: str | None) -> Path | str:
-    if storage and "://" in storage:
-        return storage
-    return Path(storage or "runs").expanduser().resolve()
 
 
 def run_study(
@@ -221,14 +259,16 @@ def run_study(
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.study.tracking_uri or None)
     tracking.check_reachable(uri)
     storage_path = _storage_path(storage or cfg.study.storage or None)
-    experiment_dir = f"{storage_path}/{study}"
+    check_job_outputs(storage_path, uri)
+    experiment_dir = join_storage(storage_path, study)
     can_restore = tune.Tuner.can_restore(experiment_dir)
     if resume and not can_restore:
         raise TrainingError(f"--resume: no study to resume at {experiment_dir} (start it without --resume)")
     if not resume and can_restore:
         raise TrainingError(
             f"a study named {study!r} already exists at {experiment_dir}: pass --resume to "
-            f"continue it, or set study.name=... / --storage to start another"
+            f"continue it, or give it another name (--name NEW with studies/loss_weights.py, "
+            f"--set study.name=NEW) or another --storage to start a new study"
         )
 
     cache_dir, splits = prepare_data(cfg)
@@ -251,11 +291,12 @@ def run_study(
             },
             "data.source": data_source,
         },
+        storage=storage_path,
     )
 
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, base=flat, cache_dir=str(cache_dir), splits=splits, storage=str(storage_path)
+            run_trial, base=flat, cache_dir=str(cache_dir), splits=splits, storage=storage_path
         ),
         # The trial function only waits on its trainer; its workers reserve their own CPUs/GPUs.
         {"CPU": cfg.study.driver_cpus},
@@ -304,7 +345,7 @@ def run_study(
             ),
             run_config=tune.RunConfig(
                 name=study,
-                storage_path=str(storage_path),
+                storage_path=storage_path,
                 callbacks=[callback],
                 # Retries happen inside Ray Train (from the trial's last checkpoint); a trial that
                 # still fails is recorded as failed and the study goes on.
@@ -353,7 +394,7 @@ def run_study(
     best = None
     pareto_result = None
     try:
-        best_run = tracking.best_trial_run(mlflow_client, study)
+        best_run = tracking.best_trial_run(mlflow_client, study, parent)
         best = {
             "run_id": best_run.info.run_id,
             "trial_id": best_run.data.tags.get(tracking.TAG_TRIAL),
@@ -372,11 +413,13 @@ def run_study(
             if version:
                 mlflow_client.set_tag(parent, "ldct.registered_version", version)
         elif register:
-            version = str(tracking.register_best(study, uri, profile=cfg.profile).version)
+            version = str(
+                tracking.register_best(study, uri, profile=cfg.profile, parent_run_id=parent).version
+            )
             mlflow_client.set_tag(parent, "ldct.registered_version", version)
     except tracking.TrackingError as exc:
         print(f"[ldct] nothing registered: {exc}", flush=True)
     mlflow_client.set_terminated(parent, status="FINISHED")
     return StudyResult(
-        study, Path(str(storage_path)), uri, parent, wall, train_seconds, rows, best, version, pareto_result
+        study, storage_path, uri, parent, wall, train_seconds, rows, best, version, pareto_result
     )

@@ -79,12 +79,17 @@ def test_crafted_checkpoint_is_refused_by_every_checkpoint_loader(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow_client = tracking.client(uri)
     experiment = tracking.ensure_experiment(mlflow_client, "ldct/crafted")
+    # A study invocation (parent run) with one completed trial nested under it, as a study writes.
+    parent = mlflow_client.create_run(
+        experiment, tags={tracking.TAG_STUDY: "crafted", tracking.TAG_ROLE: "study"}
+    )
     run = mlflow_client.create_run(
         experiment,
         tags={
             tracking.TAG_STUDY: "crafted",
             tracking.TAG_ROLE: "trial",
             tracking.TAG_TRIAL: "t1",
+            tracking.PARENT_TAG: parent.info.run_id,
             "ldct.status": "completed",
         },
     )

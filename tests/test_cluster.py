@@ -1,34 +1,105 @@
-"""cluster/cluster.yaml passes Ray's own launcher validation and runs what the README says."""
+"""The cluster configs pass Ray's own launcher validation and say what the README says; the
+cluster-path code keeps storage as URIs, scopes MLflow to one study invocation, never picks a
+profile by accident, and fails clearly where a GPU or an input is missing."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["cluster.yaml", "local.yaml"]
 
 
-def test_cluster_yaml_passes_ray_validation():
+def _config(name: str) -> dict:
+    return yaml.safe_load((ROOT / "cluster" / name).read_text())
+
+
+def _commands(config: dict) -> list[str]:
+    keys = ("setup_commands", "head_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+    return [c for k in keys for c in config.get(k, [])]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_passes_ray_validation(name):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    config = yaml.safe_load((ROOT / "cluster" / "cluster.yaml").read_text())
-    validate_config(prepare_config(config))
+    validate_config(prepare_config(_config(name)))
+
+
+def test_aws_config():
+    config = _config("cluster.yaml")
     assert config["provider"]["type"] == "aws"
     workers = config["available_node_types"]["gpu_worker"]
     assert workers["node_config"]["InstanceType"].startswith("g4dn")
     assert workers["resources"]["GPU"] == 1
-    head_setup = " ".join(config["head_setup_commands"])
-    assert "mlflow server" in head_setup and "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in head_setup
-    assert any("pip install" in c and "ldct" in c for c in config["setup_commands"])
+    # No AMI id that nobody can vouch for: Ray's default applies, and the comment says how to pick one.
+    assert all("ImageId" not in t["node_config"] for t in config["available_node_types"].values())
+    assert "aws ssm get-parameter" in (ROOT / "cluster" / "cluster.yaml").read_text()
 
 
-def test_every_key_is_commented():
-    # Each top-level key carries a comment line just above it (the file is the documentation).
-    lines = (ROOT / "cluster" / "cluster.yaml").read_text().splitlines()
-    for i, line in enumerate(lines):
-        if line and not line.startswith((" ", "#", "-")) and ":" in line:
-            assert lines[i - 1].startswith("#"), f"top-level key without a comment: {line}"
+def test_local_config_is_on_prem():
+    config = _config("local.yaml")
+    assert config["provider"]["type"] == "local"
+    assert "available_node_types" not in config and "head_node_type" not in config
+    assert config["provider"]["head_ip"] not in config["provider"]["worker_ips"]
+    assert config["auth"]["ssh_private_key"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_mlflow_started_by_port_probe_on_loopback(name):
+    config = _config(name)
+    head = " ".join(config["head_setup_commands"])
+    # A pgrep of "mlflow server" matches Ray's own `bash -c '...mlflow server...'`: never started.
+    assert "pgrep" not in " ".join(_commands(config))
+    assert "curl -sf http://127.0.0.1:5000/health" in head and "mlflow server" in head
+    assert "--host 127.0.0.1" in head and "0.0.0.0" not in " ".join(_commands(config))
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in head and "server.pid" in head
+    # ...and awaited, so that a `ray submit` right after `ray up` finds it.
+    assert any(c.startswith("for i in") and "exit 1" in c for c in config["head_setup_commands"])
+    start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "RAY_AUTH_MODE=token" in start
+    assert "LDCT_PROFILE=paper" in start
+    assert all("RAY_AUTH_MODE=token" in c for c in config["worker_start_ray_commands"] if "ray start" in c)
+    assert any(k.endswith(".ray/auth_token") for k in config["file_mounts"])
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_setup_installs_the_pinned_pair_and_fetches_weights(name):
+    setup = " ".join(_config(name)["setup_commands"])
+    assert "torch==2.14.1 torchvision==0.29.1" in setup and "pip install -q -e ~/ldct" in setup
+    assert "scripts/fetch_weights.py --profile paper" in setup
+
+
+@pytest.mark.parametrize(("name", "nested"), [("cluster.yaml", False), ("local.yaml", True)])
+def test_every_key_is_commented(name, nested):
+    # Each key carries a comment line just above it (the file is the documentation); local.yaml,
+    # the one a site edits, down to every nested key (file_mounts' entries are data, not keys).
+    text = (ROOT / "cluster" / name).read_text()
+    lines = text.splitlines()
+
+    def keys(node: yaml.Node, depth: int):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                yield key
+                if nested and key.value != "file_mounts":
+                    yield from keys(value, depth + 1)
+
+    for key in keys(yaml.compose(text), 0):
+        above = lines[key.start_mark.line - 1].strip()
+        assert above.startswith("#"), (
+            f"{name}:{key.start_mark.line + 1}: key {key.value!r} has no comment above"
+        )
 
 
 def test_paper_profile_matches_the_paper():
@@ -40,3 +111,270 @@ def test_paper_profile_matches_the_paper():
     assert (cfg.optim.lr, cfg.optim.betas) == (1e-5, (0.5, 0.9))
     assert (cfg.loss.lambda_gp, cfg.loss.lambda_l1, cfg.loss.lambda_perceptual) == (10.0, 1.0, 0.1)
     assert cfg.train.workers == 2 and cfg.train.use_gpu
+
+
+# ------------------------------------------------------------------------------------ storage URIs
+
+
+@pytest.mark.parametrize(
+    ("storage", "joined"),
+    [
+        ("s3://bucket/ldct-runs", "s3://bucket/ldct-runs/smoke/train"),
+        ("s3://bucket/ldct-runs/", "s3://bucket/ldct-runs/smoke/train"),
+        ("gs://b/p", "gs://b/p/smoke/train"),
+        ("file:///mnt/nfs/runs", "file:///mnt/nfs/runs/smoke/train"),
+        (
+            "s3://b/p?endpoint_override=127.0.0.1:9000&scheme=http",
+            "s3://b/p/smoke/train?endpoint_override=127.0.0.1:9000&scheme=http",
+        ),
+    ],
+)
+def test_storage_uris_are_joined_as_strings(storage, joined):
+    from ldct.train import join_storage, storage_uri
+
+    assert isinstance(storage_uri(storage), str)
+    assert join_storage(storage, "smoke", "train") == joined
+    # What `Path(storage) / "train"` made of it: a local directory "s3:/bucket/...".
+    assert "s3:/b" not in join_storage(storage, "x").replace("s3://", "")
+
+
+def test_local_storage_is_absolute(tmp_path, monkeypatch):
+    from ldct.train import join_storage, storage_uri
+    from ldct.tune import _storage_path
+
+    monkeypatch.chdir(tmp_path)
+    assert storage_uri(None) == str(tmp_path / "runs") == _storage_path(None)
+    assert join_storage("rel", "a") == str(tmp_path / "rel" / "a")
+    assert _storage_path("s3://bucket/x") == "s3://bucket/x"
+    with pytest.raises(ValueError, match="names no bucket"):
+        storage_uri("s3://")
+
+
+def test_ray_job_refuses_outputs_in_its_temporary_working_dir(tmp_path, monkeypatch):
+    from ldct.train import TrainingError
+    from ldct.tune import check_job_outputs
+
+    shared = tmp_path / "shared"
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    monkeypatch.chdir(job_dir)
+    check_job_outputs(str(job_dir / "runs"), f"sqlite:///{job_dir}/mlflow.db")  # not a job: fine
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(TrainingError, match="storage.*temporary working directory.*--storage"):
+        check_job_outputs(str(job_dir / "runs"), "http://127.0.0.1:5000")
+    with pytest.raises(TrainingError, match="MLflow store.*--tracking-uri"):
+        check_job_outputs(str(shared / "runs"), f"sqlite:///{job_dir}/mlflow.db")
+    check_job_outputs(str(shared / "runs"), "http://127.0.0.1:5000")
+    check_job_outputs("s3://bucket/runs", "http://127.0.0.1:5000")
+
+
+# ---------------------------------------------------------------------------------------- profile
+
+
+def _study_script():
+    spec = importlib.util.spec_from_file_location("loss_weights", ROOT / "studies" / "loss_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_profile_by_accident(tmp_path, monkeypatch):
+    study = _study_script()
+    monkeypatch.delenv("LDCT_PROFILE", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no ray_current_cluster here
+    # A former head keeps ~/ray_bootstrap_config.yaml; it no longer means anything.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ray_bootstrap_config.yaml").write_text("cluster_name: old\n")
+    assert study.choose_profile(None) == "quick"
+    assert study.choose_profile("smoke") == "smoke"
+    monkeypatch.setenv("LDCT_PROFILE", "paper")  # what the cluster configs give Ray Jobs
+    assert study.choose_profile(None) == "paper"
+    monkeypatch.delenv("LDCT_PROFILE")
+    # On a running cluster, the profile must be said.
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.10:6379")
+    with pytest.raises(SystemExit, match="pass --profile explicitly"):
+        study.choose_profile(None)
+    assert study.choose_profile("paper") == "paper"
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    (tmp_path / "ray" / "ray_current_cluster").unlink()
+    with pytest.raises(SystemExit, match="RAY_ADDRESS"):
+        study.choose_profile(None)
+
+
+# ---------------------------------------------------------------------------- MLflow study scoping
+
+
+def test_leaderboard_and_registration_read_one_invocation(tmp_path):
+    """Two invocations under one study name (a Ray Job resubmitted with fresh storage): each reads
+    only the trial runs nested under its own parent run."""
+    from ldct import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+
+    def invocation(values: list[float]) -> str:
+        parent = tracking.start_study_run(client, "same", {"study.name": "same"}, resume=False)
+        experiment = client.get_run(parent).info.experiment_id
+        for i, value in enumerate(values):
+            run = client.create_run(
+                experiment,
+                tags={tracking.TAG_STUDY: "same", tracking.TAG_ROLE: "trial", tracking.TAG_TRIAL: f"t{i}",
+                      tracking.PARENT_TAG: parent, "ldct.status": "completed"},
+            )  # fmt: skip
+            client.log_metric(run.info.run_id, "best_val_psnr_window", value)
+        return parent
+
+    first = invocation([30.0, 31.0])
+    time.sleep(0.01)
+    second = invocation([40.0])
+    assert len(tracking.trial_runs(client, "same", first)) == 2
+    assert len(tracking.trial_runs(client, "same", second)) == 1
+    assert len(tracking.trial_runs(client, "same")) == 1  # default: the latest invocation
+    best_first = tracking.best_trial_run(client, "same", first)
+    assert best_first.data.metrics["best_val_psnr_window"] == 31.0
+    assert tracking.best_trial_run(client, "same").data.metrics["best_val_psnr_window"] == 40.0
+    assert tracking.study_run(client, "same", first).info.run_id == first
+
+
+# -------------------------------------------------------------------------------- preflight checks
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_paper_check_reports_every_missing_input_then_fetch_from_a_share(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from ldct.config import load_config
+    from ldct.preflight import check_inputs
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = load_config("paper")
+    dead_mlflow = f"http://127.0.0.1:{_free_port()}"
+    problems = check_inputs(cfg, tracking_uri=dead_mlflow, timeout=2)
+    text = "\n".join(problems)
+    assert len(problems) == 5, text
+    for what in ("encoder tf_efficientnetv2_m", "perceptual net vgg19", "data.root /mnt/efs/mayo",
+                 "YOUR-BUCKET", "unreachable"):  # fmt: skip
+        assert what in text, (what, text)
+    assert "scripts/fetch_weights.py --profile paper" in text
+
+    # A site without internet: the weights on a share in the layout --export writes.
+    share = tmp_path / "share"
+    snapshot = share / "huggingface" / "hub" / "models--timm--tf_efficientnetv2_m.in21k_ft_in1k"
+    (snapshot / "snapshots" / "abc123").mkdir(parents=True)
+    (snapshot / "refs").mkdir()
+    (snapshot / "refs" / "main").write_text("abc123")
+    (snapshot / "snapshots" / "abc123" / "model.safetensors").write_bytes(b"x")
+    (share / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    (share / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth").write_bytes(b"x")
+    spec = importlib.util.spec_from_file_location("fetch_weights", ROOT / "scripts" / "fetch_weights.py")
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    assert fetch.main(["--profile", "paper", "--from", str(share)]) == 0
+    left = check_inputs(cfg, storage=str(tmp_path / "runs"), tracking_uri=dead_mlflow, timeout=2)
+    assert len(left) == 2 and "data.root" in left[0] and "unreachable" in left[1], left
+    assert fetch.main(["--profile", "paper", "--from", str(tmp_path / "nope")]) == 2
+
+
+# ------------------------------------------------------------------------------- --on-cluster FPS
+
+
+def test_validate_on_cluster_without_a_cluster_fails_at_once(tmp_path):
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    env.pop("RAY_ADDRESS", None)
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("ldct-best")), "validate", "--on-cluster"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--on-cluster needs a running Ray cluster" in proc.stderr
+    assert time.perf_counter() - started < 100
+
+
+@pytest.mark.slow
+def test_fps_task_on_a_cluster_without_gpus_fails_clearly(ray_local):
+    import torch
+
+    from ldct.config import load_config
+    from ldct.remote import RemoteError, validate_on_gpu_worker
+
+    started = time.perf_counter()
+    with pytest.raises(RemoteError, match=r"no GPU worker took the validation task within 3 s .*0 GPU"):
+        validate_on_gpu_worker(
+            torch.nn.Identity(), load_config("smoke"), [("torch-cuda", "fp16")], repeats=1, timeout_s=3
+        )
+    assert time.perf_counter() - started < 30
+
+
+# ---------------------------------------------------------------------------- S3 storage, for real
+
+
+@pytest.mark.slow
+def test_study_on_s3_storage_keeps_checkpoints_in_the_bucket(tmp_path):
+    """Ray's real S3 code against an S3 endpoint on 127.0.0.1 (moto's server): Tune state and Train
+    checkpoints land in the bucket, and the best one is read back from there into MLflow."""
+    import boto3
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=open(tmp_path / "moto.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    # Own Ray (not the session's: its workers must see these variables) in a short temp dir.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="s3-", dir="/tmp"))
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "RAY_TMPDIR": str(ray_tmp),
+    }
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LDCT_PROFILE"):
+        env.pop(key, None)
+    try:
+        s3 = None
+        deadline = time.time() + 60
+        while s3 is None:
+            try:
+                s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                                  aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+                s3.create_bucket(Bucket="ldct")
+            except Exception:  # noqa: BLE001 - the server is still starting
+                s3 = None
+                assert time.time() < deadline and server.poll() is None, (tmp_path / "moto.log").read_text()
+                time.sleep(0.5)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "studies" / "loss_weights.py"), "--profile", "smoke", "--trials", "1",
+             "--storage", "s3://ldct/ldct-runs", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "--results", str(tmp_path / "results")],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "registered ldct-denoiser version" in proc.stdout
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ldct", MaxKeys=1000).get("Contents", [])]
+        assert any(k.startswith("ldct-runs/train/smoke-") and k.endswith("/state.pt") for k in keys), keys
+        assert any(k.startswith("ldct-runs/smoke/") for k in keys), keys
+        # Nothing went to a local directory named after the URI (what Path("s3://...") made of it).
+        assert not (tmp_path / "s3:").exists() and not list(tmp_path.glob("**/ldct-runs"))
+        from ldct import tracking
+
+        client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        (run,) = tracking.trial_runs(client, "smoke")
+        assert "ldct.artifact_error" not in run.data.tags
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -127,7 +127,13 @@ def test_fps_bar():
 
 
 def test_export_card_and_parity(bundle):
-    assert sorted(p.name for p in bundle.iterdir()) == ["model.onnx", "model.pt", "model_card.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "model.bin",
+        "model.onnx",
+        "model.pt",
+        "model.xml",
+        "model_card.json",
+    ]
     card = json.loads((bundle / "model_card.json").read_text())
     assert card["version"] == "7" and card["run_id"] == "0123abcd"
     assert card["metrics"]["ldct"]["psnr_window"] == 29.2 and "psnr_full" in card["metrics"]["denoised"]
@@ -140,9 +146,12 @@ def test_export_card_and_parity(bundle):
     parity = card["parity"]
     assert parity["reference"] == "pydicom CT_small.dcm"
     assert parity["max_abs_hu_onnxruntime"] <= 1.0 and parity["max_abs_hu_torchscript"] <= 1.0
+    assert parity["max_abs_hu_openvino"] <= 1.0
     assert card["parity_max_abs_hu"] == parity["max_abs_hu_onnxruntime"]
     assert card["files"]["model.onnx"]["sha256"] == _sha(bundle / "model.onnx")
     assert card["files"]["model.pt"]["format"] == "torchscript"
+    assert card["files"]["model.xml"]["sha256"] == _sha(bundle / "model.xml")
+    assert card["versions"]["openvino"] and card["precision_gate"] is None  # never validated
 
 
 def test_onnx_dynamic_shapes(bundle, tiny):

@@ -77,6 +77,7 @@ def _model_runner(
     backend: str,
     generator: nn.Module | None,
     meta: dict[str, Any] | None,
+    precision: str = "fp32",
 ) -> tuple[Callable[[np.ndarray], np.ndarray], Any, str, str]:
     """(predict [1,1,H,W] unit -> same, normalisation, model description, backend name)."""
     if generator is not None:
@@ -96,8 +97,9 @@ def _model_runner(
         return predict, norm, _describe(meta), "torch"
     if model_dir is None:
         raise DenoiseError("give model_dir (an export_bundle directory) or a generator with its meta")
-    exported = load_exported(model_dir, backend=backend)
-    return exported, normalization_from_meta(exported.card), _describe(exported.card), exported.backend
+    exported = load_exported(model_dir, backend=backend, precision=precision)
+    name = exported.backend if precision == "fp32" else f"{exported.backend} {precision}"
+    return exported, normalization_from_meta(exported.card), _describe(exported.card), name
 
 
 def _describe(meta: dict[str, Any]) -> str:
@@ -261,11 +263,13 @@ def denoise_series(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
     keep_transfer_syntax: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Denoise every CT slice under ``in_dir`` into a new derived series under ``out_dir``.
 
     The model is an exported bundle (``model_dir`` with model.onnx / model.pt / model_card.json,
-    ``backend`` "onnxruntime" or "torch") or an in-memory ``generator`` with its ``meta``.
+    ``backend`` "onnxruntime", "torch" or "openvino", at ``precision`` fp32 or bf16 where the CPU
+    has it natively) or an in-memory ``generator`` with its ``meta``.
     Returns ``{written, skipped: [(file, reason)], model_version, backend, seconds, series}``;
     ``series`` maps each input SeriesInstanceUID to the new one. ``keep_transfer_syntax``
     writes each slice in its input's transfer syntax where ldct can encode it (RLE, JPEG 2000
@@ -274,7 +278,7 @@ def denoise_series(
     start = time.perf_counter()
     in_path, out_path = Path(in_dir), Path(out_dir)
     _check_dirs(in_path, out_path)
-    predict, norm, description, backend_name = _model_runner(model_dir, backend, generator, meta)
+    predict, norm, description, backend_name = _model_runner(model_dir, backend, generator, meta, precision)
     hu_min, hu_max = float(norm.hu_min), float(norm.hu_max)
     derivation = (
         f"Low-dose CT denoised by ldct ({description}, backend {backend_name}); "

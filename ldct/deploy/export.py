@@ -4,6 +4,7 @@ Layout of an export directory (DESIGN.md §5)::
 
     model.onnx        dynamic batch/height/width, float32 [N,1,H,W] in [0,1] -> same
     model.pt          TorchScript (torch.jit.load; needs neither ldct nor timm)
+    model.xml/.bin    OpenVINO IR converted from model.onnx (dynamic N/H/W, fp32 weights)
     model_card.json   where the model came from, what it scored, how to feed it
 
 Why the export is split in two. The generator pads H, W up to a multiple of its deepest stride
@@ -17,7 +18,7 @@ an equivalent static-pad convolution (checked on a probe input). The pad-to-mult
 and the crop back are then added around the core: as ONNX ``Pad``/``Slice`` nodes in
 model.onnx, and as a scripted wrapper around the traced core in model.pt.
 
-Both files are checked against eager PyTorch on a real CT slice (pydicom's CT_small by
+All three are checked against eager PyTorch on a real CT slice (pydicom's CT_small by
 default) and on batches of other sizes; more than 1 HU after de-normalisation raises
 :class:`ExportParityError` and nothing is written.
 """
@@ -46,12 +47,14 @@ from ldct.config import HUNormalization
 
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.pt"
+OPENVINO_FILE = "model.xml"
+OPENVINO_WEIGHTS = "model.bin"
 CARD_FILE = "model_card.json"
 CARD_FORMAT = 1
 PARITY_TOLERANCE_HU = 1.0
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "openvino")  # the CPU runners an export directory feeds
 
 
 class ExportParityError(RuntimeError):
@@ -346,11 +349,20 @@ def _torchscript(core: nn.Module, multiple: int) -> torch.jit.ScriptModule:
 
 
 class ExportedModel:
-    """A loaded export directory: ``model(unit [N,1,H,W] float32) -> np.ndarray`` plus ``card``."""
+    """A loaded export directory: ``model(unit [N,1,H,W] float32) -> np.ndarray`` plus ``card``.
+
+    The inference itself is a :mod:`ldct.deploy.backends` runner (``backend`` at ``precision``).
+    """
 
     def __init__(
-        self, model_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None
+        self,
+        model_dir: str | Path,
+        backend: str = "onnxruntime",
+        threads: int | None = None,
+        precision: str = "fp32",
     ) -> None:
+        from ldct.deploy.backends import runner_from_export
+
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.model_dir = Path(model_dir)
@@ -361,34 +373,18 @@ class ExportedModel:
             )
         self.card: dict[str, Any] = json.loads(card_path.read_text())
         self.backend = backend
-        if backend == "onnxruntime":
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if threads:
-                options.intra_op_num_threads = threads
-            self._session = ort.InferenceSession(
-                str(self.model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"]
-            )
-        else:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
-                self._module = torch.jit.load(
-                    str(self.model_dir / TORCHSCRIPT_FILE), map_location="cpu"
-                ).eval()
+        self.precision = precision
+        self.runner = runner_from_export(self.model_dir, backend, precision, threads)
 
     def __call__(self, unit: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(unit, dtype=np.float32)
-        if self.backend == "onnxruntime":
-            return self._session.run(None, {INPUT_NAME: x})[0]
-        with torch.inference_mode():
-            return self._module(torch.from_numpy(x)).numpy()
+        return self.runner(unit)
 
 
-def load_exported(model_dir: str | Path, backend: str = "onnxruntime") -> ExportedModel:
+def load_exported(
+    model_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32"
+) -> ExportedModel:
     """Load ``model_dir`` (written by :func:`export_bundle`) for inference with ``backend``."""
-    return ExportedModel(model_dir, backend=backend)
+    return ExportedModel(model_dir, backend=backend, precision=precision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,12 +432,27 @@ def _throughput(meta: dict[str, Any]) -> dict[str, Any] | None:
     if isinstance(meta.get("throughput"), dict):
         return meta["throughput"]
     tags = meta.get("tags") or {}
-    found = {k: v for k, v in tags.items() if "fps" in k.lower() or "device" in k.lower()}
+    found = {
+        k: v for k, v in tags.items() if ("fps" in k.lower() or "device" in k.lower()) and k != "fps_gate"
+    }
     if meta.get("fps") is not None:
         found.update(
             {"fps": meta["fps"], "device": meta.get("device"), "device_name": meta.get("device_name")}
         )
     return found or None
+
+
+def _precision_gate(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The gate verdict ``ldct-best validate`` measured for the promoted path (tag ``fps_gate``)."""
+    if isinstance(meta.get("precision_gate"), dict):
+        return meta["precision_gate"]
+    raw = (meta.get("tags") or {}).get("fps_gate")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {"unparsed": raw}
 
 
 def _card(
@@ -493,6 +504,8 @@ def _card(
             "rows": "'ldct' = the low-dose input scored against full dose; 'denoised' = model output",
         },
         "throughput": _throughput(meta),
+        # Measured deltas of the validated path vs fp32 on the test panel (DESIGN.md §5b).
+        "precision_gate": _precision_gate(meta),
         "normalization": {
             "hu_min": norm.hu_min,
             "hu_max": norm.hu_max,
@@ -522,6 +535,7 @@ def _card(
                 "torch.onnx.export(dynamo=True); reflect Pad to the multiple and Slice back added as ONNX nodes"
             ),
             "torchscript": "torch.jit.trace of the same core inside a torch.jit.script pad/crop wrapper",
+            "openvino": "openvino.convert_model(model.onnx), saved with fp32 weights (compress_to_fp16=False)",
             "timm_same_convs_made_static": replaced,
         },
         "parity_max_abs_hu": parity["max_abs_hu_onnxruntime"],
@@ -531,8 +545,18 @@ def _card(
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
+            "openvino": _openvino_version(),
         },
     }
+
+
+def _openvino_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("openvino")
+    except PackageNotFoundError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,10 +570,10 @@ def export_bundle(
     force: bool = False,
     reference_slice_hu: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Write model.onnx, model.pt and model_card.json for ``generator`` into ``out_dir``.
+    """Write model.onnx, model.pt, model.xml/.bin and model_card.json for ``generator`` into ``out_dir``.
 
     ``meta`` is the bundle's meta (config, normalization, version, run_id, metrics, throughput).
-    The ONNX model (onnxruntime, CPU) and the TorchScript model are compared with eager PyTorch
+    The ONNX model (onnxruntime, CPU), the TorchScript model and the OpenVINO IR (fp32) are compared with eager PyTorch
     on ``reference_slice_hu`` (default: pydicom's CT_small.dcm, in HU) and on a batch of 3 crops
     of another size; more than 1 HU raises ExportParityError. An existing non-empty ``out_dir`` is
     refused unless ``force``. Everything is written to a temporary directory next to ``out_dir``
@@ -586,13 +610,16 @@ def export_bundle(
             # is self-contained (pad/crop included) and takes any H, W without ldct or timm.
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
             torch.jit.save(_torchscript(core, multiple), str(tmp / TORCHSCRIPT_FILE))
+        from ldct.deploy.backends import onnx_to_openvino
+
+        onnx_to_openvino(tmp / ONNX_FILE, tmp / OPENVINO_FILE)
 
         # Parity: eager fp32 vs both files, via the same loader that deployment uses.
         (tmp / CARD_FILE).write_text(
             json.dumps({"normalization": {"hu_min": norm.hu_min, "hu_max": norm.hu_max}})
         )
         checks = []
-        worst = {"onnxruntime": 0.0, "torch": 0.0}
+        worst = dict.fromkeys(BACKENDS, 0.0)
         runners = {b: ExportedModel(tmp, backend=b) for b in BACKENDS}
         for name, unit in _check_inputs(ref_hu, norm):
             with torch.inference_mode():
@@ -622,6 +649,7 @@ def export_bundle(
             "tolerance_hu": PARITY_TOLERANCE_HU,
             "max_abs_hu_onnxruntime": worst["onnxruntime"],
             "max_abs_hu_torchscript": worst["torch"],
+            "max_abs_hu_openvino": worst["openvino"],
             "provider": "CPUExecutionProvider",
             "checks": checks,
         }
@@ -634,6 +662,11 @@ def export_bundle(
                 "sha256": _file_sha256(tmp / ONNX_FILE),
             },
             TORCHSCRIPT_FILE: {"format": "torchscript", "sha256": _file_sha256(tmp / TORCHSCRIPT_FILE)},
+            OPENVINO_FILE: {"format": "openvino-ir", "sha256": _file_sha256(tmp / OPENVINO_FILE)},
+            OPENVINO_WEIGHTS: {
+                "format": "openvino-ir weights",
+                "sha256": _file_sha256(tmp / OPENVINO_WEIGHTS),
+            },
         }
         card = _card(eager, meta, norm, multiple, parity, files, replaced)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")

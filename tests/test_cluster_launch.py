@@ -1,0 +1,354 @@
+"""The cluster journey for real: `ray up` cluster/local.yaml on this machine over SSH, `ray submit`
+the smoke study, `ray job submit` it under another name, `ray down`.
+
+The head is 127.0.0.1, reached through a private sshd (127.0.0.1 only, a key made here, a
+temporary HOME for the SSH user). That sshd runs in its own PID namespace (`unshare --pid`):
+the launcher's `ray stop` (in `ray up` and `ray down`) kills every Ray process it can see, and it
+must not see the Ray of this test session or of anyone else on the machine; and stopping sshd,
+the namespace's init, ends whatever the cluster left. The cluster config is cluster/local.yaml
+itself with the overrides a one-machine test needs (addresses, ports, this suite's environment
+instead of pip installs); see `_test_variant`.
+
+Needs root (sshd logs in as root, unshare); installs openssh-server, rsync and netcat with
+scripts/install_ssh.sh where they are missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float, log: Path, ok: bool = True) -> str:
+    """Run a launcher command, keep its output for the README (and for a failure's message)."""
+    started = time.perf_counter()
+    proc = subprocess.run(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
+    seconds = time.perf_counter() - started
+    with log.open("a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n[exit {proc.returncode}, {seconds:.0f} s]\n\n")
+    if ok:
+        assert proc.returncode == 0, f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{proc.stdout[-6000:]}"
+    else:
+        assert proc.returncode != 0, f"{' '.join(cmd[:3])} should have failed:\n{proc.stdout[-3000:]}"
+    return proc.stdout
+
+
+class Site:
+    """The head's side: a private sshd in its own PID namespace, logging root in with a temporary HOME."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.user = "root"
+        self.home = base / "home"
+        self.port = _free_port()
+        self.client_home = base / "client"
+        self.key = self.client_home / "id_ed25519"
+        self.unshare: subprocess.Popen | None = None
+        self.made_run_sshd = False
+
+    def start(self) -> None:
+        subprocess.run(["bash", str(ROOT / "scripts" / "install_ssh.sh")], check=True, timeout=600)
+        self.client_home.mkdir(mode=0o700)
+        (self.home / "tmp").mkdir(parents=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
+        # The SSH user's sessions start in its passwd home; this one's is the temporary HOME.
+        (self.home / ".bashrc").write_text("cd ~\n")
+        sshd_dir = self.base / "sshd"
+        sshd_dir.mkdir()
+        shutil.copy(self.key.with_suffix(".pub"), sshd_dir / "authorized_keys")
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(sshd_dir / "host")], check=True
+        )
+        (sshd_dir / "sshd_config").write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {sshd_dir / 'host'}",
+                    f"PidFile {sshd_dir / 'sshd.pid'}",
+                    f"AllowUsers {self.user}",
+                    "PermitRootLogin prohibit-password",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",  # the keys lie under /tmp (mode 1777), which it would refuse
+                    f"AuthorizedKeysFile {sshd_dir / 'authorized_keys'}",
+                    # Nothing in the real home; Ray's temp dir in the test's own tree (/tmp/ray is
+                    # the test session's, and its ray_current_cluster is what ray.init() joins).
+                    f"SetEnv HOME={self.home} RAY_TMPDIR={self.home / 'tmp'}",
+                    "",
+                ]
+            )
+        )
+        if not Path("/run/sshd").is_dir():
+            Path("/run/sshd").mkdir(mode=0o755)
+            self.made_run_sshd = True
+        self.unshare = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
+             "/usr/sbin/sshd", "-D", "-e", "-f", str(sshd_dir / "sshd_config")],
+            stdout=open(sshd_dir / "sshd.log", "w"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.time() + 30
+        while True:
+            probe = subprocess.run([*self.ssh_base(), "true"], capture_output=True, text=True, timeout=30)
+            if probe.returncode == 0:
+                return
+            assert self.unshare.poll() is None, (sshd_dir / "sshd.log").read_text()
+            if time.time() > deadline:
+                raise AssertionError(f"cannot ssh in: {probe.stderr}\n{(sshd_dir / 'sshd.log').read_text()}")
+            time.sleep(0.5)
+
+    def ssh_base(self) -> list[str]:
+        return [
+            "ssh", "-i", str(self.key),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "-o", f"ProxyCommand=nc 127.0.0.1 {self.port}",
+            f"{self.user}@127.0.0.1",
+        ]  # fmt: skip
+
+    def head(self, command: str) -> subprocess.CompletedProcess:
+        """A command on the head, in the cluster's PID namespace."""
+        return subprocess.run([*self.ssh_base(), command], capture_output=True, text=True, timeout=60)
+
+    def stop(self) -> None:
+        """Stop sshd by PID: it is the namespace's init, so the kernel ends whatever is left in it."""
+        if self.unshare is None:
+            return
+        for child in psutil.Process(self.unshare.pid).children():
+            child.terminate()
+        try:
+            self.unshare.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(self.unshare.pid).children():
+                child.kill()
+            self.unshare.wait(timeout=30)
+        if self.made_run_sshd:
+            shutil.rmtree("/run/sshd", ignore_errors=True)
+
+
+def _test_variant(site: Site, ports: dict[str, int], token: Path) -> dict:
+    """cluster/local.yaml with what a one-machine test must change, and nothing else."""
+    config = yaml.safe_load((ROOT / "cluster" / "local.yaml").read_text())
+    config["cluster_name"] = f"ldct-ci-{site.base.name}"
+    config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
+    config["max_workers"] = 0
+    config["auth"] = {
+        "ssh_user": site.user,
+        "ssh_private_key": str(site.key),
+        # The on-prem provider always dials port 22; this sshd listens on a free port.
+        "ssh_proxy_command": f"nc 127.0.0.1 {site.port}",
+    }
+    assert set(config["file_mounts"]) == {"~/ldct", "~/.ray/auth_token"}
+    config["file_mounts"] = {"~/ldct": str(ROOT), "~/.ray/auth_token": str(token)}
+    # No pip installs and no downloads: the head uses this suite's environment (same pins), and
+    # PYTHONPATH stands in for `pip install -e ~/ldct` of the synced checkout.
+    kept = [
+        c
+        for c in config["setup_commands"]
+        if "pip install" not in c and "fetch_weights" not in c and "-m venv" not in c
+    ]
+    assert kept and all("PATH" in c for c in kept), kept
+    config["setup_commands"] = [
+        f"ln -sfn {sys.prefix} ~/ldct-venv",
+        *kept,
+        "grep -q PYTHONPATH ~/.bashrc || echo 'export PYTHONPATH=$HOME/ldct OMP_WAIT_POLICY=PASSIVE' >> ~/.bashrc",
+    ]
+
+    def ports_of(command: str) -> str:
+        return (
+            command.replace("127.0.0.1:5000", f"127.0.0.1:{ports['mlflow']}")
+            .replace("--port 5000", f"--port {ports['mlflow']}")
+            .replace("--port=6379", f"--port={ports['gcs']}")
+            .replace("--dashboard-port=8265", f"--dashboard-port={ports['dashboard']}")
+        )
+
+    config["head_setup_commands"] = [ports_of(c) for c in config["head_setup_commands"]]
+    start = [ports_of(c) for c in config["head_start_ray_commands"]]
+    # Ray's fixed default ports would collide with any other Ray on the machine.
+    start[-1] += (
+        f" --ray-client-server-port={ports['client']} --dashboard-agent-listen-port={ports['agent']}"
+        f" --num-cpus=2"
+    )
+    config["head_start_ray_commands"] = start
+    assert all("5000" not in c and "6379" not in c for c in config["head_setup_commands"] + start)
+    return config
+
+
+def _mlflow_study(uri: str, study: str) -> tuple[dict, list[dict]]:
+    """The parent run of ``study`` and the trial runs nested under it, read over MLflow's REST API."""
+
+    def post(path: str, body: dict) -> dict:
+        request = urllib.request.Request(
+            f"{uri}/api/2.0/mlflow/{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    with urllib.request.urlopen(
+        f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ldct/{study}", timeout=30
+    ) as response:
+        experiment_id = json.loads(response.read())["experiment"]["experiment_id"]
+    runs = post("runs/search", {"experiment_ids": [experiment_id], "max_results": 100}).get("runs", [])
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    parents = [r for r, t in zip(runs, tags, strict=True) if t.get("ldct.role") == "study"]
+    assert len(parents) == 1, f"{len(parents)} parent runs for {study}"
+    parent_id = parents[0]["info"]["run_id"]
+    trials = [
+        r
+        for r, t in zip(runs, tags, strict=True)
+        if t.get("ldct.role") == "trial" and t.get("mlflow.parentRunId") == parent_id
+    ]
+    return parents[0], trials
+
+
+@pytest.fixture
+def site() -> Iterator[Site]:
+    if os.geteuid() != 0:
+        pytest.fail(
+            "tests/test_cluster_launch.py needs root: it runs a private sshd in its own PID namespace "
+            "and installs openssh-server/rsync/netcat where missing (CI machines run as root)"
+        )
+    real_home = Path.home()
+    watched = [real_home / n for n in (".bashrc", ".profile", "ray_bootstrap_config.yaml", ".ray")]
+    before = {p: p.read_bytes() if p.is_file() else p.exists() for p in watched}
+    # The launcher caches each config it read as /tmp/ray-config-<hash>: remove the ones it adds.
+    config_caches = set(Path("/tmp").glob("ray-config-*"))
+    base = Path(tempfile.mkdtemp(prefix="lcl-", dir="/tmp"))  # short: Ray's socket paths
+    s = Site(base)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+        control = Path("/tmp") / ("ray_ssh_" + hashlib.sha256(s.user.encode()).hexdigest()[:10])
+        shutil.rmtree(
+            control / hashlib.sha256(f"ldct-ci-{base.name}".encode()).hexdigest()[:10], ignore_errors=True
+        )
+        shutil.rmtree(base, ignore_errors=True)
+        for cache in set(Path("/tmp").glob("ray-config-*")) - config_caches:
+            if str(base) in cache.read_text(errors="replace"):
+                cache.unlink()
+        after = {p: p.read_bytes() if p.is_file() else p.exists() for p in watched}
+        assert after == before, (
+            "the real home changed (~/.bashrc, ~/.profile, ~/ray_bootstrap_config.yaml, ~/.ray)"
+        )
+
+
+def test_ray_up_submit_job_down(site: Site):
+    ports = {k: _free_port() for k in ("mlflow", "gcs", "dashboard", "client", "agent")}
+    log = Path(os.environ.get("LDCT_LAUNCH_LOG") or site.base / "launch.log")
+    log.write_text("")
+    env = {
+        **os.environ,
+        "HOME": str(site.client_home),
+        "RAY_TMPDIR": str(site.base / "client-tmp"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LDCT_PROFILE", "RAY_AUTH_MODE"):
+        env.pop(key, None)
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    # The README's first step: the token every node and the client share.
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    token = site.client_home / ".ray" / "auth_token"
+    config_path = site.base / "local-test.yaml"
+    config_path.write_text(yaml.safe_dump(_test_variant(site, ports, token), sort_keys=False))
+    mlflow_uri = f"http://127.0.0.1:{ports['mlflow']}"
+    shared = site.home / "nfs"  # stands for the site's NFS share: the same path on every node
+
+    _run([ray_bin, "up", "-y", "--no-config-cache", str(config_path)], env, 420, log)
+    # Awaited by head_setup_commands: it answers as soon as `ray up` returns.
+    with urllib.request.urlopen(mlflow_uri + "/health", timeout=10) as response:
+        assert response.status == 200
+    # Its PID (in the head's PID namespace) is where the config says; `ray down` will leave it running.
+    server = site.head("tr '\\0' ' ' < /proc/$(cat ~/ldct-mlflow/server.pid)/cmdline")
+    assert "mlflow server" in server.stdout, server
+    assert (site.home / ".ray" / "auth_token").read_text() == token.read_text()
+
+    # No profile by accident: on a head, without --profile or LDCT_PROFILE, the study refuses.
+    refused = _run(
+        [ray_bin, "exec", str(config_path), "python ~/ldct/studies/loss_weights.py"], env, 120, log, ok=False
+    )
+    assert "pass --profile explicitly" in refused, refused[-3000:]
+
+    # Path 1: `ray submit` (the script is copied to the head; the package is already there).
+    storage_uri = f"file://{shared}/runs"
+    out = _run(
+        [ray_bin, "submit", str(config_path), str(ROOT / "studies" / "loss_weights.py"), "--",
+         "--profile", "smoke", "--storage", storage_uri, "--results", str(shared / "results")],
+        env, 600, log,
+    )  # fmt: skip
+    assert "study smoke: 2/2 trials completed" in out
+    parent, trials = _mlflow_study(mlflow_uri, "smoke")
+    assert len(trials) == 2 and all(t["info"]["status"] == "FINISHED" for t in trials)
+    # The Train checkpoints are under the file:// URI, i.e. on the shared path.
+    checkpoints = list((shared / "runs" / "train").glob("smoke-*/checkpoint_*"))
+    assert checkpoints, list((shared / "runs").rglob("*"))[:20]
+
+    # Path 2: Ray Jobs with token auth, the same study under another name, plain-path storage.
+    job_env = {**env, "RAY_AUTH_MODE": "token"}
+    out = _run(
+        [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{ports['dashboard']}",
+         "--working-dir", str(ROOT), "--",
+         "python", "studies/loss_weights.py", "--profile", "smoke", "--name", "smoke-job",
+         "--storage", str(shared / "runs")],
+        job_env, 600, log,
+    )  # fmt: skip
+    assert "study smoke-job: 2/2 trials completed" in out and "succeeded" in out
+    job_parent, job_trials = _mlflow_study(mlflow_uri, "smoke-job")
+    assert len(job_trials) == 2
+    assert job_parent["info"]["run_id"] != parent["info"]["run_id"]
+    assert list((shared / "runs" / "train").glob("smoke-job-*/checkpoint_*"))
+    # The report went beside the checkpoints, not into the job's temporary working directory.
+    assert (shared / "runs" / "results" / "smoke-job" / "leaderboard.md").is_file()
+
+    # A resubmitted study name gets its next step.
+    again = _run(
+        [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{ports['dashboard']}",
+         "--working-dir", str(ROOT), "--",
+         "python", "studies/loss_weights.py", "--profile", "smoke", "--name", "smoke-job",
+         "--storage", str(shared / "runs")],
+        job_env, 300, log, ok=False,
+    )  # fmt: skip
+    assert "--name NEW" in again, again[-3000:]
+
+    _run([ray_bin, "down", "-y", str(config_path)], env, 180, log)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ports["gcs"]), timeout=2).close()
+    # What `ray down` leaves on an on-prem head: the MLflow server (stopped here by its PID, as
+    # cluster/local.yaml says) and nothing of Ray.
+    left = site.head("ps -eo args=").stdout.splitlines()
+    assert not [p for p in left if "ray" in p.lower() and "mlflow" not in p], left
+    assert any("mlflow server" in p for p in left), left
+    assert site.head("kill $(cat ~/ldct-mlflow/server.pid)").returncode == 0
+    deadline = time.time() + 30
+    while any("mlflow" in p for p in site.head("ps -eo args=").stdout.splitlines()):
+        assert time.time() < deadline, site.head("ps -eo args=").stdout
+        time.sleep(1)
