@@ -416,7 +416,7 @@ def write_report(
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``ldct repeat`` / ``python studies/repeat.py``; returns the exit code."""
-    from ldct.study import cluster_default_profile
+    from ldct.study import choose_profile
 
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -449,7 +449,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         tracking.check_reachable(uri)
         label, source = source_config(uri, study=args.study, version=args.version, alias=args.alias)
         profile = args.profile or (
-            source.get("profile") if source.get("profile") in list_profiles() else cluster_default_profile()
+            source.get("profile")
+            if source.get("profile") in list_profiles()
+            else choose_profile(None, parser.prog)
         )
         cfg = load_config(profile, args.overrides)
         result = run_repeat(
