@@ -423,7 +423,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--study", help="repeat this study's best trial configuration")
-    src.add_argument("--version", help="repeat this registered ldct-denoiser version's configuration")
+    src.add_argument(
+        "--model-version",
+        "--version",
+        dest="version",
+        help="repeat this registered ldct-denoiser version's configuration",
+    )
     src.add_argument("--alias", help="repeat the registered version behind this alias (e.g. candidate)")
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5; the paper: 10)")
     parser.add_argument(
