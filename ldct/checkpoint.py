@@ -75,8 +75,8 @@ def restore_rng(state: dict[str, Any] | None) -> None:
 def save_state(
     directory: Path, nets: Any, cfg: Config, step: int, batches_consumed: int, metrics: dict[str, Any]
 ) -> Path:
-    """Write a resumable checkpoint (both networks, both optimizers, step, config, normalisation,
-    RNG and data-stream position); returns the file."""
+    """Write a resumable checkpoint (generator, critic if any, their optimizers, step, config,
+    normalisation, RNG and data-stream position); returns the file."""
     from ldct.engine import unwrap
 
     directory = Path(directory)
@@ -84,12 +84,9 @@ def save_state(
     state = {
         "format": FORMAT,
         "generator": unwrap(nets.generator).state_dict(),
-        "critic": unwrap(nets.critic).state_dict(),
         "opt_g": nets.opt_g.state_dict(),
-        "opt_c": nets.opt_c.state_dict(),
         # fp16 loss scales (empty on CPU): without them a CUDA run would not resume exactly.
         "scaler_g": nets.scaler_g.state_dict() if getattr(nets, "scaler_g", None) else {},
-        "scaler_c": nets.scaler_c.state_dict() if getattr(nets, "scaler_c", None) else {},
         "step": int(step),
         "batches_consumed": int(batches_consumed),
         # Batches are addressed by number (train._StepBatchSampler): the position plus what
@@ -105,6 +102,11 @@ def save_state(
         "perceptual_weights": str(getattr(nets.perceptual, "weights_source", "n/a")),
         "metrics": metrics,
     }
+    if getattr(nets, "critic", None) is not None:
+        # No critic (λ_adv = 0): no critic keys at all, so the file says what was trained.
+        state["critic"] = unwrap(nets.critic).state_dict()
+        state["opt_c"] = nets.opt_c.state_dict()
+        state["scaler_c"] = nets.scaler_c.state_dict() if getattr(nets, "scaler_c", None) else {}
     state = plain(state)
     tmp = directory / (CHECKPOINT_FILE + ".tmp")
     torch.save(state, tmp)
@@ -148,10 +150,11 @@ def generator_from_config(
     flat_config: dict[str, Any], weights: dict[str, torch.Tensor]
 ) -> tuple[torch.nn.Module, Config]:
     """The generator a flat config describes, with ``weights`` loaded (strictly), in eval mode."""
-    from ldct.models.generator import build_generator
+    from ldct.models import build_model
 
     cfg = from_flat(flat_config)
+    # Through the registry (model.arch; old configs without it are the default architecture).
     # The weights are given: no encoder weights need to be found (or downloaded) again.
-    generator = build_generator(dataclasses.replace(cfg.model, encoder_weights="none"))
+    generator = build_model(dataclasses.replace(cfg.model, encoder_weights="none"), cfg.normalization)
     generator.load_state_dict(weights)
     return generator.eval(), cfg

@@ -356,6 +356,9 @@ def _add_study_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="run (or --resume) the loss-weight study", add_help=False)
     p.set_defaults(handler=_cmd_study, passthrough=True)
 
+    p = sub.add_parser("repeat", help="a configuration x N seeds: mean ± std, paired test", add_help=False)
+    p.set_defaults(handler=_cmd_repeat, passthrough=True)
+
     p = sub.add_parser("profiles", help="list the named profiles and the files they load from")
     p.set_defaults(handler=_cmd_profiles)
 
@@ -364,6 +367,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from ldct.study import main as study_main
 
     return study_main(args.passthrough_args, prog="ldct study")
+
+
+def _cmd_repeat(args: argparse.Namespace) -> int:
+    from ldct.repeat import main as repeat_main
+
+    return repeat_main(args.passthrough_args, prog="ldct repeat")
 
 
 def _cmd_profiles(args: argparse.Namespace) -> int:

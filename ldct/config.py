@@ -78,6 +78,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # Architecture (ldct.models registry): "encoder_decoder" (timm encoder + decoder, the paper's
+    # generator) or "redcnn" (the RED-CNN baseline; train it with loss.lambda_adv = 0).
+    arch: str = "encoder_decoder"
     encoder: str = "tf_efficientnetv2_m"
     # Indices into timm's feature_info. For tf_efficientnetv2_m, (2, 3, 4) are blocks.2/4/6, the
     # paper's stages 3, 5 and 7 (strides 8, 16, 32).
@@ -86,6 +89,7 @@ class ModelConfig:
     encoder_weights: str = "none"
     decoder_channels: int = 64
     critic_channels: int = 64
+    redcnn_channels: int = 96  # RED-CNN width (the paper's 96)
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,12 @@ class StudyConfig:
     optuna_storage: str = ""
     # Throughput bar for promotion (paper: 12.5 FPS at 512x512 on a T4).
     min_fps: float = 12.5
+    # Pareto study (ldct.pareto): Optuna maximises val PSNR and 512² batch-1 FPS together (no
+    # ASHA); the last validation measures FPS (`fps_repeats` timed calls, on the trial's device).
+    pareto: bool = False
+    # A categorical over architectures: a timm encoder name (arch encoder_decoder) or "redcnn".
+    arch_choices: tuple[str, ...] = ()
+    fps_repeats: int = 3
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ from ldct.losses import (
     l1_loss,
 )
 from ldct.metrics import MetricAccumulator
+from ldct.models import build_model
 from ldct.models.critic import build_critic
-from ldct.models.generator import build_generator
 
 PRECISIONS = ("auto", "fp16", "fp32")
 
@@ -94,13 +94,14 @@ class NonFiniteLossError(FloatingPointError):
 @dataclass
 class Networks:
     """Everything one training process updates. ``generator``/``critic`` may be replaced by DDP
-    wrappers after building (the optimizers hold the same parameters)."""
+    wrappers after building (the optimizers hold the same parameters). ``critic``, ``opt_c`` and
+    ``scaler_c`` are None when ``loss.lambda_adv`` is 0 (a pixel-loss run such as RED-CNN)."""
 
     generator: nn.Module
-    critic: nn.Module
+    critic: nn.Module | None
     perceptual: PerceptualLoss
     opt_g: torch.optim.Optimizer
-    opt_c: torch.optim.Optimizer
+    opt_c: torch.optim.Optimizer | None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: bool = False
     # Disabled (pass-through) scalers unless amp; their state_dicts belong in checkpoints.
@@ -111,7 +112,7 @@ class Networks:
         kind = self.device.type if self.device.type == "cuda" else "cpu"
         if self.scaler_g is None:
             self.scaler_g = torch.amp.GradScaler(kind, enabled=self.amp)
-        if self.scaler_c is None:
+        if self.scaler_c is None and self.critic is not None:
             self.scaler_c = torch.amp.GradScaler(kind, enabled=self.amp)
 
 
@@ -127,8 +128,14 @@ def use_amp(precision: str, device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and precision in ("auto", "fp16")
 
 
+def has_critic(cfg: Config) -> bool:
+    """A critic exists only with an adversarial term: λ_adv = 0 builds, steps and saves none."""
+    return cfg.loss.lambda_adv != 0
+
+
 def build_networks(cfg: Config, device: torch.device | str) -> Networks:
-    """Generator, critic, perceptual loss and their Adam optimizers on ``device``.
+    """Generator (``model.arch``), critic (unless λ_adv = 0), perceptual loss and their Adam
+    optimizers on ``device``.
 
     Weights are initialised from ``cfg.train.seed`` under a private RNG, so every DDP rank starts
     from the same networks and the caller's RNG stream is untouched.
@@ -137,8 +144,8 @@ def build_networks(cfg: Config, device: torch.device | str) -> Networks:
     amp = use_amp(cfg.train.precision, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        generator = build_generator(cfg.model, cfg.normalization)
-        critic = build_critic(cfg.model, cfg.normalization)
+        generator = build_model(cfg.model, cfg.normalization)
+        critic = build_critic(cfg.model, cfg.normalization) if has_critic(cfg) else None
     perceptual = PerceptualLoss(
         cfg.loss.perceptual_net,
         cfg.loss.perceptual_layer,
@@ -149,11 +156,15 @@ def build_networks(cfg: Config, device: torch.device | str) -> Networks:
     )
     memory_format = torch.channels_last if amp else torch.contiguous_format
     generator = generator.to(device, memory_format=memory_format)
-    critic = critic.to(device, memory_format=memory_format)
+    critic = critic.to(device, memory_format=memory_format) if critic is not None else None
     perceptual = perceptual.to(device, memory_format=memory_format)
     betas = tuple(cfg.optim.betas)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr, betas=betas)
-    opt_c = torch.optim.Adam(critic.parameters(), lr=cfg.optim.lr * cfg.optim.critic_lr_ratio, betas=betas)
+    opt_c = (
+        torch.optim.Adam(critic.parameters(), lr=cfg.optim.lr * cfg.optim.critic_lr_ratio, betas=betas)
+        if critic is not None
+        else None
+    )
     return Networks(generator, critic, perceptual, opt_g, opt_c, device=device, amp=amp)
 
 
@@ -260,24 +271,34 @@ def generator_step(
     at one step: a test hook for the non-finite handling all the way up to Ray/Tune.
     """
     low, full = _to_device(nets, low), _to_device(nets, full)
-    critic_module = unwrap(nets.critic)
-    _set_requires_grad(critic_module, False)
+    critic_module = unwrap(nets.critic) if nets.critic is not None else None
+    if critic_module is not None:
+        _set_requires_grad(critic_module, False)
+    w = cfg.loss
     try:
         with _autocast(nets):
             fake = nets.generator(low)
-            adv = generator_adversarial(critic_module(fake).float())
-            perceptual = nets.perceptual(fake, full).float()
-        l1 = l1_loss(fake.float(), full)
-        w = cfg.loss
-        loss = w.lambda_adv * adv + w.lambda_l1 * l1 + w.lambda_perceptual * perceptual
+            terms: dict[str, torch.Tensor] = {}
+            if critic_module is not None:
+                terms["adv"] = generator_adversarial(critic_module(fake).float())
+            # A zero weight skips the VGG forward (RED-CNN's pixel-loss profile).
+            if w.lambda_perceptual != 0:
+                terms["perceptual"] = nets.perceptual(fake, full).float()
+        terms["l1"] = l1_loss(fake.float(), full)
+        loss = w.lambda_l1 * terms["l1"]
+        if "adv" in terms:
+            loss = loss + w.lambda_adv * terms["adv"]
+        if "perceptual" in terms:
+            loss = loss + w.lambda_perceptual * terms["perceptual"]
         loss = _debug_poison(cfg, step, "loss_g", loss)
-        values = _checked(step, {"loss_g": loss, "adv": adv, "l1": l1, "perceptual": perceptual})
+        values = _checked(step, {"loss_g": loss, **terms})
         nets.opt_g.zero_grad(set_to_none=True)
         nets.scaler_g.scale(loss).backward()
         nets.scaler_g.step(nets.opt_g)
         nets.scaler_g.update()
     finally:
-        _set_requires_grad(critic_module, True)
+        if critic_module is not None:
+            _set_requires_grad(critic_module, True)
     return values
 
 
@@ -307,6 +328,8 @@ def _apply_schedule(nets: Networks, cfg: Config, step: int) -> None:
         return  # the optimizers keep the lr they were built with
     factor = lr_factor(cfg, step)
     for opt, base in ((nets.opt_g, cfg.optim.lr), (nets.opt_c, cfg.optim.lr * cfg.optim.critic_lr_ratio)):
+        if opt is None:
+            continue
         for group in opt.param_groups:
             group["lr"] = base * factor
 
@@ -318,10 +341,11 @@ def train_iteration(
     step: int,
 ) -> dict[str, float]:
     """``cfg.train.n_critic`` critic steps (a fresh batch each) then one generator step (another
-    fresh batch). Critic figures are averaged over its steps. Raises NonFiniteLossError."""
+    fresh batch). Critic figures are averaged over its steps; without a critic (λ_adv = 0) only
+    the generator step runs. Raises NonFiniteLossError."""
     _apply_schedule(nets, cfg, step)
     critic_logs = []
-    for _ in range(cfg.train.n_critic):
+    for _ in range(cfg.train.n_critic if nets.critic is not None else 0):
         low, full = next_batch()[:2]
         critic_logs.append(critic_step(nets, low, full, cfg, step))
     low, full = next_batch()[:2]

@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             cfg=cfg,
             study_result=result,
         )
+        if result.pareto is not None:
+            from ldct.pareto import write_front
+
+            write_front(result.pareto["rows"], result.pareto["min_fps"], result.pareto["message"], out)
+            print((out / "pareto.md").read_text())
         print((out / "leaderboard.md").read_text())
         if (out / "best_test.md").is_file():
             # The evidence that counts: the best trial on the real test panel, beside LDCT and the

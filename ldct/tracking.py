@@ -308,6 +308,8 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
             from ldct.losses import RANDOM_PERCEPTUAL_NOTE
 
             self._mlflow().set_tag(run_id, "ldct.perceptual", RANDOM_PERCEPTUAL_NOTE)
+        if result.get("fps_device"):
+            self._mlflow().set_tag(run_id, "ldct.fps_device", str(result["fps_device"]))
         if result.get("resumed_from_step"):
             # A Ray Train retry restored a checkpoint inside this trial (same run, same trial id).
             self._mlflow().set_tag(run_id, "ldct.resumed_from_step", str(int(result["resumed_from_step"])))
@@ -359,7 +361,7 @@ def metrics_of(result: dict[str, Any], now_ms: int | None = None) -> list[Any]:
         if isinstance(v, int | float)
         and not isinstance(v, bool)
         and math.isfinite(float(v))
-        and (k.startswith(("val_", "train_")) or k in ("it_per_s", "step", "resumed_from_step"))
+        and (k.startswith(("val_", "train_")) or k in ("it_per_s", "step", "resumed_from_step", "fps"))
     ]
 
 
@@ -582,14 +584,19 @@ def best_trial_run(mlflow_client: Any, study: str, parent_run_id: str | None = N
 
 
 def register_best(
-    study: str, tracking_uri: str | None = None, profile: str = "", parent_run_id: str | None = None
+    study: str,
+    tracking_uri: str | None = None,
+    profile: str = "",
+    parent_run_id: str | None = None,
+    run: Any | None = None,
 ) -> Any:
-    """Register the best trial of one study invocation (its parent run; default the latest) as
-    ``ldct-denoiser`` with alias ``candidate``; returns the version."""
+    """Register the best trial of one study invocation (its parent run; default the latest), or
+    ``run`` (one of its trial runs), as ``ldct-denoiser`` with alias ``candidate``; returns the
+    version."""
     from ldct.checkpoint import CHECKPOINT_FILE, load_state
 
     mlflow_client = client(tracking_uri)
-    best = best_trial_run(mlflow_client, study, parent_run_id)
+    best = run if run is not None else best_trial_run(mlflow_client, study, parent_run_id)
     run_id = best.info.run_id
     with tempfile.TemporaryDirectory(prefix="ldct-register-") as tmp:
         local = Path(mlflow_client.download_artifacts(run_id, f"checkpoint/{CHECKPOINT_FILE}", tmp))
@@ -660,6 +667,7 @@ def register_state(
     all_tags = {
         "trial_run_id": run_id,
         "profile": cfg.profile,
+        "arch": cfg.model.arch,
         "encoder": cfg.model.encoder,
         "format": serving.MODEL_FORMAT,
         **{k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("val_")},

@@ -161,8 +161,8 @@ class _Feed:
 
 def _batches_per_iteration(cfg: Config) -> int:
     # n_critic fresh batches for the critic + one for the generator (an upper bound is enough:
-    # the sampler only needs to never run dry).
-    return cfg.train.n_critic + 1
+    # the sampler only needs to never run dry). No critic (λ_adv = 0): the generator's batch only.
+    return (cfg.train.n_critic if cfg.loss.lambda_adv != 0 else 0) + 1
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -219,9 +219,15 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
     state = session.load_state()
     if state is not None:
         unwrap(nets.generator).load_state_dict(state["generator"])
-        unwrap(nets.critic).load_state_dict(state["critic"])
         nets.opt_g.load_state_dict(state["opt_g"])
-        nets.opt_c.load_state_dict(state["opt_c"])
+        if nets.critic is not None:
+            if "critic" not in state:
+                raise TrainingError(
+                    "the checkpoint to resume has no critic (trained with loss.lambda_adv = 0); "
+                    "resume it with loss.lambda_adv=0 or start a new run"
+                )
+            unwrap(nets.critic).load_state_dict(state["critic"])
+            nets.opt_c.load_state_dict(state["opt_c"])
         for name in ("scaler_g", "scaler_c"):
             if state.get(name) and getattr(nets, name, None) is not None:
                 getattr(nets, name).load_state_dict(state[name])
@@ -234,7 +240,8 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
         # Same Parameter objects (the optimizer keeps them); BN statistics over the global batch.
         nets.generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.generator)
     nets.generator = session.wrap(nets.generator)
-    nets.critic = session.wrap(nets.critic)
+    if nets.critic is not None:
+        nets.critic = session.wrap(nets.critic)
 
     total_batches = cfg.train.iterations * _batches_per_iteration(cfg) * 2 + 1
     dataset = PatchPairDataset(
@@ -310,7 +317,9 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
                 # Where this attempt started: > 0 after a retry restored a checkpoint.
                 "resumed_from_step": resumed_from,
                 # 1.0: λ₃ weighs a random network (the MLflow writer tags the run, reports say so).
-                "perceptual_random": float(getattr(nets.perceptual, "random_weights", False)),
+                "perceptual_random": float(
+                    cfg.loss.lambda_perceptual != 0 and getattr(nets.perceptual, "random_weights", False)
+                ),
             }
             meter = _Meter()
             if world > 1 and rank != 0:
@@ -327,6 +336,15 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
                     metrics["val_gain_psnr_window"] = (
                         metrics["val_psnr_window"] - metrics["val_ldct_psnr_window"]
                     )
+                    if cfg.study.pareto:
+                        # The second objective, on this worker's own device, after training. Tune
+                        # wants it in every result; Optuna reads only the last (multi-objective).
+                        from ldct.pareto import trial_fps
+
+                        last = step == cfg.train.iterations
+                        metrics.update(
+                            trial_fps(generator, device, cfg.study.fps_repeats) if last else {"fps": math.nan}
+                        )
                     is_best = metrics[VAL_METRIC] > best
                     best = max(best, metrics[VAL_METRIC])
                     metrics["is_best"] = int(is_best)
@@ -402,7 +420,10 @@ def _weights_spread(nets: Any, device: torch.device) -> float:
     import torch.distributed as dist
 
     total = sum(
-        p.detach().double().abs().sum() for net in (nets.generator, nets.critic) for p in net.parameters()
+        p.detach().double().abs().sum()
+        for net in (nets.generator, nets.critic)
+        if net is not None
+        for p in net.parameters()
     )
     checksum = torch.tensor([float(total)], dtype=torch.float64, device=device)
     gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]

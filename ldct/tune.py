@@ -53,6 +53,8 @@ class StudyResult:
     trials: list[dict[str, Any]]
     best: dict[str, Any] | None
     registered_version: str | None
+    # Pareto studies: {"rows": per-trial psnr/fps/rank, "message": the registration decision}.
+    pareto: dict[str, Any] | None = None
 
 
 def study_ranges(cfg: Config) -> dict[str, tuple[float, float]]:
@@ -74,7 +76,14 @@ def search_space(cfg: Config) -> dict[str, Any]:
     """Log-uniform ranges for λ₂, λ₃, λ_gp and the learning rate, from the profile."""
     from ray import tune
 
-    return {key: tune.loguniform(low, high) for key, (low, high) in study_ranges(cfg).items()}
+    space: dict[str, Any] = {
+        key: tune.loguniform(low, high) for key, (low, high) in study_ranges(cfg).items()
+    }
+    if cfg.study.arch_choices:
+        from ldct.pareto import CHOICE_KEY
+
+        space[CHOICE_KEY] = tune.choice(list(cfg.study.arch_choices))
+    return space
 
 
 def first_point(cfg: Config) -> dict[str, float]:
@@ -135,7 +144,12 @@ def run_trial(
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = from_flat({**base, **{k: v for k, v in config.items() if "." in k}})
+    flat = {**base, **{k: v for k, v in config.items() if "." in k}}
+    from ldct.pareto import CHOICE_KEY, apply_choice
+
+    if CHOICE_KEY in config:
+        flat = apply_choice(flat, str(config[CHOICE_KEY]))
+    cfg = from_flat(flat)
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = build_trainer(
         cfg,
@@ -268,7 +282,13 @@ def run_study(
         study,
         parent,
         extra_params={
-            **{k: v for k, v in flat.items() if k not in tracking.TUNED_PARAMS},
+            **{
+                k: v
+                for k, v in flat.items()
+                if k not in tracking.TUNED_PARAMS
+                # Set per trial by arch_choice (logged as its own param) in a Pareto study.
+                and not (cfg.study.arch_choices and k in ("model.arch", "model.encoder", "loss.lambda_adv"))
+            },
             "data.source": data_source,
         },
         storage=storage_path,
@@ -291,10 +311,17 @@ def run_study(
         tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:
         validations = max(1, math.ceil(cfg.train.iterations / cfg.train.val_every))
+        points = [first_point(cfg), *extra_points(cfg)]
+        if cfg.study.arch_choices:
+            from ldct.pareto import CHOICE_KEY, default_choice
+
+            points = [{**p, CHOICE_KEY: default_choice(cfg)} for p in points]
+        # Pareto: both objectives to Optuna (multi-objective TPE), Tune's own metric unset, no ASHA.
+        pareto = cfg.study.pareto
         searcher = OptunaSearch(
-            metric=VAL_METRIC,
-            mode="max",
-            points_to_evaluate=[first_point(cfg), *extra_points(cfg)],
+            metric=[VAL_METRIC, "fps"] if pareto else VAL_METRIC,
+            mode=["max", "max"] if pareto else "max",
+            points_to_evaluate=points,
             sampler=optuna.samplers.TPESampler(seed=cfg.study.seed),
             study_name=study,
             storage=optuna_storage(optuna_url, study, fresh=True),
@@ -309,10 +336,10 @@ def run_study(
             trainable,
             param_space=search_space(cfg),
             tune_config=tune.TuneConfig(
-                metric=VAL_METRIC,
-                mode="max",
+                metric=None if pareto else VAL_METRIC,
+                mode=None if pareto else "max",
                 search_alg=searcher,
-                scheduler=scheduler,
+                scheduler=None if pareto else scheduler,
                 num_samples=cfg.study.trials,
                 max_concurrent_trials=cfg.study.max_concurrent,
             ),
@@ -365,6 +392,7 @@ def run_study(
     mlflow_client.log_metric(parent, "trials_stopped", sum(r["status"] == "stopped" for r in rows))
     version = None
     best = None
+    pareto_result = None
     try:
         best_run = tracking.best_trial_run(mlflow_client, study, parent)
         best = {
@@ -373,7 +401,18 @@ def run_study(
             VAL_METRIC: best_run.data.metrics["best_val_psnr_window"],
         }
         mlflow_client.log_metric(parent, "best_val_psnr_window", best[VAL_METRIC])
-        if register:
+        if cfg.study.pareto:
+            from ldct.pareto import register_candidate
+
+            version, pareto_rows, message = (
+                register_candidate(study, uri, cfg.study.min_fps, profile=cfg.profile)
+                if register
+                else (None, [], "registration off")
+            )
+            pareto_result = {"rows": pareto_rows, "message": message, "min_fps": cfg.study.min_fps}
+            if version:
+                mlflow_client.set_tag(parent, "ldct.registered_version", version)
+        elif register:
             version = str(
                 tracking.register_best(study, uri, profile=cfg.profile, parent_run_id=parent).version
             )
@@ -381,4 +420,6 @@ def run_study(
     except tracking.TrackingError as exc:
         print(f"[ldct] nothing registered: {exc}", flush=True)
     mlflow_client.set_terminated(parent, status="FINISHED")
-    return StudyResult(study, storage_path, uri, parent, wall, train_seconds, rows, best, version)
+    return StudyResult(
+        study, storage_path, uri, parent, wall, train_seconds, rows, best, version, pareto_result
+    )

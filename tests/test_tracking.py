@@ -60,7 +60,7 @@ def test_ldct_train_logs_a_run(tmp_path, monkeypatch, capsys):
     table = json.loads(
         Path(mlflow_client.download_artifacts(run.info.run_id, "test_table.json", str(tmp_path))).read_text()
     )
-    assert set(table) == {"ldct", "classical", "denoised"}
+    assert set(table) == {"ldct", "classical", "bm3d", "denoised"}
     assert list(work.iterdir()) == []
     assert (tmp_path / "mlartifacts" / "ldct_train").is_dir()
 

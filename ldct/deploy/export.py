@@ -194,9 +194,11 @@ def _export_core_onnx(core: nn.Module, multiple: int) -> Any:
         wk = torch.export.Dim("width_blocks", min=1, max=max(2, 16384 // multiple))
         height, width = multiple * hk, multiple * wk
     else:
+        # A network of unpadded convolutions (RED-CNN) names the smallest side it exports for.
+        low = max(2, int(getattr(core, "export_min_size", 2)))
         height, width = (
-            torch.export.Dim("height", min=2, max=16384),
-            torch.export.Dim("width", min=2, max=16384),
+            torch.export.Dim("height", min=low, max=16384),
+            torch.export.Dim("width", min=low, max=16384),
         )
     names = list(inspect.signature(core.forward).parameters)
     shapes = {names[0]: {0: batch, 2: height, 3: width}}
@@ -484,6 +486,7 @@ def _card(
         },
         "architecture": {
             "class": type(getattr(generator, "module", generator)).__name__,
+            "arch": config.get("model.arch", getattr(generator, "arch", "encoder_decoder")),
             "encoder": config.get("model.encoder", getattr(generator, "encoder_name", None)),
             "out_indices": config.get("model.out_indices"),
             "decoder_channels": config.get("model.decoder_channels"),

@@ -1,0 +1,193 @@
+"""Quality × throughput: the Pareto study's pieces (``study.pareto = true``, profile ``pareto``).
+
+The study's search space gains a categorical ``arch_choice`` over ``study.arch_choices`` (a timm
+encoder name for the default architecture, or ``redcnn``); Optuna (multi-objective TPE) then
+maximises the last validation's window PSNR and the generator's 512×512 batch-1 FPS, measured
+by the trial's rank-0 worker on its own device after its last training step
+(``ldct.deploy.throughput``; batch 1 is the gated latency figure, DESIGN.md §5). ASHA is off:
+stopping a fast, still-improving trial on quality alone would bias the front towards slow models.
+After the study every trial run gets its Pareto rank (1 = on the front), and the study registers
+the best-quality trial whose FPS meets ``study.min_fps`` as ``candidate``, or says that none did.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+REDCNN = "redcnn"
+CHOICE_KEY = "arch_choice"  # no dot: not a config key, translated by apply_choice
+
+
+def apply_choice(flat: dict[str, Any], choice: str) -> dict[str, Any]:
+    """Flat config values for one architecture choice (RED-CNN: its own arch, no critic)."""
+    if choice == REDCNN:
+        return {**flat, "model.arch": REDCNN, "loss.lambda_adv": 0.0}
+    return {**flat, "model.arch": "encoder_decoder", "model.encoder": choice}
+
+
+def default_choice(cfg: Any) -> str:
+    """The profile's own architecture as a choice (the paper point's value of ``arch_choice``)."""
+    own = REDCNN if cfg.model.arch == REDCNN else cfg.model.encoder
+    choices = list(cfg.study.arch_choices)
+    return own if own in choices else choices[0]
+
+
+def trial_fps(generator: Any, device: Any, repeats: int) -> dict[str, Any]:
+    """512×512 batch-1 FPS of ``generator`` on ``device``: the Pareto study's second objective."""
+    from ldct.deploy.throughput import measure_fps
+
+    result = measure_fps(
+        generator, str(device), size=512, batch_sizes=(1,), warmup=1, repeats=max(1, repeats)
+    )
+    # The precision is part of the figure (CUDA measures fp16 autocast, CPU fp32).
+    where = f"{result['device']} ({result['device_name']}, {result['precision']})"
+    return {"fps": float(result["fps"]), "fps_device": where}
+
+
+def pareto_ranks(points: list[tuple[float, float]]) -> list[int]:
+    """Non-dominated sorting, both objectives maximised: rank 1 is the front, 2 the next, ..."""
+    ranks = [0] * len(points)
+    remaining = set(range(len(points)))
+    rank = 1
+    while remaining:
+        front = {
+            i
+            for i in remaining
+            if not any(
+                points[j][0] >= points[i][0]
+                and points[j][1] >= points[i][1]
+                and (points[j][0] > points[i][0] or points[j][1] > points[i][1])
+                for j in remaining
+            )
+        }
+        for i in front:
+            ranks[i] = rank
+        remaining -= front
+        rank += 1
+    return ranks
+
+
+def scored_runs(mlflow_client: Any, study: str) -> list[Any]:
+    """The study's completed trial runs that logged both objectives."""
+    from ldct import tracking
+
+    return [
+        r
+        for r in tracking.trial_runs(mlflow_client, study)
+        if r.data.tags.get("ldct.status") == "completed"
+        and "fps" in r.data.metrics
+        and "val_psnr_window" in r.data.metrics
+    ]
+
+
+def log_ranks(mlflow_client: Any, study: str) -> list[dict[str, Any]]:
+    """Log ``pareto_rank`` on every scored trial run; returns rows (run, psnr, fps, rank, device)."""
+    runs = scored_runs(mlflow_client, study)
+    ranks = pareto_ranks([(r.data.metrics["val_psnr_window"], r.data.metrics["fps"]) for r in runs])
+    rows = []
+    for run, rank in zip(runs, ranks, strict=True):
+        mlflow_client.log_metric(run.info.run_id, "pareto_rank", rank)
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "trial_id": run.data.tags.get("ldct.trial_id", ""),
+                "arch_choice": run.data.params.get(CHOICE_KEY, run.data.params.get("model.encoder", "")),
+                "val_psnr_window": run.data.metrics["val_psnr_window"],
+                "fps": run.data.metrics["fps"],
+                "device": run.data.tags.get("ldct.fps_device", ""),
+                "rank": rank,
+            }
+        )
+    return rows
+
+
+def select_candidate(rows: list[dict[str, Any]], min_fps: float) -> dict[str, Any] | None:
+    """The best-quality row whose FPS meets ``min_fps``; None when no row does."""
+    meeting = [r for r in rows if r["fps"] >= min_fps]
+    return max(meeting, key=lambda r: r["val_psnr_window"]) if meeting else None
+
+
+def register_candidate(
+    study: str, tracking_uri: str, min_fps: float, profile: str = ""
+) -> tuple[str | None, list[dict[str, Any]], str]:
+    """Rank the trials, register the best one meeting ``min_fps`` (alias ``candidate``).
+
+    Returns (version or None, rows, a sentence saying what happened); the sentence is also the
+    parent run's ``ldct.pareto_decision`` tag.
+    """
+    from ldct import tracking
+
+    mlflow_client = tracking.client(tracking_uri)
+    rows = log_ranks(mlflow_client, study)
+    chosen = select_candidate(rows, min_fps)
+    version = None
+    if chosen is None:
+        fastest = max((r["fps"] for r in rows), default=math.nan)
+        message = (
+            f"no trial met min_fps {min_fps:g} (fastest {fastest:.3g} FPS at 512², batch 1): "
+            "nothing registered"
+        )
+    else:
+        run = mlflow_client.get_run(chosen["run_id"])
+        version = str(tracking.register_best(study, tracking_uri, profile=profile, run=run).version)
+        mlflow_client.set_model_version_tag(tracking.MODEL_NAME, version, "fps", f"{chosen['fps']:.4g}")
+        mlflow_client.set_model_version_tag(tracking.MODEL_NAME, version, "fps_device", chosen["device"])
+        message = (
+            f"registered version {version} as candidate: trial {chosen['trial_id']} "
+            f"({chosen['arch_choice']}), val PSNR {chosen['val_psnr_window']:.2f} dB at "
+            f"{chosen['fps']:.3g} FPS >= {min_fps:g} on {chosen['device']}"
+        )
+    parent = tracking.study_run(mlflow_client, study)
+    if parent is not None:
+        mlflow_client.set_tag(parent.info.run_id, "ldct.pareto_decision", message)
+    print(f"[ldct] pareto: {message}", flush=True)
+    return version, rows, message
+
+
+def write_front(rows: list[dict[str, Any]], min_fps: float, message: str, out_dir: Path | str) -> Path:
+    """``pareto.png`` (every trial, the front as a line, the FPS bar) and ``pareto.md``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for choice in sorted({r["arch_choice"] for r in rows}):
+        mine = [r for r in rows if r["arch_choice"] == choice]
+        ax.scatter([r["fps"] for r in mine], [r["val_psnr_window"] for r in mine], label=choice, s=36)
+    front = sorted((r for r in rows if r["rank"] == 1), key=lambda r: r["fps"])
+    if front:
+        ax.plot(
+            [r["fps"] for r in front],
+            [r["val_psnr_window"] for r in front],
+            "k--",
+            lw=1,
+            label="Pareto front",
+        )
+    ax.axvline(min_fps, color="tab:red", lw=1.2, label=f"min_fps {min_fps:g}")
+    ax.set_xlabel("FPS at 512×512, batch 1 (trial's device)")
+    ax.set_ylabel("val PSNR, window [dB]")
+    ax.set_title("quality × throughput")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+    lines = [
+        "# Pareto front: val PSNR (window) × 512² FPS",
+        "",
+        message,
+        "",
+        "| trial | arch | val PSNR window [dB] | FPS | device | Pareto rank |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["rank"], -r["val_psnr_window"])):
+        lines.append(
+            f"| {r['trial_id']} | {r['arch_choice']} | {r['val_psnr_window']:.2f} | {r['fps']:.3g} | "
+            f"{r['device']} | {r['rank']} |"
+        )
+    (out / "pareto.md").write_text("\n".join(lines) + "\n")
+    return out
