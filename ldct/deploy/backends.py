@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import platform
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
@@ -95,12 +94,9 @@ def format_capabilities(caps: dict[str, Any]) -> str:
 
 
 def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
+    from ldct.deploy.throughput import cpu_name
+
+    return cpu_name()
 
 
 def _cpu_device_name(threads: int | None) -> str:
