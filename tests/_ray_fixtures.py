@@ -28,6 +28,25 @@ def ray_local():
     ray.shutdown()
 
 
+def wait_for_http(
+    url: str, process: subprocess.Popen, log: Path, seconds: float, what: str, tail: int = 3000
+) -> None:
+    """Until ``url`` answers 200; a server that exits or stays silent fails with its log's tail
+    (and is killed, process group and all, when it stays silent)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text()[-tail:]}")
+    os.killpg(process.pid, 9)
+    raise RuntimeError(f"{what} did not answer in {seconds:g} s: {log.read_text()[-tail:]}")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -64,21 +83,7 @@ def mlflow_server(tmp_path):
         start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(store / 'server.log').read_text()[-2000:]}")
-    else:
-        process.kill()
-        raise RuntimeError(
-            f"mlflow server did not answer in 90 s: {(store / 'server.log').read_text()[-2000:]}"
-        )
+    wait_for_http(uri + "/health", process, store / "server.log", 90, "mlflow server", tail=2000)
     yield uri
     os.killpg(process.pid, 15)
     try:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from _ray_fixtures import _free_port
+from _ray_fixtures import _free_port, wait_for_http
 from _registry import register_smoke
 from conftest import ct_image, write_dicom
 
@@ -45,21 +44,7 @@ def served(tmp_path_factory):
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(base + "/ping", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited: {(root / 'serve.log').read_text()[-3000:]}")
-    else:
-        os.killpg(process.pid, 9)
-        raise RuntimeError(
-            f"model server did not answer in 180 s: {(root / 'serve.log').read_text()[-3000:]}"
-        )
+    wait_for_http(base + "/ping", process, root / "serve.log", 180, "mlflow models serve")
     yield uri, base, root
     os.killpg(process.pid, 15)
     try:
