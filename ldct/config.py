@@ -189,6 +189,10 @@ class StudyConfig:
     # A categorical over architectures: a timm encoder name (arch encoder_decoder) or "redcnn".
     arch_choices: tuple[str, ...] = ()
     fps_repeats: int = 3
+    # Other studies in the same MLflow store whose best completed trial (by validation PSNR) the
+    # report scores beside this study's best, on the same test slices (e.g. ["redcnn"]). A study
+    # not in the store is named in the report, not an error.
+    compare: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,7 @@ def score_classical(
         splits.get("test", []),
         splits.get("val", []),
         tune_slices=cfg.data.max_val_slices or DEFAULT_TUNE_SLICES,
+        tune_crop=cfg.data.tune_crop,  # as the study's report tunes them: the same rows in both
     )
     rows = {key: dict(table["mean"][key]) for key in table["rows"]}
     return rows, dict(table["labels"]), budget_lines(table)

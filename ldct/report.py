@@ -281,22 +281,46 @@ def write_report(
 
 
 def _best_test_table(mlflow_client: Any, run_id: str, cfg: Config, tmp: Path) -> dict[str, Any]:
-    """The best trial's checkpoint scored by ``ldct.evaluate`` (per slice, mean ± std, BM3D row)."""
-    from ldct.evaluate import evaluate_generator
-    from ldct.train import CHECKPOINT_FILE, generator_from_state, load_state
+    """The best trial's checkpoint scored by ``ldct.evaluate`` (per slice, mean ± std, BM3D row),
+    with a row for the best trial of each study in ``cfg.study.compare`` found in the store."""
+    from ldct import tracking
+    from ldct.evaluate import evaluate_generator, torch_denoiser
 
-    state = load_state(mlflow_client.download_artifacts(run_id, f"checkpoint/{CHECKPOINT_FILE}", str(tmp)))
-    generator, trial_cfg = generator_from_state(state)
+    generator, trial_cfg, budget = _trial_generator(mlflow_client, run_id, tmp)
+    extra, compared = [], []
+    for other in cfg.study.compare if cfg is not None else ():
+        try:
+            best = tracking.best_trial_run(mlflow_client, other)
+        except tracking.TrackingError as exc:
+            compared.append({"study": other, "missing": str(exc)})
+            continue
+        net, other_cfg, other_budget = _trial_generator(mlflow_client, best.info.run_id, tmp / other)
+        label = f"{other} study best ({other_cfg.model.arch})"
+        extra.append((f"study_{other}", label, torch_denoiser(net, other_cfg.normalization)))
+        trial = best.data.tags.get(tracking.TAG_TRIAL, best.info.run_id)
+        compared.append({"study": other, "label": label, "trial": trial, **other_budget})
     # The trial's own model config, the report profile's data (its test split and cache).
     data_cfg = dataclasses.replace(trial_cfg, data=cfg.data) if cfg is not None else trial_cfg
-    table = evaluate_generator(generator, data_cfg, label="best trial")
+    table = evaluate_generator(generator, data_cfg, label="best trial", extra=extra)
     # The learned side of the budget, written beside the classical one (issue "science" item 4).
-    table["learned_budget"] = {
+    table["learned_budget"] = budget
+    table["compared"] = compared
+    return table
+
+
+def _trial_generator(mlflow_client: Any, run_id: str, tmp: Path) -> tuple[Any, Config, dict[str, int]]:
+    """A trial's best checkpoint (weights only) as (generator, its config, its learned budget)."""
+    from ldct.train import CHECKPOINT_FILE, generator_from_state, load_state
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = load_state(mlflow_client.download_artifacts(run_id, f"checkpoint/{CHECKPOINT_FILE}", str(tmp)))
+    generator, trial_cfg = generator_from_state(state)
+    budget = {
         "trials": trial_cfg.study.trials,
         "iterations": trial_cfg.train.iterations,
         "step": int(state.get("step", 0)),
     }
-    return table
+    return generator, trial_cfg, budget
 
 
 def _test_markdown(table: dict[str, Any]) -> str:
@@ -310,6 +334,15 @@ def _test_markdown(table: dict[str, Any]) -> str:
         if budget
         else ""
     )
+    for c in table.get("compared", []):
+        if "missing" in c:
+            learned += f"- {c['study']}: not compared ({c['missing']}; run `ldct study --profile {c['study']}` first)\n"
+        else:
+            learned += (
+                f"- {c['label']}: trial {c['trial']}, the best of {c['trials']} trials of up to "
+                f"{c['iterations']} iterations each, checkpoint of step {c['step']}, selected on "
+                "validation PSNR (window) of its own study\n"
+            )
     header = "# Held-out test split: the study's best trial against LDCT, Gaussian and BM3D\n\n"
     return header + markdown_eval(table) + learned
 

@@ -55,6 +55,25 @@ def _changes(before: dict, after: dict) -> list[str]:
 
 _BEFORE: dict[str, dict] = {}
 
+# --------------------------------------------------------------------------- parallel, not Ray
+# The suite runs on 2 xdist workers (pyproject's addopts). Everything that starts Ray (the
+# session's ray_local, a study or `ldct train --workers N` in a subprocess, a `ray up` cluster)
+# runs in ONE group, one test at a time: two Ray instances on a machine break Train V2's
+# placement-group cleaner ("Found multiple active Ray instances", DESIGN.md §5a), and a Ray
+# worker group starved of its CPUs by another study times out. The other worker takes the rest,
+# a module at a time (module fixtures such as test_evaluate's trained checkpoint are built once).
+RAY_MODULES = {
+    "test_cluster", "test_cluster_launch", "test_faults", "test_pareto",
+    "test_repeat", "test_study", "test_tracking", "test_train",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__
+        ray = module in RAY_MODULES or "ray_local" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("ray" if ray else module))
+
 
 def pytest_sessionstart(session) -> None:
     _BEFORE["repo"] = _snapshot(REPO)

@@ -126,8 +126,12 @@ def test_named_splits_persist_and_are_checked(mayo_tree, tmp_path):
 def test_builtin_cache_has_the_builtin_splits(builtin_cache):
     manifest = load_manifest(builtin_cache)
     assert manifest.source == "builtin"
-    # Test = real anatomy only; the real head validates; the phantoms train.
-    assert manifest.splits == {"train": ["PH01", "PH02"], "val": ["HEAD693"], "test": ["ABDOMEN", "CTSMALL"]}
+    # Test = real anatomy only; the real head validates; the phantoms and two real slices train.
+    assert manifest.splits == {
+        "train": ["HEADJ2K", "PH01", "PH02", "SPINE"],
+        "val": ["HEAD693"],
+        "test": ["ABDOMEN", "CTSMALL"],
+    }
     assert manifest.patients["CTSMALL"]["shape"] == [1, 128, 128]
     assert manifest.patients["ABDOMEN"]["shape"] == manifest.patients["HEAD693"]["shape"] == [1, 512, 512]
 
@@ -171,7 +175,11 @@ def test_ensure_data_builds_the_builtin_set_once_even_when_raced(tmp_path, monke
         t.join()
     assert not errors and len(results) == 2 and results[0] == results[1]
     cache_dir, splits = results[0]
-    assert splits == {"train": ["PH01", "PH02"], "val": ["HEAD693"], "test": ["ABDOMEN", "CTSMALL"]}
+    assert splits == {
+        "train": ["HEADJ2K", "PH01", "PH02", "SPINE"],
+        "val": ["HEAD693"],
+        "test": ["ABDOMEN", "CTSMALL"],
+    }
     assert cache_dir.parent.parent == tmp_path / "home" and cache_dir.parent.name.startswith("builtin-")
     assert len(list((tmp_path / "home").glob("builtin-*"))) == 1
     stamps = _stamps(cache_dir)
@@ -180,7 +188,11 @@ def test_ensure_data_builds_the_builtin_set_once_even_when_raced(tmp_path, monke
     _, splits = ensure_data(
         DataConfig(builtin_phantoms=2, builtin_slices=1, builtin_size=32, val_patients=("PH01",))
     )
-    assert splits == {"train": ["HEAD693", "PH02"], "val": ["PH01"], "test": ["ABDOMEN", "CTSMALL"]}
+    assert splits == {
+        "train": ["HEAD693", "HEADJ2K", "PH02", "SPINE"],
+        "val": ["PH01"],
+        "test": ["ABDOMEN", "CTSMALL"],
+    }
 
 
 def test_ensure_data_indexes_a_given_root(tcia_tree, tmp_path):

@@ -345,6 +345,6 @@ def test_split_is_by_patient():
 def test_default_splits():
     assert default_split(["L3", "L1", "L2"]) == (["L2"], ["L3"])
     assert default_split(["PH01", "PH02", "PH03", "CTSMALL"], builtin=True) == (["PH03"], ["CTSMALL"])
-    real = ["PH01", "PH02", "CTSMALL", "HEAD693", "ABDOMEN"]
+    real = ["PH01", "PH02", "CTSMALL", "HEAD693", "ABDOMEN", "SPINE", "HEADJ2K"]
     assert default_split(real, builtin=True) == (["HEAD693"], ["ABDOMEN", "CTSMALL"])
     assert default_split(["L1"]) == ([], ["L1"])

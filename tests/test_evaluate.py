@@ -19,14 +19,12 @@ from ldct.train import run_local
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The smoke profile's built-in cache (in a temp LDCT_HOME) and a 2-step checkpoint on it."""
-    home = tmp_path_factory.mktemp("ldct-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LDCT_HOME", str(home))
-        cfg = load_config("smoke", ["train.iterations=2"])
-        cache, splits = ensure_data(cfg.data)
-        session = run_local(cfg, checkpoint_root=home / "ckpt")
-        yield {"cfg": cfg, "cache": cache, "splits": splits, "checkpoint": session.checkpoints[-1]}
+    """The smoke profile's built-in cache (in the session's temporary LDCT_HOME, with its BM3D
+    cache: the first `ldct eval` here fills it for the studies after) and a 2-step checkpoint."""
+    cfg = load_config("smoke", ["train.iterations=2"])
+    cache, splits = ensure_data(cfg.data)
+    session = run_local(cfg, checkpoint_root=tmp_path_factory.mktemp("ckpt"))
+    return {"cfg": cfg, "cache": cache, "splits": splits, "checkpoint": session.checkpoints[-1]}
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +181,56 @@ def test_onnx_export_scores_like_its_checkpoint(smoke, tmp_path):
     )
     for metric in METRIC_NAMES:
         assert by_onnx["mean"]["model"][metric] == pytest.approx(by_torch["mean"]["model"][metric], rel=1e-4)
+
+
+def test_bm3d_cache_returns_the_same_output_and_recomputes_what_it_cannot_trust(smoke, tmp_path, capsys):
+    manifest = load_manifest(smoke["cache"])
+    patient = manifest.splits["test"][0]
+    low = np.load(smoke["cache"] / manifest.patients[patient]["arrays"]["low"])[0][32:96, 32:96]
+    low = np.ascontiguousarray(low, dtype=np.float32)
+    cache = evaluate.BM3DCache(tmp_path / "bm3d")
+    first = cache(low, 30.0)
+    # bm3d itself is not bit-reproducible (float32 FFTs: ~1e-7 relative between calls).
+    np.testing.assert_allclose(first, evaluate.bm3d_denoise(low, 30.0), rtol=1e-5, atol=1e-3)
+    again = cache(low, 30.0)
+    assert (cache.hits, cache.misses) == (1, 1)
+    np.testing.assert_array_equal(again, first)
+    # Another sigma or one changed pixel is another entry, never the stored output.
+    cache(low, 31.0)
+    changed = low.copy()
+    changed[0, 0] += 1.0
+    cache(changed, 30.0)
+    assert (cache.hits, cache.misses) == (1, 3) and len(list((tmp_path / "bm3d").glob("*.npy"))) == 3
+    # A truncated entry is recomputed (and rewritten), not trusted.
+    entry = next(p for p in (tmp_path / "bm3d").glob("*.npy") if np.array_equal(np.load(p), first))
+    entry.write_bytes(entry.read_bytes()[:100])
+    np.testing.assert_array_equal(cache(low, 30.0), first)
+    assert cache.misses == 4 and np.array_equal(np.load(entry, allow_pickle=False), first)
+    # A directory that cannot be written costs the recomputation and one warning, not the result.
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    readonly = evaluate.BM3DCache(blocked / "bm3d")
+    np.testing.assert_array_equal(readonly(low, 30.0), first)
+    readonly(low, 30.0)
+    assert readonly.misses == 2 and capsys.readouterr().err.count("not writable") == 1
+
+
+def test_eval_reads_bm3d_from_its_cache_the_second_time_and_says_so(smoke, tmp_path):
+    splits = smoke["splits"]
+    test = ["CTSMALL"] if "CTSMALL" in splits["test"] else splits["test"][:1]  # 128²: BM3D in ~1 s
+    common = {"split": "test", "tune_crop": 48, "bm3d_sigmas": (20.0, 40.0)}
+    first = evaluate.evaluate_split(
+        smoke["cache"], test, splits["val"], bm3d=evaluate.BM3DCache(tmp_path), **common
+    )
+    cache = evaluate.BM3DCache(tmp_path)
+    second = evaluate.evaluate_split(smoke["cache"], test, splits["val"], bm3d=cache, **common)
+    assert (
+        second["slices"] == first["slices"]
+        and second["tuning"]["bm3d"]["chosen"] == first["tuning"]["bm3d"]["chosen"]
+    )
+    n_tune = len(common["bm3d_sigmas"]) * second["tuning"]["bm3d"]["val_slices"]
+    assert first["tuning"]["bm3d"]["cached"] == 0 and second["tuning"]["bm3d"]["cached"] == n_tune
+    assert second["bm3d_cache"]["misses"] == 0 and second["bm3d_cache"]["hits"] == n_tune + len(
+        second["slices"]
+    )
+    assert f"{n_tune} of {n_tune} from the BM3D cache" in "\n".join(evaluate.budget_lines(second))

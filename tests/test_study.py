@@ -114,7 +114,10 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     assert version.tags["study"] == "s1" and version.tags["profile"] == "smoke"
     _check_registered_model_denoises(uri)
 
-    out = write_report("s1", tracking_uri=uri, results_root=tmp_path / "results", cfg=load_config("smoke"))
+    # study.compare: the best trial of another study in the store gets its own row on the same test
+    # slices (here the study itself: the row must equal the best trial's), a missing one a note.
+    cfg = load_config("smoke", ["study.compare=s1,absent"])
+    out = write_report("s1", tracking_uri=uri, results_root=tmp_path / "results", cfg=cfg)
     lines = (out / "leaderboard.md").read_text().splitlines()
     assert "LDCT input" in lines[2]  # header, rule, LDCT row, then the 2 trials
     trial_lines = lines[3:5]
@@ -136,8 +139,11 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     } <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] + summary.get("stopped", 0) == 2
-    assert set(summary["best_test"]) == {"ldct", "classical", "bm3d", "denoised"}
-    assert "| BM3D" in (out / "best_test.md").read_text()
+    assert set(summary["best_test"]) == {"ldct", "classical", "bm3d", "denoised", "study_s1"}
+    assert summary["best_test"]["study_s1"] == summary["best_test"]["denoised"]
+    best_test = (out / "best_test.md").read_text()
+    assert "| BM3D" in best_test and "| s1 study best (encoder_decoder) |" in best_test
+    assert "absent: not compared (study 'absent' has no completed trial" in best_test
 
     # The Optuna study persists beside the Ray storage, named after the study, and Optuna opens it.
     import optuna
