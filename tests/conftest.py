@@ -58,21 +58,56 @@ _BEFORE: dict[str, dict] = {}
 # --------------------------------------------------------------------------- parallel, not Ray
 # The suite runs on 2 xdist workers (pyproject's addopts). Everything that starts Ray (the
 # session's ray_local, a study or `ldct train --workers N` in a subprocess, a `ray up` cluster)
-# runs in ONE group, one test at a time: two Ray instances on a machine break Train V2's
-# placement-group cleaner ("Found multiple active Ray instances", DESIGN.md §5a), and a Ray
-# worker group starved of its CPUs by another study times out. The other worker takes the rest,
-# a module at a time (module fixtures such as test_evaluate's trained checkpoint are built once).
+# runs in ONE scope, on one worker, one test at a time: two Ray instances on a machine break
+# Train V2's placement-group cleaner ("Found multiple active Ray instances", DESIGN.md §5a), and a
+# Ray worker group starved of its CPUs by another study times out. The other worker takes the
+# rest, a module at a time (module fixtures such as test_evaluate's checkpoint are built once).
+# A scheduler of our own, not `--dist loadgroup`: xdist 3.8 marks a group by rewriting
+# `item._nodeid`, which pytest 9's nodeid property no longer reads, so its groups are lost.
 RAY_MODULES = {
     "test_cluster", "test_cluster_launch", "test_faults", "test_pareto",
     "test_repeat", "test_study", "test_tracking", "test_train",
 }  # fmt: skip
 
 
+def _scope(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return "ray" if Path(module).stem in RAY_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayScopeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return RayScopeScheduling(config, log)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_beside_ray(request, monkeypatch):
+    """Tests outside the Ray scope get one torch/OpenMP thread, so the Ray chain (the suite's
+    critical path: ~14 of its 15 minutes) always has a core of its own on a 2-core machine."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None or _scope(request.node.nodeid) == "ray":
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses a test starts
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    for item in items:
-        module = item.module.__name__
-        ray = module in RAY_MODULES or "ray_local" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("ray" if ray else module))
+    stray = [i.nodeid for i in items if "ray_local" in i.fixturenames and _scope(i.nodeid) != "ray"]
+    if stray:
+        raise pytest.UsageError(
+            f"{stray[:3]} use Ray outside tests/conftest.py's RAY_MODULES: add their module there, "
+            "or two Ray instances will run at once on the two xdist workers"
+        )
 
 
 def pytest_sessionstart(session) -> None:
