@@ -19,7 +19,7 @@ Real patients, and their split (DESIGN.md §3 says why):
   0.43 mm, JPEG 2000 (training).
 
 The two training slices are the only real texture the network learns from (the phantoms are
-piecewise smooth): with them the quick profile's best validation PSNR rose from 30.2 to 33.1 dB
+piecewise smooth): with them the quick profile's best validation PSNR rose from 30.2 to 33.5 dB
 (one `ldct train --profile quick` run each, same seed; DESIGN.md §3).
 """
 
