@@ -34,7 +34,7 @@ DEFAULT_SIGMAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 # BM3D: sigma_psd candidates in HU. Quarter-dose noise is ~10-60 HU (each slice's figure is in the
 # table), but CT noise is correlated, so the best white-noise sigma_psd lies above the noise std:
 # on the built-in head slice the best was the old grid's top (70 HU), so the grid goes on to 140
-# and its optimum lies inside it. BM3D costs 8-14 s of CPU per 512x512 slice
+# (where the head slice's optimum sits again: that slice rewards heavy smoothing). BM3D costs 8-14 s of CPU per 512x512 slice
 # (benchmarks/bm3d_eval.py); BM3DCache makes that a one-time cost per slice and sigma.
 DEFAULT_BM3D_SIGMAS_HU = (10.0, 20.0, 35.0, 50.0, 70.0, 100.0, 140.0)
 # Validation slices used to tune each classical method (spread evenly over the split), whole by
