@@ -564,16 +564,37 @@ def cpu_thread_env() -> dict[str, str]:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join a running cluster if there is one (RAY_ADDRESS / current cluster), else start a local Ray."""
+    """Join a running cluster if there is one (RAY_ADDRESS / current cluster), else start a local Ray.
+
+    A local Ray gets its State API pinned to its own dashboard (``RAY_API_SERVER_ADDRESS``, which
+    the raylet and so every worker inherit). Unpinned, Train V2's placement-group cleaner looks for
+    "its" cluster by scanning the machine for GCS processes; with any other Ray on the machine (a
+    second study, a test session, a `ray up` head) that scan fails with "Found multiple active Ray
+    instances", and a stopped trial's placement group leaks and starves the next (DESIGN.md §5a).
+    """
     import ray
 
     if ray.is_initialized():
         return
+    from ldct.remote import running_cluster
+
     # The dashboard stays on: without it Train V2 cannot free a stopped trial's workers (DESIGN.md §5a).
     kwargs: dict[str, Any] = {"log_to_driver": True}
-    if num_cpus is not None and not os.environ.get("RAY_ADDRESS"):
-        kwargs["num_cpus"] = num_cpus
+    if running_cluster() is None:
+        port = _free_local_port()
+        kwargs["dashboard_port"] = port
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
+
+
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def root_cause(exc: BaseException) -> str:

@@ -19,11 +19,17 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # Ray Train gives a worker group 60 s to start; on a loaded 2-core machine importing
-        # torch/timm in a fresh worker took longer and failed trials at random. Set before
-        # ray.init so that the raylet, trial processes and Train controllers inherit it.
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "240")
-        ray.init(num_cpus=2, log_to_driver=True)
+        # ldct's own start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S comes from conftest.py): its
+        # State API pinned to its dashboard, so that the Rays started beside it (the `ray up`
+        # cluster, the own-Ray studies) cannot blind Train V2's placement-group cleaner.
+        from ldct.remote import running_cluster
+        from ldct.train import init_ray
+
+        if (where := running_cluster()) is not None:
+            pytest.fail(
+                f"the suite starts a Ray of its own, and would join the one at {where}: stop it first"
+            )
+        init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 

@@ -7,6 +7,7 @@ reader is tested against files it did not produce itself.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,8 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 USER_CACHE = Path.home() / ".cache" / "ldct"
 # Written by the tools themselves, not by the code under test.
 _IGNORED_PARTS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".venv"}
-_LDCT_HOME = tempfile.mkdtemp(prefix="ldct-home-")
-os.environ["LDCT_HOME"] = _LDCT_HOME
+# One LDCT_HOME per session, shared by the xdist workers (they inherit the controller's
+# environment, and the controller imports this file before it starts them): the built-in sets and
+# the BM3D cache are made once, not once per worker; cache.py's lock serialises their makers.
+_SESSION_HOME_VAR = "LDCT_TEST_SESSION_HOME"
+_inherited = os.environ.get(_SESSION_HOME_VAR, "")
+_OWNS_HOME = not (os.environ.get("PYTEST_XDIST_WORKER") and _inherited and Path(_inherited).is_dir())
+_LDCT_HOME = tempfile.mkdtemp(prefix="ldct-home-") if _OWNS_HOME else _inherited
+os.environ[_SESSION_HOME_VAR] = os.environ["LDCT_HOME"] = _LDCT_HOME
+# Ray's first local start on a machine writes a token to ~/.ray/auth_token; a token of the
+# session's own, in the environment every Ray process inherits, keeps it out of $HOME.
+RAY_HOME = Path.home() / ".ray"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -56,27 +68,47 @@ def _changes(before: dict, after: dict) -> list[str]:
 _BEFORE: dict[str, dict] = {}
 
 # --------------------------------------------------------------------------- parallel, not Ray
-# The suite runs on 2 xdist workers (pyproject's addopts). Everything that starts Ray (the
-# session's ray_local, a study or `ldct train --workers N` in a subprocess, a `ray up` cluster)
-# runs in ONE scope, on one worker, one test at a time: two Ray instances on a machine break
-# Train V2's placement-group cleaner ("Found multiple active Ray instances", DESIGN.md §5a), and a
-# Ray worker group starved of its CPUs by another study times out. The other worker takes the
-# rest, a module at a time (module fixtures such as test_evaluate's checkpoint are built once).
+# The suite runs on 2 xdist workers (pyproject's addopts). Everything that starts a Ray of this
+# machine's (the session's ray_local, a study or `ldct train --workers N` in a subprocess) runs in
+# ONE scope, on one worker, one test at a time: two such studies at once on 2 cores starve each
+# other's worker groups until Train V2 times them out. The other worker starts with the `ray up`
+# cluster test, whose Ray lives in a PID namespace of its own, and takes the rest after it, a
+# module at a time (module fixtures such as test_evaluate's checkpoint are built once). Beside a
+# second Ray, a local Ray's State API must be pinned (ldct.train.init_ray, DESIGN.md §5a), or
+# Train V2's placement-group cleaner fails with "Found multiple active Ray instances".
 # A scheduler of our own, not `--dist loadgroup`: xdist 3.8 marks a group by rewriting
 # `item._nodeid`, which pytest 9's nodeid property no longer reads, so its groups are lost.
 RAY_MODULES = {
-    "test_cluster", "test_cluster_launch", "test_faults", "test_pareto",
-    "test_repeat", "test_study", "test_tracking", "test_train",
+    "test_cluster", "test_faults", "test_pareto", "test_repeat", "test_study", "test_tracking", "test_train",
 }  # fmt: skip
+# Studies in a subprocess with a Ray of their own (own RAY_TMPDIR, pinned State API): they run
+# beside the session's Ray, on the other worker, so that the Ray scope is not the whole suite.
+OWN_RAY_TESTS = {
+    "tests/test_cluster.py::test_study_on_s3_storage_keeps_checkpoints_in_the_bucket",
+    "tests/test_study.py::test_stopped_study_resumes_without_repeating_a_trial",
+}
+# Started first: the Ray scope (~10 min) on one worker; the cluster test (~4 min), then the
+# own-Ray studies (~3 min) on the other; the rest, a module at a time, wherever a worker is free.
+FIRST_SCOPES = ("ray", "tests/test_cluster_launch.py", "own-ray")
+# Ray Train gives a worker group 60 s to start; on a loaded 2-core machine importing torch/timm
+# in a fresh worker took longer and failed trials at random. Every Ray the suite starts (the
+# session's, a study's in a subprocess) inherits this.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "240")
 
 
 def _scope(nodeid: str) -> str:
+    if nodeid in OWN_RAY_TESTS:
+        return "own-ray"
     module = nodeid.split("::", 1)[0]
     return "ray" if Path(module).stem in RAY_MODULES else module
 
 
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
+
+    # Scopes in the collection's order (pytest_collection_modifyitems puts FIRST_SCOPES first),
+    # not xdist's default of most tests first, which would start the cluster test last.
+    config.option.loadscopereorder = False
 
     class RayScopeScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -88,7 +120,7 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.fixture(autouse=True)
 def _one_thread_beside_ray(request, monkeypatch):
     """Tests outside the Ray scope get one torch/OpenMP thread, so the Ray chain (the suite's
-    critical path: ~14 of its 15 minutes) always has a core of its own on a 2-core machine."""
+    critical path) always has a core of its own on a 2-core machine."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None or _scope(request.node.nodeid) == "ray":
         yield
         return
@@ -102,6 +134,8 @@ def _one_thread_beside_ray(request, monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    rank = {scope: i for i, scope in enumerate(FIRST_SCOPES)}
+    items.sort(key=lambda item: rank.get(_scope(item.nodeid), len(rank)))  # stable: file order kept
     stray = [i.nodeid for i in items if "ray_local" in i.fixturenames and _scope(i.nodeid) != "ray"]
     if stray:
         raise pytest.UsageError(
@@ -113,20 +147,22 @@ def pytest_collection_modifyitems(config, items) -> None:
 def pytest_sessionstart(session) -> None:
     _BEFORE["repo"] = _snapshot(REPO)
     _BEFORE["cache"] = _snapshot(USER_CACHE)
+    _BEFORE["ray"] = _snapshot(RAY_HOME)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     import shutil
 
     problems = []
-    for name, root in (("repo", REPO), ("cache", USER_CACHE)):
+    for name, root in (("repo", REPO), ("cache", USER_CACHE), ("ray", RAY_HOME)):
         diff = _changes(_BEFORE.get(name, {}), _snapshot(root))
         if diff:
             problems.append(
                 f"{root} changed during the test session (tests must be hermetic):\n  "
                 + "\n  ".join(diff[:20])
             )
-    shutil.rmtree(_LDCT_HOME, ignore_errors=True)
+    if _OWNS_HOME:
+        shutil.rmtree(_LDCT_HOME, ignore_errors=True)
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         for p in problems:

@@ -317,6 +317,52 @@ def test_fps_task_on_a_cluster_without_gpus_fails_clearly(ray_local):
     assert time.perf_counter() - started < 30
 
 
+@pytest.mark.slow
+def test_another_ray_on_the_machine_does_not_blind_the_state_api(ray_local):
+    """Train V2's placement-group cleaner asks the State API, from a Ray worker, whether a trial's
+    controller still lives. Unpinned, the State API finds its cluster by scanning the machine for
+    GCS processes, and a second Ray (a `ray up` head beside the suite, a second study) makes that
+    scan fail. ldct's local start pins it to its own dashboard; workers inherit the pin."""
+    from ray._private.services import find_gcs_addresses
+
+    ray = ray_local
+    other_tmp = Path(tempfile.mkdtemp(prefix="r2-", dir="/tmp"))  # short: Ray's socket paths
+    other = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port=0",
+         "--num-cpus=1", "--include-dashboard=false"],
+        env={**os.environ, "RAY_TMPDIR": str(other_tmp)},
+        stdout=open(other_tmp / "start.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+    def gcs_count() -> int:
+        """What the unpinned State API sees: the GCS addresses in this machine's raylet commands."""
+        find_gcs_addresses.cache_clear()
+        return len(find_gcs_addresses())
+
+    @ray.remote(num_cpus=0)
+    def state_api_nodes() -> list[str]:
+        from ray.util.state import list_nodes
+
+        return sorted(n.node_id for n in list_nodes())
+
+    try:
+        deadline = time.time() + 60
+        while gcs_count() < 2:
+            assert other.poll() is None and time.time() < deadline, (other_tmp / "start.log").read_text()
+            time.sleep(0.5)
+        own = sorted(n["NodeID"] for n in ray.nodes())
+        assert ray.get(state_api_nodes.remote(), timeout=60) == own
+        # What the pin prevents: the same call in a worker without it.
+        unpinned = state_api_nodes.options(runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": ""}})
+        with pytest.raises(Exception, match="multiple active Ray instances"):
+            ray.get(unpinned.remote(), timeout=60)
+    finally:
+        # SIGKILL, by process group: on SIGTERM `ray start --block` waits ~60 s for its children.
+        os.killpg(other.pid, 9)
+        other.wait(timeout=60)
+        shutil.rmtree(other_tmp, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------- S3 storage, for real
 
 

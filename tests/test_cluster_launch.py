@@ -101,7 +101,9 @@ class Site:
                     f"AuthorizedKeysFile {sshd_dir / 'authorized_keys'}",
                     # Nothing in the real home; Ray's temp dir in the test's own tree (/tmp/ray is
                     # the test session's, and its ray_current_cluster is what ray.init() joins).
-                    f"SetEnv HOME={self.home} RAY_TMPDIR={self.home / 'tmp'}",
+                    # LDCT_HOME is the session's, as a share would be: the built-in set and its
+                    # BM3D outputs (keyed by content) are made once per session, not again here.
+                    f"SetEnv HOME={self.home} RAY_TMPDIR={self.home / 'tmp'} LDCT_HOME={os.environ['LDCT_HOME']}",
                     "",
                 ]
             )
@@ -168,7 +170,9 @@ def _test_variant(site: Site, ports: dict[str, int], token: Path) -> dict:
     assert set(config["file_mounts"]) == {"~/ldct", "~/.ray/auth_token"}
     config["file_mounts"] = {"~/ldct": str(ROOT), "~/.ray/auth_token": str(token)}
     # No pip installs and no downloads: the head uses this suite's environment (same pins), and
-    # PYTHONPATH stands in for `pip install -e ~/ldct` of the synced checkout.
+    # PYTHONPATH stands in for `pip install -e ~/ldct` of the synced checkout. The head shares its
+    # 2 cores with the suite's other worker (a study of its own at times): worker groups get the
+    # suite's start timeout (see tests/_ray_fixtures.py), not Train's 60 s.
     kept = [
         c
         for c in config["setup_commands"]
@@ -178,7 +182,8 @@ def _test_variant(site: Site, ports: dict[str, int], token: Path) -> dict:
     config["setup_commands"] = [
         f"ln -sfn {sys.prefix} ~/ldct-venv",
         *kept,
-        "grep -q PYTHONPATH ~/.bashrc || echo 'export PYTHONPATH=$HOME/ldct OMP_WAIT_POLICY=PASSIVE' >> ~/.bashrc",
+        "grep -q PYTHONPATH ~/.bashrc || echo 'export PYTHONPATH=$HOME/ldct OMP_WAIT_POLICY=PASSIVE"
+        " RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=240' >> ~/.bashrc",
     ]
 
     def ports_of(command: str) -> str:
@@ -272,7 +277,9 @@ def test_ray_up_submit_job_down(site: Site):
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LDCT_PROFILE", "RAY_AUTH_MODE"):
+    # The client's token is the one generated below, and its State API is the head's.
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LDCT_PROFILE", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                "RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS"):  # fmt: skip
         env.pop(key, None)
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # The README's first step: the token every node and the client share.

@@ -190,8 +190,9 @@ def test_bm3d_cache_returns_the_same_output_and_recomputes_what_it_cannot_trust(
     low = np.ascontiguousarray(low, dtype=np.float32)
     cache = evaluate.BM3DCache(tmp_path / "bm3d")
     first = cache(low, 30.0)
-    # bm3d itself is not bit-reproducible (float32 FFTs: ~1e-7 relative between calls).
-    np.testing.assert_allclose(first, evaluate.bm3d_denoise(low, 30.0), rtol=1e-5, atol=1e-3)
+    # bm3d itself is not bit-reproducible: float32 FFTs differ between calls by ~1e-7 relative
+    # alone and up to 0.025 HU (2.7e-5) under load. 0.1 HU is far below the ~30 HU noise.
+    np.testing.assert_allclose(first, evaluate.bm3d_denoise(low, 30.0), rtol=0, atol=0.1)
     again = cache(low, 30.0)
     assert (cache.hits, cache.misses) == (1, 1)
     np.testing.assert_array_equal(again, first)

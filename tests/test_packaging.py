@@ -96,7 +96,9 @@ def _fresh_env(tmp_path: Path, wheel: Path) -> tuple[Path, dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(
         HOME=str(tmp_path / "home"),
-        LDCT_HOME=str(tmp_path / "ldct-home"),
+        # The session's LDCT_HOME: the built-in set and its BM3D outputs are keyed by content and code
+        # digest, so the installed copy finds the checkout's (same files) instead of remaking them.
+        LDCT_HOME=os.environ["LDCT_HOME"],
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
         OMP_WAIT_POLICY="PASSIVE",
     )

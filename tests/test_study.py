@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +170,16 @@ def test_unreachable_server_is_a_clear_error():
         tracking.check_reachable("http://127.0.0.1:9", timeout=1)
 
 
-def test_stopped_study_resumes_without_repeating_a_trial(tmp_path, ray_local):
+@pytest.fixture
+def ray_tmpdir() -> Iterator[Path]:
+    """A RAY_TMPDIR of the test's own, short (Ray's socket paths), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_stopped_study_resumes_without_repeating_a_trial(tmp_path, ray_tmpdir):
+    """Runs beside the session's Ray (conftest.OWN_RAY_TESTS): its study has a Ray of its own."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [
         sys.executable,
@@ -182,7 +194,8 @@ def test_stopped_study_resumes_without_repeating_a_trial(tmp_path, ray_local):
         str(tmp_path / "runs"),
         "--no-report",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmpdir)}
+    env.pop("RAY_ADDRESS", None)
     log = (tmp_path / "first.log").open("w")
     process = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -79,14 +80,21 @@ def test_params_are_logged_in_batches(tmp_path):
 
 @pytest.mark.slow
 def test_ldct_train_under_ray_logs_each_validation(tmp_path, ray_local, monkeypatch, capsys):
-    """The Ray Train path: a Train callback logs every validation as it happens."""
+    """The Ray Train path: a Train callback logs every validation as it happens; `--json` prints
+    the test table (every row, every metric, finite) as the last line."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = main(
         ["train", "--profile", "smoke", "--workers", "1", "--storage", str(tmp_path / "runs"),
-         "--tracking-uri", uri, "--set", "train.iterations=4", "--set", "train.cpus_per_worker=0.5"]
+         "--tracking-uri", uri, "--set", "train.iterations=4", "--set", "train.cpus_per_worker=0.5", "--json"]
     )  # fmt: skip
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    table = json.loads(captured.out.strip().splitlines()[-1])
+    assert set(table) == {"ldct", "classical", "bm3d", "denoised"}
+    for row in table.values():
+        assert {"psnr_window", "ssim_window", "psnr_full", "ssim_full", "rmse_hu"} <= set(row)
+        assert all(math.isfinite(v) for v in row.values())
     mlflow_client = tracking.client(uri)
     (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("ldct/train").experiment_id])
     assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val_psnr_window")] == [2, 4]
