@@ -183,6 +183,10 @@ class StudyConfig:
     optuna_storage: str = ""
     # Throughput bar for promotion (paper: 12.5 FPS at 512x512 on a T4).
     min_fps: float = 12.5
+    # Attach model.onnx (the portable copy for consumers outside ldct) to each registered version.
+    # The export costs ~10 s of CPU for a small generator, more for the paper's; `ldct-best export`
+    # makes the deployable ONNX from the weights either way. The smoke profile turns it off.
+    register_onnx: bool = True
     # Pareto study (ldct.pareto): Optuna maximises val PSNR and 512² batch-1 FPS together (no
     # ASHA); the last validation measures FPS (`fps_repeats` timed calls, on the trial's device).
     pareto: bool = False

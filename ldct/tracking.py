@@ -615,12 +615,13 @@ def register_state(
     tracking_uri: str | None = None,
     tags: dict[str, str] | None = None,
     alias: str | None = CANDIDATE,
-    onnx: bool = True,
+    onnx: bool | None = None,
 ) -> Any:
     """Log a checkpoint's generator as a model of ``run_id``, register it and point ``alias`` at it.
 
     The model is the safe format of ``ldct.serving`` (models-from-code pyfunc, safetensors weights,
-    explicit [N, H, W] HU signature, this package as code_paths, the ONNX export as an artifact).
+    explicit [N, H, W] HU signature, this package as code_paths, the ONNX export as an artifact
+    unless ``onnx`` is False; None: as the checkpoint's own ``study.register_onnx`` says).
     """
     import mlflow
     import mlflow.pyfunc
@@ -630,6 +631,8 @@ def register_state(
 
     mlflow_client = client(tracking_uri)
     generator, cfg = generator_from_state(state)
+    if onnx is None:
+        onnx = cfg.study.register_onnx
     metadata = {
         "ldct_format": serving.MODEL_FORMAT,
         "normalization": state["normalization"],

@@ -115,6 +115,10 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     version = mlflow_client.get_model_version_by_alias(tracking.MODEL_NAME, "candidate")
     assert str(version.version) == result.registered_version
     assert version.tags["study"] == "s1" and version.tags["profile"] == "smoke"
+    # The smoke profile registers without the ONNX artifact (study.register_onnx = false).
+    stored = next((tmp_path / "mlartifacts").rglob("MLmodel")).parent
+    assert (stored / "artifacts" / "weights.safetensors").is_file()
+    assert not (stored / "artifacts" / "model.onnx").exists() and "model.onnx" not in version.description
     _check_registered_model_denoises(uri)
 
     # study.compare: the best trial of another study in the store gets its own row on the same test
