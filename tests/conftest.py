@@ -38,6 +38,8 @@ os.environ[_SESSION_HOME_VAR] = os.environ["LDCT_HOME"] = _LDCT_HOME
 # Ray's first local start on a machine writes a token to ~/.ray/auth_token; a token of the
 # session's own, in the environment every Ray process inherits, keeps it out of $HOME.
 RAY_HOME = Path.home() / ".ray"
+# What the session must leave as it found it.
+_WATCHED = (("repo", REPO), ("cache", USER_CACHE), ("ray", RAY_HOME))
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 
@@ -151,16 +153,15 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def pytest_sessionstart(session) -> None:
-    _BEFORE["repo"] = _snapshot(REPO)
-    _BEFORE["cache"] = _snapshot(USER_CACHE)
-    _BEFORE["ray"] = _snapshot(RAY_HOME)
+    for name, root in _WATCHED:
+        _BEFORE[name] = _snapshot(root)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     import shutil
 
     problems = []
-    for name, root in (("repo", REPO), ("cache", USER_CACHE), ("ray", RAY_HOME)):
+    for name, root in _WATCHED:
         diff = _changes(_BEFORE.get(name, {}), _snapshot(root))
         if diff:
             problems.append(

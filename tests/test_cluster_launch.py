@@ -172,7 +172,7 @@ def _test_variant(site: Site, ports: dict[str, int], token: Path) -> dict:
     # No pip installs and no downloads: the head uses this suite's environment (same pins), and
     # PYTHONPATH stands in for `pip install -e ~/ldct` of the synced checkout. The head shares its
     # 2 cores with the suite's other worker (a study of its own at times): worker groups get the
-    # suite's start timeout (see tests/_ray_fixtures.py), not Train's 60 s.
+    # suite's start timeout (set in tests/conftest.py), not Train's 60 s.
     kept = [
         c
         for c in config["setup_commands"]
@@ -183,7 +183,8 @@ def _test_variant(site: Site, ports: dict[str, int], token: Path) -> dict:
         f"ln -sfn {sys.prefix} ~/ldct-venv",
         *kept,
         "grep -q PYTHONPATH ~/.bashrc || echo 'export PYTHONPATH=$HOME/ldct OMP_WAIT_POLICY=PASSIVE"
-        " RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=240' >> ~/.bashrc",
+        f" RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S={os.environ['RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S']}'"
+        " >> ~/.bashrc",
     ]
 
     def ports_of(command: str) -> str:
