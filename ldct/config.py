@@ -61,6 +61,9 @@ class DataConfig:
     max_air_fraction: float = 0.9
     # Patches whose fraction of soft tissue (HU in [-160, 240]) is below this are redrawn (0 = off).
     min_tissue_fraction: float = 0.0
+    # How a training patch's slice is drawn: "slice" (every slice alike) or "area" (by its size, so
+    # every training pixel alike; the built-in set's real 512² slices then weigh 4x a 256² phantom).
+    patch_sampling: str = "slice"
     loader_workers: int = 0
     # Built-in set: number of phantom patients, slices per phantom, image size, dose, seed.
     builtin_phantoms: int = 6

@@ -253,6 +253,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
         max_air_fraction=cfg.data.max_air_fraction,
         normalization=cfg.normalization,
         min_tissue_fraction=cfg.data.min_tissue_fraction,
+        sampling=cfg.data.patch_sampling,
     )
     sampler = _StepBatchSampler(cfg.train.batch_size, rank, world, batches_consumed, total_batches)
     loader = DataLoader(

@@ -90,6 +90,27 @@ def test_tissue_favouring_draws_more_soft_tissue(builtin_cache):
         PatchPairDataset(builtin_cache, PHANTOMS, min_tissue_fraction=1.5)
 
 
+def test_area_sampling_weighs_slices_by_their_size(builtin_cache):
+    # PH01: 2 slices of 64² (49² positions of a 16² patch each); CTSMALL: 1 slice of 128² (113²).
+    def share_of_ctsmall(sampling):
+        ds = PatchPairDataset(
+            builtin_cache,
+            ["PH01", "CTSMALL"],
+            patch_size=16,
+            samples=4000,
+            seed=5,
+            max_air_fraction=1.0,
+            sampling=sampling,
+        )
+        k, _, _ = ds._locations(np.arange(4000), 0)
+        return float(np.mean(ds._slice_patient[k] == 1))
+
+    assert abs(share_of_ctsmall("slice") - 1 / 3) < 0.03
+    assert abs(share_of_ctsmall("area") - 113**2 / (113**2 + 2 * 49**2)) < 0.03
+    with pytest.raises(ValueError, match=r"data.patch_sampling\) must be one of"):
+        PatchPairDataset(builtin_cache, PHANTOMS, sampling="pixels")
+
+
 def test_dataloader_with_two_workers_matches_single_process(builtin_cache):
     ds = PatchPairDataset(builtin_cache, PHANTOMS, patch_size=16, samples=96, seed=4)
     clone = pickle.loads(pickle.dumps(ds))

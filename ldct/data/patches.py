@@ -27,6 +27,7 @@ AIR_HU = -900.0
 # Soft tissue for min_tissue_fraction: the abdomen window of the metrics (DESIGN.md §3).
 TISSUE_HU = (-160.0, 240.0)
 MAX_ATTEMPTS = 16
+SAMPLINGS = ("slice", "area")
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -108,8 +109,12 @@ class PatchPairDataset(Dataset):
     A patch whose full-dose fraction of air (HU < -900) exceeds ``max_air_fraction``, or whose
     fraction of soft tissue (HU in [-160, 240], the window the study scores) is below
     ``min_tissue_fraction``, is redrawn (up to 16 attempts; the last draw is kept). The tissue
-    rule steers training to where the window metrics look; 0 (default) turns it off. Slices are drawn uniformly over all slices of the
-    given patients, positions uniformly inside the slice. ``__getitems__`` serves a whole batch
+    rule steers training to where the window metrics look; 0 (default) turns it off.
+
+    ``sampling`` says how a patch's slice is drawn: ``"slice"`` (default) gives every slice of the
+    given patients the same chance, ``"area"`` weights each slice by its number of patch
+    positions, so every training pixel is equally likely and a 512² slice is not worth the same
+    as a 256² one. Positions are uniform inside the slice. ``__getitems__`` serves a whole batch
     with vectorised draws (torch's DataLoader uses it automatically).
     """
 
@@ -123,7 +128,11 @@ class PatchPairDataset(Dataset):
         max_air_fraction: float = 0.9,
         normalization: HUNormalization = HUNormalization(),  # noqa: B008 - frozen, immutable
         min_tissue_fraction: float = 0.0,
+        sampling: str = "slice",
     ) -> None:
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling (data.patch_sampling) must be one of {SAMPLINGS}, got {sampling!r}")
+        self.sampling = sampling
         if not 0.0 <= min_tissue_fraction <= 1.0:
             raise ValueError(f"min_tissue_fraction must be in [0, 1], got {min_tissue_fraction}")
         self.min_tissue_fraction = float(min_tissue_fraction)
@@ -145,6 +154,9 @@ class PatchPairDataset(Dataset):
         self._cols = np.array([self._cache.shapes[p][2] for p in self._slice_patient]) - self.patch_size + 1
         if len(self._slice_patient) == 0:
             raise ValueError(f"patients {list(patients)} have no cached slices")
+        # Upper edges of each slice's share of [0, 1): a uniform maps to its slice by searchsorted.
+        weights = (self._rows * self._cols if sampling == "area" else np.ones(len(self._rows))).astype(float)
+        self._slice_edges = np.cumsum(weights) / weights.sum()
 
     @property
     def patients(self) -> list[str]:
@@ -167,7 +179,9 @@ class PatchPairDataset(Dataset):
 
     def _locations(self, index: np.ndarray, attempt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         u = _uniforms(self.seed, self.epoch, index, attempt, 3)
-        k = np.minimum((u[:, 0] * len(self._slice_patient)).astype(np.int64), len(self._slice_patient) - 1)
+        k = np.minimum(
+            np.searchsorted(self._slice_edges, u[:, 0], side="right"), len(self._slice_patient) - 1
+        )
         r = (u[:, 1] * self._rows[k]).astype(np.int64)
         c = (u[:, 2] * self._cols[k]).astype(np.int64)
         return k, r, c
