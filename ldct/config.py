@@ -64,6 +64,10 @@ class DataConfig:
     # How a training patch's slice is drawn: "slice" (every slice alike) or "area" (by its size, so
     # every training pixel alike; the built-in set's real 512² slices then weigh 4x a 256² phantom).
     patch_sampling: str = "slice"
+    # Training pairs' noise (low - full) scaled by a factor drawn uniformly in [low, high] per patch
+    # (1, 1 = off): one cache, many dose levels. For quarter-dose pairs, [0.58, 1.73] spans doses
+    # 0.5 to 0.1 (inserted variance ∝ 1/d - 1).
+    noise_scale: tuple[float, float] = (1.0, 1.0)
     loader_workers: int = 0
     # Built-in set: number of phantom patients, slices per phantom, image size, dose, seed.
     builtin_phantoms: int = 6

@@ -254,6 +254,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
         normalization=cfg.normalization,
         min_tissue_fraction=cfg.data.min_tissue_fraction,
         sampling=cfg.data.patch_sampling,
+        noise_scale=cfg.data.noise_scale,
     )
     sampler = _StepBatchSampler(cfg.train.batch_size, rank, world, batches_consumed, total_batches)
     loader = DataLoader(

@@ -111,6 +111,30 @@ def test_area_sampling_weighs_slices_by_their_size(builtin_cache):
         PatchPairDataset(builtin_cache, PHANTOMS, sampling="pixels")
 
 
+def test_noise_scale_rescales_each_pairs_own_noise(builtin_cache):
+    def pairs(noise_scale):
+        ds = PatchPairDataset(
+            builtin_cache, PHANTOMS, patch_size=24, samples=200, seed=2, noise_scale=noise_scale
+        )
+        low, full = ds._batch(np.arange(200))
+        return low.double(), full.double()
+
+    low1, full1 = pairs((1.0, 1.0))
+    low_half, full_half = pairs((0.5, 0.5))
+    torch.testing.assert_close(full_half, full1)  # targets and positions are untouched
+    # Away from the [0, 1] clip, the noise is exactly half of the pair's own noise.
+    inside = (low1 > 0.01) & (low1 < 0.99) & (full1 > 0.01) & (full1 < 0.99)
+    torch.testing.assert_close((low_half - full1)[inside], 0.5 * (low1 - full1)[inside], atol=1e-5, rtol=0)
+    # A range draws one factor per patch, reproducibly: per-patch std ratios spread over [0.5, 1.5].
+    low_a, _ = pairs((0.5, 1.5))
+    low_b, _ = pairs((0.5, 1.5))
+    assert torch.equal(low_a, low_b)
+    ratio = (low_a - full1).flatten(1).std(dim=1) / (low1 - full1).flatten(1).std(dim=1)
+    assert 0.45 < float(ratio.min()) < 0.7 and 1.3 < float(ratio.max()) < 1.55
+    with pytest.raises(ValueError, match=r"data.noise_scale\) must be"):
+        PatchPairDataset(builtin_cache, PHANTOMS, noise_scale=(1.5, 0.5))
+
+
 def test_dataloader_with_two_workers_matches_single_process(builtin_cache):
     ds = PatchPairDataset(builtin_cache, PHANTOMS, patch_size=16, samples=96, seed=4)
     clone = pickle.loads(pickle.dumps(ds))

@@ -129,7 +129,14 @@ class PatchPairDataset(Dataset):
         normalization: HUNormalization = HUNormalization(),  # noqa: B008 - frozen, immutable
         min_tissue_fraction: float = 0.0,
         sampling: str = "slice",
+        noise_scale: tuple[float, float] = (1.0, 1.0),
     ) -> None:
+        lo_scale, hi_scale = (float(v) for v in noise_scale)
+        if not 0.0 <= lo_scale <= hi_scale:
+            raise ValueError(
+                f"noise_scale (data.noise_scale) must be [low, high] with 0 <= low <= high, got {noise_scale!r}"
+            )
+        self.noise_scale = (lo_scale, hi_scale)
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling (data.patch_sampling) must be one of {SAMPLINGS}, got {sampling!r}")
         self.sampling = sampling
@@ -219,7 +226,18 @@ class PatchPairDataset(Dataset):
             k[todo], r[todo], c[todo] = k2, r2, c2
             self._cut(arrays.full, k2, r2, c2, full, todo)
         self._cut(arrays.low, k, r, c, low, np.arange(n))
+        if self.noise_scale != (1.0, 1.0):
+            return self._to_unit(self._rescaled_noise(index, low, full)), self._to_unit(full)
         return self._to_unit(low), self._to_unit(full)
+
+    def _rescaled_noise(self, index: np.ndarray, low: np.ndarray, full: np.ndarray) -> np.ndarray:
+        # full + a·(low - full), a uniform in noise_scale per patch: the pair's own noise texture at
+        # another level (inserted variance ∝ a², i.e. a dose d' with 1/d' - 1 = a²·(1/d - 1)).
+        lo, hi = self.noise_scale
+        a = lo + (hi - lo) * _uniforms(self.seed, self.epoch, index, MAX_ATTEMPTS, 1)[:, 0]
+        noise = np.subtract(low, full, dtype=np.float32)
+        noise *= a.astype(np.float32)[:, None, None]
+        return noise + full
 
     def _to_unit(self, hu: np.ndarray) -> torch.Tensor:
         # (hu - min) / span, clipped to [0, 1], in place in one float32 buffer.
