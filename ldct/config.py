@@ -62,7 +62,7 @@ class DataConfig:
     # Patches whose fraction of soft tissue (HU in [-160, 240]) is below this are redrawn (0 = off).
     min_tissue_fraction: float = 0.0
     # How a training patch's slice is drawn: "slice" (every slice alike) or "area" (by its size, so
-    # every training pixel alike; the built-in set's real 512² slices then weigh 4x a 256² phantom).
+    # every training pixel alike; at patch 64 a real 512² built-in slice weighs 5.4x a 256² phantom).
     patch_sampling: str = "slice"
     # Training pairs' noise (low - full) scaled by a factor drawn uniformly in [low, high] per patch
     # (1, 1 = off): one cache, many dose levels. For quarter-dose pairs, [0.58, 1.73] spans doses

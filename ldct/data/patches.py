@@ -234,6 +234,8 @@ class PatchPairDataset(Dataset):
         # full + a·(low - full), a uniform in noise_scale per patch: the pair's own noise texture at
         # another level (inserted variance ∝ a², i.e. a dose d' with 1/d' - 1 = a²·(1/d - 1)).
         lo, hi = self.noise_scale
+        # Attempt number MAX_ATTEMPTS: a stream the position draws never use, so the factor is
+        # independent of the patch's place and of how often it was redrawn.
         a = lo + (hi - lo) * _uniforms(self.seed, self.epoch, index, MAX_ATTEMPTS, 1)[:, 0]
         noise = np.subtract(low, full, dtype=np.float32)
         noise *= a.astype(np.float32)[:, None, None]
