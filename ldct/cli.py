@@ -511,7 +511,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         "aliases",
         "study",
         "trial",
-        "encoder",
+        "model",
         "val_psnr_window",
         "val_ssim_window",
         "fps",

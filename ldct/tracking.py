@@ -928,6 +928,13 @@ def record_failed_validation(
     )
 
 
+def _model_label(tags: dict[str, str]) -> str:
+    from ldct.models import DEFAULT_ARCH
+
+    arch = tags.get("arch", DEFAULT_ARCH)
+    return tags.get("encoder", "") if arch == DEFAULT_ARCH else arch
+
+
 def list_versions(tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Registered versions, newest first, with aliases, validation metrics and FPS."""
     from mlflow.exceptions import MlflowException
@@ -953,6 +960,9 @@ def list_versions(tracking_uri: str | None = None) -> list[dict[str, Any]]:
                 "study": v.tags.get("study", ""),
                 "trial": v.tags.get("trial_id", ""),
                 "encoder": v.tags.get("encoder", ""),
+                # What the version is: its timm encoder, or its architecture where it has none
+                # (a RED-CNN version carries model.encoder's unused default in its tags).
+                "model": _model_label(v.tags),
                 "val_psnr_window": v.tags.get("val_psnr_window", ""),
                 "val_ssim_window": v.tags.get("val_ssim_window", ""),
                 "fps": v.tags.get("fps", ""),

@@ -101,6 +101,12 @@ def test_redcnn_exports_with_parity_and_denoises_through_ldct_best(redcnn_run, t
     run = mlflow_client.create_run(tracking.ensure_experiment(mlflow_client, "ldct/redcnn-test"))
     version = str(tracking.register_state(state, run.info.run_id, uri, tags={"study": "redcnn-test"}).version)
     assert mlflow_client.get_model_version(tracking.MODEL_NAME, version).tags["arch"] == "redcnn"
+    # `show` names the architecture, not model.encoder's unused default.
+    assert [r["model"] for r in tracking.list_versions(uri)] == ["redcnn"]
+    assert best_main(["--tracking-uri", uri, "show"]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    column = header.index("model")
+    assert row[column:].split()[0] == "redcnn" and state["config"]["model.encoder"] not in row
 
     out = tmp_path / "dist"
     assert best_main(["--tracking-uri", uri, "export", "--version", version, "--out", str(out)]) == 0
