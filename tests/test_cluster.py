@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _ray_fixtures import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["cluster.yaml", "local.yaml"]
@@ -239,12 +239,6 @@ def test_leaderboard_and_registration_read_one_invocation(tmp_path):
 
 
 # -------------------------------------------------------------------------------- preflight checks
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_paper_check_reports_every_missing_input_then_fetch_from_a_share(tmp_path, monkeypatch):

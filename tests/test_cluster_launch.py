@@ -31,15 +31,10 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from _ray_fixtures import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float, log: Path, ok: bool = True) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _ray_fixtures import _free_port
 
 from ldct import tracking
 from ldct.config import load_config
@@ -43,12 +44,9 @@ def _check_registered_model_denoises(uri: str) -> None:
 
 def _check_dashboard_reads(storage: str, study: str, trials: int) -> None:
     """The real optuna-dashboard server on 127.0.0.1 lists the study with its trials."""
-    import socket
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     dashboard = Path(sys.executable).parent / "optuna-dashboard"
     server = subprocess.Popen(
         [dashboard, storage, "--host", "127.0.0.1", "--port", str(port)],
