@@ -21,15 +21,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldct import evaluate  # noqa: E402
 from ldct.deploy.export import reference_slice  # noqa: E402
+from ldct.evaluation import baselines as eval_baselines
 
 
 def _time(image: np.ndarray, repeats: int) -> tuple[float, float]:
     walls, cpus = [], []
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
-        evaluate.bm3d_denoise(image, 30.0)
+        eval_baselines.bm3d_denoise(image, 30.0)
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     return statistics.median(walls), statistics.median(cpus)
@@ -45,7 +45,7 @@ def main() -> None:
     hu, _ = reference_slice()
     rng = np.random.default_rng(0)
     per = {}
-    for size in (evaluate.DEFAULT_TUNE_CROP, 512):
+    for size in (eval_baselines.DEFAULT_TUNE_CROP, 512):
         reps = -(-size // hu.shape[0])
         image = np.tile(hu, (reps, reps))[:size, :size]
         image = (image + rng.normal(0, 30.0, image.shape)).astype(np.float32)
@@ -53,8 +53,8 @@ def main() -> None:
         print(
             f"BM3D {size}x{size}: {per[size][0]:.2f} s wall (median of {args.repeats}), {per[size][1]:.2f} s CPU"
         )
-    crop = evaluate.DEFAULT_TUNE_CROP
-    n_tune = len(evaluate.DEFAULT_BM3D_SIGMAS_HU) * evaluate.DEFAULT_TUNE_SLICES
+    crop = eval_baselines.DEFAULT_TUNE_CROP
+    n_tune = len(eval_baselines.DEFAULT_BM3D_SIGMAS_HU) * eval_baselines.DEFAULT_TUNE_SLICES
     sizes = [int(s) for s in args.test.split(",")]
     tune_s = n_tune * per[crop][0]
     test_s = sum(per[512][0] * (s / 512) ** 2 for s in sizes)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pydicom.uid import generate_uid  # noqa: E402
 
 from ldct.data.cache import build_cache  # noqa: E402
-from ldct.data.dicom import discover  # noqa: E402
+from ldct.data.discovery import discover  # noqa: E402
 from ldct.data.phantoms import phantom_spec, render_phantom  # noqa: E402
 from ldct.data.writer import write_ct_slice  # noqa: E402
 

@@ -174,14 +174,15 @@ def random_model(kind: str, train_slices: list[np.ndarray], seed: int = 0) -> tu
 
 def registered_model(kind: str, tracking_uri: str | None, alias: str) -> tuple[nn.Module, str] | None:
     """A trained registered generator with this kind's encoder, or None (said why)."""
-    from ldct import tracking
+    from ldct.registry import load as registry_load
+    from ldct.tracking import store as tracking_store
 
     try:
-        uri = tracking.resolve_tracking_uri(tracking_uri)
+        uri = tracking_store.resolve_tracking_uri(tracking_uri)
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
             print(f"  no MLflow store at {uri}: no trained generator", flush=True)
             return None
-        generator, meta = tracking.load_registered(alias=alias, tracking_uri=uri)
+        generator, meta = registry_load.load_registered(alias=alias, tracking_uri=uri)
     except Exception as exc:  # no store, no model, no alias: the benchmark still runs
         print(
             f"  no trained generator with alias {alias!r}: {type(exc).__name__}: {str(exc)[:160]}", flush=True

@@ -21,14 +21,15 @@ def main() -> None:
     parser.add_argument("--tracking-uri")
     args = parser.parse_args()
 
-    from ldct import tracking
+    from ldct.tracking import runs as tracking_runs
+    from ldct.tracking import store as tracking_store
 
-    client = tracking.client(args.tracking_uri)
-    parent = tracking.study_run(client, args.study)
+    client = tracking_store.client(args.tracking_uri)
+    parent = tracking_runs.study_run(client, args.study)
     if parent is None:
         raise SystemExit(f"no study {args.study!r} in {client.tracking_uri}")
     wall = parent.data.metrics.get("study_wall_seconds")
-    runs = sorted(tracking.trial_runs(client, args.study), key=lambda r: r.info.start_time)
+    runs = sorted(tracking_runs.trial_runs(client, args.study), key=lambda r: r.info.start_time)
     print(f"study {args.study}: {len(runs)} trials")
     print(f"{'trial':<10} {'status':<10} {'steps':>6} {'run [s]':>9} {'train [s]':>10} {'share':>7}")
     durations, shares, total_train = [], [], 0.0
@@ -46,7 +47,7 @@ def main() -> None:
         share = train / seconds if seconds > 0 else 0.0
         shares.append(share)
         print(
-            f"{run.data.tags.get(tracking.TAG_TRIAL, '?'):<10} {run.data.tags.get('ldct.status', '?'):<10} "
+            f"{run.data.tags.get(tracking_store.TAG_TRIAL, '?'):<10} {run.data.tags.get('ldct.status', '?'):<10} "
             f"{steps:>6} {seconds:>9.1f} {train:>10.1f} {100 * share:>6.0f}%"
         )
     print(

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldct.config import Config, ConfigError, load_config, replace  # noqa: E402
-from ldct.engine import build_networks, train_iteration  # noqa: E402
+from ldct.training.engine import build_networks, train_iteration
 
 # The quick profile recommended for 2 CPU cores, used when studies/quick.toml does not exist.
 QUICK_DEFAULTS = {
@@ -234,7 +234,8 @@ def ddp_comparison(quick: Config, iters: int) -> None:
 
     import ray
 
-    from ldct.train import build_trainer, prepare_data
+    from ldct.training.loop import prepare_data
+    from ldct.training.ray_train import build_trainer
 
     cache_dir, splits = prepare_data(quick)
     ray.init(num_cpus=2, log_to_driver=False)

@@ -2,19 +2,27 @@
 
 Ray and MLflow only see flat dicts (``{"loss.lambda_l1": 1.0, ...}``); :func:`to_flat` and
 :func:`from_flat` convert both ways without loss.
+
+Every field is checked against its annotation however a section is built (profile, override, flat
+dict, ``dataclasses.replace``), so a bad value fails at load naming the key, not later inside a
+Ray worker; a field with a closed set of values is a ``Literal``. :func:`replace` is the one way
+to derive a changed config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+
+from ldct.errors import LdctError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Profiles: studies/*.toml of a source checkout (editable installs read them in place), else the
@@ -24,12 +32,32 @@ PACKAGED_PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 PROFILE_DIR = CHECKOUT_PROFILE_DIR if CHECKOUT_PROFILE_DIR.is_dir() else PACKAGED_PROFILE_DIR
 
 
-class ConfigError(ValueError):
+class ConfigError(LdctError, ValueError):
     """A profile or an override names an unknown key or carries a value of the wrong type."""
 
 
+# Closed sets of values: their consumers (training engine and DDP setup, patch sampler, perceptual
+# loss) branch on exactly these, so anything else must be refused at load, not inside a Ray worker.
+Precision = Literal["auto", "fp16", "fp32"]
+SyncBN = Literal["auto", "on", "off"]
+Schedule = Literal["constant", "warmup_cosine"]
+PatchSampling = Literal["slice", "area"]
+PerceptualNet = Literal["vgg11", "vgg13", "vgg16", "vgg19"]
+DebugLoss = Literal["loss_g", "loss_critic"]
+DebugValue = Literal["nan", "inf"]
+
+
+class _Checked:
+    """Checks every field at construction, so ``dataclasses.replace`` can't build what a profile can't."""
+
+    def __post_init__(self) -> None:
+        prefix, fields = _field_types(type(self))
+        for name, annotation in fields:
+            _coerce(getattr(self, name), annotation, prefix + name, strict=True)
+
+
 @dataclass(frozen=True)
-class HUNormalization:
+class HUNormalization(_Checked):
     """HU window mapped linearly onto [0, 1] for the network; travels with every checkpoint."""
 
     hu_min: float = -1024.0
@@ -46,7 +74,7 @@ class HUNormalization:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Checked):
     # DICOM root (Mayo 2016 or TCIA layout). Empty: the built-in set is generated and used.
     root: str = ""
     # Where the per-patient HU cache lives. Empty: <root>/../<name>-cache, or ~/.cache/ldct/builtin.
@@ -63,7 +91,7 @@ class DataConfig:
     min_tissue_fraction: float = 0.0
     # How a training patch's slice is drawn: "slice" (every slice alike) or "area" (by its size, so
     # every training pixel alike; at patch 64 a real 512² built-in slice weighs 5.4x a 256² phantom).
-    patch_sampling: str = "slice"
+    patch_sampling: PatchSampling = "slice"
     # Training pairs' noise (low - full) scaled by a factor drawn uniformly in [low, high] per patch
     # (1, 1 = off): one cache, many dose levels. For quarter-dose pairs, [0.58, 1.73] spans doses
     # 0.5 to 0.1 (inserted variance ∝ 1/d - 1).
@@ -84,7 +112,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Checked):
     # Architecture (ldct.models registry): "encoder_decoder" (timm encoder + decoder, the paper's
     # generator) or "redcnn" (the RED-CNN baseline; train it with loss.lambda_adv = 0).
     arch: str = "encoder_decoder"
@@ -100,12 +128,12 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Checked):
     lambda_adv: float = 1.0
     lambda_l1: float = 1.0  # λ₂
     lambda_perceptual: float = 0.1  # λ₃
     lambda_gp: float = 10.0
-    perceptual_net: str = "vgg19"
+    perceptual_net: PerceptualNet = "vgg19"
     # Last VGG feature layer used (torchvision index into .features; 35 = relu5_4 as in WGAN-VGG).
     perceptual_layer: int = 35
     # "auto" (local file/torch cache if present, else seeded random), "imagenet" (must be on disk),
@@ -117,20 +145,20 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Checked):
     lr: float = 1e-5
     betas: tuple[float, float] = (0.5, 0.9)
     # Critic lr = lr * critic_lr_ratio (the paper uses one lr for both).
     critic_lr_ratio: float = 1.0
     # Learning-rate schedule over train.iterations: "constant" (the paper) or "warmup_cosine"
     # (linear warm-up over `warmup` iterations, then cosine down to lr * min_lr_ratio).
-    schedule: str = "constant"
+    schedule: Schedule = "constant"
     warmup: int = 0
     min_lr_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Checked):
     iterations: int = 100_000  # generator steps
     n_critic: int = 4
     batch_size: int = 128  # global batch, split over workers
@@ -144,10 +172,10 @@ class TrainConfig:
     # Torch intra-op threads per worker (0 = what Ray's CPU reservation implies).
     torch_threads: int = 0
     # "auto": fp16 autocast + channels_last on CUDA, plain fp32 on CPU.
-    precision: str = "auto"
+    precision: Precision = "auto"
     # SyncBatchNorm in the generator's encoder: "auto" (on for GPU runs with more than one
     # worker, so BN sees the global batch), "on", "off". Needs CUDA: "on" on CPU is an error.
-    sync_bn: str = "auto"
+    sync_bn: SyncBN = "auto"
     # Test hooks. Make `debug_nan_loss` ("loss_g" or "loss_critic") `debug_nan_value` ("nan" or
     # "inf") at step `debug_nan_step` (0 = never), on rank `debug_nan_rank` (-1 = every rank),
     # only in runs whose lr lies in [debug_nan_min_lr, debug_nan_max_lr] (max 0 = no bound), so
@@ -155,8 +183,8 @@ class TrainConfig:
     debug_nan_step: int = 0
     debug_nan_min_lr: float = 0.0
     debug_nan_max_lr: float = 0.0
-    debug_nan_loss: str = "loss_g"
-    debug_nan_value: str = "nan"
+    debug_nan_loss: DebugLoss = "loss_g"
+    debug_nan_value: DebugValue = "nan"
     debug_nan_rank: int = -1
     # Test hook: after the report of step `debug_pause_step`, the first worker of the study to get
     # there creates `debug_pause_file` (holding its PID) and sleeps, so a test can SIGKILL it.
@@ -165,7 +193,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class StudyConfig:
+class StudyConfig(_Checked):
     name: str = "loss_weights"
     trials: int = 20
     max_concurrent: int = 1
@@ -194,7 +222,7 @@ class StudyConfig:
     # The export costs ~10 s of CPU for a small generator, more for the paper's; `ldct-best export`
     # makes the deployable ONNX from the weights either way. The smoke profile turns it off.
     register_onnx: bool = True
-    # Pareto study (ldct.pareto): Optuna maximises val PSNR and 512² batch-1 FPS together (no
+    # Pareto study (ldct.study.pareto): Optuna maximises val PSNR and 512² batch-1 FPS together (no
     # ASHA); the last validation measures FPS (`fps_repeats` timed calls, on the trial's device).
     pareto: bool = False
     # A categorical over architectures: a timm encoder name (arch encoder_decoder) or "redcnn".
@@ -207,8 +235,8 @@ class StudyConfig:
 
 
 @dataclass(frozen=True)
-class DeployConfig:
-    """The precision gate of ``ldct-best validate`` (DESIGN.md §5b): a reduced-precision path is
+class DeployConfig(_Checked):
+    """The precision gate of ``ldct-best validate`` (docs/DESIGN.md §5b): a reduced-precision path is
     judged against fp32 on the test split, in image-quality terms."""
 
     # Window-convention PSNR/SSIM of the path minus fp32's (mean over the panel), at most:
@@ -220,7 +248,7 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(_Checked):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -243,45 +271,72 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check/convert one value against a field annotation; raise ConfigError naming `where`."""
+@functools.cache
+def _field_types(cls: type) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """(dotted prefix, ((field, annotation), ...)); cached: get_type_hints is slow per construction."""
+    names = {c: name for name, c in SECTIONS.items()} | {HUNormalization: "normalization"}
+    prefix = f"{names[cls]}." if cls in names else ""
+    hints = typing.get_type_hints(cls)
+    return prefix, tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+
+
+def _coerce(value: Any, annotation: Any, where: str, *, strict: bool = False) -> Any:
+    """Check/convert one value against a field annotation; raise ConfigError naming `where`.
+
+    ``strict`` (construction) accepts only values already of the field's type: text is parsed and
+    lists become tuples only on the way in (profiles, overrides, flat dicts, :func:`replace`).
+    """
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        for option in allowed:
+            kind = type(option)
+            try:
+                got = value if kind is str else _coerce(value, kind, where, strict=strict)
+            except ConfigError:
+                continue
+            if type(got) is kind and got == option:  # type() too: True == 1, yet Literal[1] != True
+                return got
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
     if origin is tuple:
+        if strict and not isinstance(value, tuple):
+            raise ConfigError(f"{where}: expected a tuple, got {value!r}")
         if isinstance(value, str):
             value = [v for v in (p.strip() for p in value.strip("()[]").split(",")) if v]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(annotation)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], where) for v in value)
+            return tuple(_coerce(v, args[0], where, strict=strict) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+        return tuple(_coerce(v, a, where, strict=strict) for v, a in zip(value, args, strict=True))
     if origin in (typing.Union, types.UnionType):
         errors = []
         for arg in typing.get_args(annotation):
             try:
-                return _coerce(value, arg, where)
+                return _coerce(value, arg, where, strict=strict)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError("; ".join(errors))
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        text = value.lower() if isinstance(value, str) and not strict else None
+        if text in ("true", "false", "1", "0", "yes", "no"):
+            return text in ("true", "1", "yes")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if annotation is int:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         if isinstance(value, int | np.integer):
             return int(value)
-        if isinstance(value, str):
+        if not strict and isinstance(value, str):
             try:
                 return int(value.replace("_", ""))
             except ValueError:
                 pass
-        if isinstance(value, float) and value.is_integer():
+        if not strict and isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if annotation is float:
@@ -289,7 +344,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if isinstance(value, int | float | np.integer | np.floating):
             return float(value)
-        if isinstance(value, str):
+        if not strict and isinstance(value, str):
             try:
                 return float(value)
             except ValueError:
@@ -299,20 +354,22 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        raise ConfigError(f"{where}: expected a {annotation.__name__}, got {value!r}")
     raise ConfigError(f"{where}: unsupported type {annotation!r}")
 
 
-def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(
-                f"unknown key {section}.{key}; known keys of [{section}]: {', '.join(sorted(known))}"
-            )
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
-    return cls(**kwargs)
+def _coerce_section(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    """``values`` converted to ``cls``'s field types; an unknown key raises, listing the known."""
+    _, fields = _field_types(cls)
+    hints = dict(fields)
+    unknown = [key for key in values if key not in hints]
+    if unknown:
+        known = ", ".join(sorted(hints))
+        raise ConfigError(f"unknown key {section}.{unknown[0]}; known keys of [{section}]: {known}")
+    return {key: _coerce(value, hints[key], f"{section}.{key}") for key, value in values.items()}
 
 
 def from_dict(tree: dict[str, Any], profile: str = "custom") -> Config:
@@ -323,7 +380,7 @@ def from_dict(tree: dict[str, Any], profile: str = "custom") -> Config:
             raise ConfigError(f"unknown section [{name}]; known: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}] must be a table, got {values!r}")
-        sections[name] = _build_section(SECTIONS[name], values, name)
+        sections[name] = SECTIONS[name](**_coerce_section(SECTIONS[name], values, name))
     return Config(profile=profile, **sections)
 
 
@@ -364,16 +421,10 @@ def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> C
             raise ConfigError(f"override {item!r} must look like section.key=value")
         dotted, raw = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
-        if section not in SECTIONS:
-            raise ConfigError(f"override {item!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
-        cls = SECTIONS[section]
-        hints = typing.get_type_hints(cls)
-        if key not in hints:
-            known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
-            raise ConfigError(f"override {item!r}: unknown key {section}.{key}; known: {known}")
-        value = _coerce(raw.strip(), hints[key], f"{section}.{key}")
-        new_section = dataclasses.replace(getattr(config, section), **{key: value})
-        config = dataclasses.replace(config, **{section: new_section})
+        try:
+            config = _replace_section(config, section, {key: raw.strip()})
+        except ConfigError as exc:
+            raise ConfigError(f"override {item!r}: {exc}") from exc
     return config
 
 
@@ -417,24 +468,32 @@ def from_flat(flat: dict[str, Any]) -> Config:
             raise ConfigError(f"flat key {dotted!r} has no section")
         section, key = dotted.split(".", 1)
         if section == "normalization":
-            norm[key] = float(value)
+            norm[key] = value
             continue
         tree.setdefault(section, {})[key] = value
     config = from_dict(tree, profile=profile)
     if norm:
-        config = dataclasses.replace(config, normalization=HUNormalization(**norm))
+        normalization = HUNormalization(**_coerce_section(HUNormalization, norm, "normalization"))
+        config = dataclasses.replace(config, normalization=normalization)
     return config
 
 
 def replace(config: Config, **sections: dict[str, Any]) -> Config:
-    """``replace(cfg, loss={"lambda_l1": 2.0})``: a copy with some section fields changed (strictly)."""
+    """The one way to derive a changed config: ``replace(cfg, loss={"lambda_l1": 2.0})``.
+
+    Values are checked and converted as a profile's are (a list becomes a tuple, ``"3"`` an int,
+    a value outside a ``Literal`` raises), and an unknown section or key raises ConfigError.
+    ``dataclasses.replace`` on a section only checks, and changes one section at a time.
+    """
     for section, changes in sections.items():
-        overrides = [f"{section}.{k}={_to_override_text(v)}" for k, v in changes.items()]
-        config = apply_overrides(config, overrides)
+        if not isinstance(changes, dict):
+            raise ConfigError(f"replace: {section}= must be a dict of fields, got {changes!r}")
+        config = _replace_section(config, section, changes)
     return config
 
 
-def _to_override_text(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value)
-    return str(value)
+def _replace_section(config: Config, section: str, changes: dict[str, Any]) -> Config:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section {section!r}; known: {', '.join(SECTIONS)}")
+    values = _coerce_section(SECTIONS[section], changes, section)
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)})

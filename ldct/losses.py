@@ -1,6 +1,6 @@
 """Loss terms: Wasserstein critic/generator terms, the per-sample gradient penalty, L1, perceptual.
 
-The generator objective (DESIGN.md §4, WGAN-VGG): ``λ_adv·adv + λ₂·L1 + λ₃·perceptual``; the critic
+The generator objective (docs/DESIGN.md §4, WGAN-VGG): ``λ_adv·adv + λ₂·L1 + λ₃·perceptual``; the critic
 objective: ``E[D(fake)] - E[D(real)] + λ_gp·GP``.
 """
 
@@ -19,7 +19,7 @@ from ldct.config import HUNormalization
 
 logger = logging.getLogger("ldct")
 
-# What VGG sees (DESIGN.md §4): the abdomen window, where quarter-dose noise is visible.
+# What VGG sees (docs/DESIGN.md §4): the abdomen window, where quarter-dose noise is visible.
 PERCEPTUAL_WINDOW_HU = (-160.0, 240.0)
 # The warning and report line for a random perceptual network.
 RANDOM_PERCEPTUAL_NOTE = "perceptual: random weights; λ₃ is not the paper's"

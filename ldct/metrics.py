@@ -1,4 +1,4 @@
-"""Image-quality metrics in Hounsfield units, in the two conventions of DESIGN.md §3.
+"""Image-quality metrics in Hounsfield units, in the two conventions of docs/DESIGN.md §3.
 
 - ``full``:   HU clipped to [-1024, 3072], data range 4096.
 - ``window``: HU clipped to the abdomen window [-160, 240], data range 400 (the paper's convention).

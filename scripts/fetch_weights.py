@@ -5,7 +5,7 @@
     python scripts/fetch_weights.py --profile paper --export /mnt/nfs/ldct-weights   # make a share
     python scripts/fetch_weights.py --profile paper --from /mnt/nfs/ldct-weights     # no internet
 
-The training code never downloads (a missing file is an error, DESIGN.md §4); this is the one
+The training code never downloads (a missing file is an error, docs/DESIGN.md §4); this is the one
 place that does, and only when asked. The caches are the ones the loaders read: the Hugging Face
 hub cache (timm encoders; HF_HOME) and torch's hub checkpoints (torchvision VGG; TORCH_HOME).
 A share made with --export holds the same layout: huggingface/hub/models--.../ and
@@ -44,7 +44,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 def fetch(profile: str, source: Path | None, export: Path | None) -> int:
     from ldct.config import load_config
-    from ldct.preflight import required_weights
+    from ldct.study.preflight import required_weights
 
     cfg = load_config(profile)
     needed = required_weights(cfg)

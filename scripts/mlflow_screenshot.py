@@ -4,7 +4,7 @@
         --out results/quick/mlflow_ui.png
 
 Starts `mlflow ui` on 127.0.0.1 (free port, job execution off), opens the link the study prints
-(ldct.tracking.ui_url: runs table of the trials, best first, "Model training" view) with a fresh
+(ldct.tracking.store.ui_url: runs table of the trials, best first, "Model training" view) with a fresh
 profile, writes the PNG, stops the server. `--page` picks another view of the same experiment
 (e.g. `--page chart` for compareRunsMode=CHART). Not part of CI (it needs a browser).
 """
@@ -55,7 +55,7 @@ def _wait(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
 
 
 def main() -> int:
-    from ldct import tracking
+    from ldct.tracking import store as tracking_store
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,7 +76,7 @@ def main() -> int:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise SystemExit("chromium not found: apt-get update && apt-get install -y chromium")
-    mlflow_client = tracking.client(args.tracking_uri)
+    mlflow_client = tracking_store.client(args.tracking_uri)
     experiment = mlflow_client.get_experiment_by_name(f"ldct/{args.study}")
     if experiment is None:
         raise SystemExit(f"no experiment ldct/{args.study} in {args.tracking_uri}")
@@ -93,7 +93,7 @@ def main() -> int:
         )  # fmt: skip
         try:
             _wait(base, server)
-            url = tracking.ui_url(mlflow_client.tracking_uri, experiment.experiment_id, base=base)
+            url = tracking_store.ui_url(mlflow_client.tracking_uri, experiment.experiment_id, base=base)
             if args.page == "chart":
                 url += "&compareRunsMode=CHART"
             elif args.page == "plain":

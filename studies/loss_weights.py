@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""The loss-weight study's `ray submit` entry point: a thin caller of ``ldct.study`` (``ldct study``).
+"""The loss-weight study's `ray submit` entry point: a thin caller of ``ldct.cli.study`` (``ldct study``).
 
     python studies/loss_weights.py --profile quick                                 # one machine
     ray submit cluster/local.yaml studies/loss_weights.py -- --profile paper       # a cluster
     ray job submit --working-dir . -- python studies/loss_weights.py --profile paper
 
 `ray submit` copies only this file to the head node; the `ldct` package is installed there by the
-cluster's setup commands. Profile choice: ``ldct.study.choose_profile`` (--profile, else
+cluster's setup commands. Profile choice: ``ldct.cli.study.choose_profile`` (--profile, else
 LDCT_PROFILE, else quick; required where a Ray cluster is running).
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from ldct.study import choose_profile
-from ldct.study import main as study_main
+from ldct.cli.study import choose_profile
+from ldct.cli.study import main as study_main
 
 __all__ = ["choose_profile", "main"]
 

@@ -4,7 +4,7 @@
     python studies/repeat.py --study quick --seeds 3 --also paper
     ray submit cluster/cluster.yaml studies/repeat.py --alias candidate --seeds 10 --also paper
 
-A thin caller of ``ldct.repeat.main`` (also ``ldct repeat``); `ray submit` copies only this file.
+A thin caller of ``ldct.cli.repeat.main`` (also ``ldct repeat``); `ray submit` copies only this file.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ldct.repeat import main as repeat_main
+    from ldct.cli.repeat import main as repeat_main
 
     return repeat_main(argv, prog="repeat.py")
 

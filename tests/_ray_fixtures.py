@@ -22,8 +22,7 @@ def ray_local():
         # ldct's own start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S comes from conftest.py): its
         # State API pinned to its dashboard, so that the Rays started beside it (the `ray up`
         # cluster, the own-Ray studies) cannot blind Train V2's placement-group cleaner.
-        from ldct.remote import running_cluster
-        from ldct.train import init_ray
+        from ldct.cluster import init_ray, running_cluster
 
         if (where := running_cluster()) is not None:
             pytest.fail(

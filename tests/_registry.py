@@ -5,10 +5,11 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from ldct import tracking
-from ldct.checkpoint import load_state
 from ldct.config import load_config
-from ldct.train import run_local
+from ldct.registry import versions as registry_versions
+from ldct.tracking import store as tracking_store
+from ldct.training.checkpoint import load_state
+from ldct.training.loop import run_local
 
 
 def register_smoke(root: Path, study: str = "cli-test", onnx: bool = False) -> tuple[str, str, dict]:
@@ -19,9 +20,9 @@ def register_smoke(root: Path, study: str = "cli-test", onnx: bool = False) -> t
     uri = f"sqlite:///{root / 'mlflow.db'}"
     session = run_local(load_config("smoke", ["train.iterations=2"]), checkpoint_root=root / "ckpt")
     state = load_state(session.checkpoints[-1])
-    mlflow_client = tracking.client(uri)
-    run = mlflow_client.create_run(tracking.ensure_experiment(mlflow_client, f"ldct/{study}"))
-    version = tracking.register_state(state, run.info.run_id, uri, tags={"study": study}, onnx=onnx)
+    mlflow_client = tracking_store.client(uri)
+    run = mlflow_client.create_run(tracking_store.ensure_experiment(mlflow_client, f"ldct/{study}"))
+    version = registry_versions.register_state(state, run.info.run_id, uri, tags={"study": study}, onnx=onnx)
     return uri, str(version.version), state
 
 

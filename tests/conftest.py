@@ -76,7 +76,7 @@ _BEFORE: dict[str, dict] = {}
 # other's worker groups until Train V2 times them out. The other worker starts with the `ray up`
 # cluster test, whose Ray lives in a PID namespace of its own, and takes the rest after it, a
 # module at a time (module fixtures such as test_evaluate's checkpoint are built once). Beside a
-# second Ray, a local Ray's State API must be pinned (ldct.train.init_ray, DESIGN.md §5a), or
+# second Ray, a local Ray's State API must be pinned (ldct.cluster.init_ray, docs/DESIGN.md §5a), or
 # Train V2's placement-group cleaner fails with "Found multiple active Ray instances".
 # A scheduler of our own, not `--dist loadgroup`: xdist 3.8 marks a group by rewriting
 # `item._nodeid`, which pytest 9's nodeid property no longer reads, so its groups are lost.

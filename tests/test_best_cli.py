@@ -12,8 +12,9 @@ from _registry import register_smoke
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from ldct import tracking
 from ldct.cli import best_main
+from ldct.registry import versions as registry_versions
+from ldct.tracking import store as tracking_store
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def registry(tmp_path_factory):
 
 
 def _aliases(uri: str) -> dict[str, str]:
-    model = tracking.client(uri).get_registered_model(tracking.MODEL_NAME)
+    model = tracking_store.client(uri).get_registered_model(registry_versions.MODEL_NAME)
     return {alias: str(v) for alias, v in model.aliases.items()}
 
 
@@ -35,7 +36,7 @@ def test_validate_promotes_with_a_reachable_bar(registry, capsys):
     )
     assert code == 0, capsys.readouterr()
     assert _aliases(uri)["champion"] == version
-    tags = tracking.client(uri).get_model_version(tracking.MODEL_NAME, version).tags
+    tags = tracking_store.client(uri).get_model_version(registry_versions.MODEL_NAME, version).tags
     assert float(tags["fps"]) > 0.01
     assert tags["fps_device_type"] == "cpu" and tags["fps_precision"] == "fp32"
     assert json.loads(tags["fps_libraries"])["torch_version"].startswith("2.")

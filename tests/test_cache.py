@@ -16,7 +16,6 @@ from pydicom.uid import MPEG2MPML
 from ldct.cli import main
 from ldct.config import DataConfig
 from ldct.data.cache import (
-    MANIFEST,
     baseline_table,
     build_cache,
     ensure_data,
@@ -24,6 +23,7 @@ from ldct.data.cache import (
     open_patient,
 )
 from ldct.data.dicom import DicomError, read_hu
+from ldct.data.manifest import MANIFEST
 from ldct.metrics import all_metrics
 
 

@@ -14,8 +14,14 @@ import torch
 from _registry import CreatesFile, check_trap_is_armed, register_smoke
 from conftest import write_dicom
 
-from ldct import serving, tracking
-from ldct.checkpoint import (
+from ldct.cli import best_main
+from ldct.config import load_config
+from ldct.registry import load as registry_load
+from ldct.registry import model_format
+from ldct.registry import versions as registry_versions
+from ldct.study.report import write_report
+from ldct.tracking import store as tracking_store
+from ldct.training.checkpoint import (
     CHECKPOINT_FILE,
     FORMAT,
     CheckpointError,
@@ -23,10 +29,7 @@ from ldct.checkpoint import (
     load_state,
     plain,
 )
-from ldct.cli import best_main
-from ldct.config import load_config
-from ldct.report import write_report
-from ldct.train import run_local
+from ldct.training.loop import run_local
 
 
 def _crafted_checkpoint(directory: Path, marker: Path) -> Path:
@@ -77,26 +80,26 @@ def test_crafted_checkpoint_is_refused_by_every_checkpoint_loader(tmp_path):
 
     # The same file as a trial's artifact in MLflow: registration and `ldct report` refuse it.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow_client = tracking.client(uri)
-    experiment = tracking.ensure_experiment(mlflow_client, "ldct/crafted")
+    mlflow_client = tracking_store.client(uri)
+    experiment = tracking_store.ensure_experiment(mlflow_client, "ldct/crafted")
     # A study invocation (parent run) with one completed trial nested under it, as a study writes.
     parent = mlflow_client.create_run(
-        experiment, tags={tracking.TAG_STUDY: "crafted", tracking.TAG_ROLE: "study"}
+        experiment, tags={tracking_store.TAG_STUDY: "crafted", tracking_store.TAG_ROLE: "study"}
     )
     run = mlflow_client.create_run(
         experiment,
         tags={
-            tracking.TAG_STUDY: "crafted",
-            tracking.TAG_ROLE: "trial",
-            tracking.TAG_TRIAL: "t1",
-            tracking.PARENT_TAG: parent.info.run_id,
+            tracking_store.TAG_STUDY: "crafted",
+            tracking_store.TAG_ROLE: "trial",
+            tracking_store.TAG_TRIAL: "t1",
+            tracking_store.PARENT_TAG: parent.info.run_id,
             "ldct.status": "completed",
         },
     )
     mlflow_client.log_metric(run.info.run_id, "best_val_psnr_window", 30.0)
     mlflow_client.log_artifacts(run.info.run_id, str(crafted), artifact_path="checkpoint")
     with pytest.raises(CheckpointError, match="refused"):
-        tracking.register_best("crafted", uri)
+        registry_versions.register_best("crafted", uri)
     with pytest.raises(CheckpointError, match="refused"):
         write_report("crafted", tracking_uri=uri, results_root=tmp_path / "results", cfg=load_config("smoke"))
     # An old-format registered version whose run holds the crafted checkpoint: migrate refuses too.
@@ -114,7 +117,7 @@ def _log_pickled_model(uri: str, run_id: str, marker: Path) -> str:
         info = mlflow.pytorch.log_model(
             net, name="model", serialization_format="pickle", pip_requirements=["torch"]
         )
-    return str(mlflow.register_model(info.model_uri, tracking.MODEL_NAME).version)
+    return str(mlflow.register_model(info.model_uri, registry_versions.MODEL_NAME).version)
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +127,14 @@ def crafted_registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("crafted-registry")
     marker = root / "pwned"
     uri, version, state = register_smoke(root)
-    mlflow_client = tracking.client(uri)
-    stored = next((root / "mlartifacts").rglob(serving.WEIGHTS_FILE)).parents[1]
-    (stored / "artifacts" / serving.WEIGHTS_FILE).write_bytes(pickle.dumps(CreatesFile(marker)))
+    mlflow_client = tracking_store.client(uri)
+    stored = next((root / "mlartifacts").rglob(model_format.WEIGHTS_FILE)).parents[1]
+    (stored / "artifacts" / model_format.WEIGHTS_FILE).write_bytes(pickle.dumps(CreatesFile(marker)))
     (stored / "ldct_pyfunc.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    trial_run = mlflow_client.create_run(tracking.ensure_experiment(mlflow_client, "ldct/cli-test"))
+    trial_run = mlflow_client.create_run(tracking_store.ensure_experiment(mlflow_client, "ldct/cli-test"))
     old = _log_pickled_model(uri, trial_run.info.run_id, marker)
-    mlflow_client.set_registered_model_alias(tracking.MODEL_NAME, "tampered", version)
-    mlflow_client.set_registered_model_alias(tracking.MODEL_NAME, "old", old)
+    mlflow_client.set_registered_model_alias(registry_versions.MODEL_NAME, "tampered", version)
+    mlflow_client.set_registered_model_alias(registry_versions.MODEL_NAME, "old", old)
     return uri, marker, trial_run.info.run_id, state, root
 
 
@@ -151,28 +154,31 @@ def test_crafted_registered_model_is_refused_by_every_loader(crafted_registry, a
         err = capsys.readouterr().err
         assert "ldct-best migrate" in err, (command, err)
         assert ("old pickle format" in err) == (alias == "old")
-    with pytest.raises(tracking.TrackingError):
-        tracking.load_registered(alias=alias, tracking_uri=uri)
+    with pytest.raises(tracking_store.TrackingError):
+        registry_load.load_registered(alias=alias, tracking_uri=uri)
     assert not marker.exists()
     assert not (tmp_path / "export").exists() and not (tmp_path / "denoised").exists()
 
 
 def test_migrate_reregisters_an_old_version_from_its_checkpoint(crafted_registry, capsys):
     uri, marker, run_id, state, root = crafted_registry
-    mlflow_client = tracking.client(uri)
+    mlflow_client = tracking_store.client(uri)
     # Give the old version's run the real (weights-only) checkpoint it was registered from.
     directory = root / "real-ckpt"
     directory.mkdir()
     torch.save(state, directory / CHECKPOINT_FILE)
     mlflow_client.log_artifacts(run_id, str(directory), artifact_path="checkpoint")
-    old = mlflow_client.get_model_version_by_alias(tracking.MODEL_NAME, "old").version
+    old = mlflow_client.get_model_version_by_alias(registry_versions.MODEL_NAME, "old").version
     assert best_main(["--tracking-uri", uri, "show"]) == 0
     assert "old pickle (migrate)" in capsys.readouterr().out
     assert best_main(["--tracking-uri", uri, "migrate", "--model-version", str(old)]) == 0
     assert "aliases moved: old" in capsys.readouterr().out
-    generator, meta = tracking.load_registered(alias="old", tracking_uri=uri)
+    generator, meta = registry_load.load_registered(alias="old", tracking_uri=uri)
     assert int(meta["version"]) > int(old)
-    assert mlflow_client.get_model_version(tracking.MODEL_NAME, old).tags["superseded_by"] == meta["version"]
+    assert (
+        mlflow_client.get_model_version(registry_versions.MODEL_NAME, old).tags["superseded_by"]
+        == meta["version"]
+    )
     with torch.no_grad():
         assert generator(torch.full((1, 1, 40, 36), 0.25)).shape == (1, 1, 40, 36)
     assert not marker.exists()

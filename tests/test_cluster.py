@@ -130,7 +130,7 @@ def test_paper_profile_matches_the_paper():
     ],
 )
 def test_storage_uris_are_joined_as_strings(storage, joined):
-    from ldct.train import join_storage, storage_uri
+    from ldct.cluster import join_storage, storage_uri
 
     assert isinstance(storage_uri(storage), str)
     assert join_storage(storage, "smoke", "train") == joined
@@ -139,20 +139,19 @@ def test_storage_uris_are_joined_as_strings(storage, joined):
 
 
 def test_local_storage_is_absolute(tmp_path, monkeypatch):
-    from ldct.train import join_storage, storage_uri
-    from ldct.tune import _storage_path
+    from ldct.cluster import join_storage, storage_uri
 
     monkeypatch.chdir(tmp_path)
-    assert storage_uri(None) == str(tmp_path / "runs") == _storage_path(None)
+    assert storage_uri(None) == str(tmp_path / "runs") == storage_uri("")
     assert join_storage("rel", "a") == str(tmp_path / "rel" / "a")
-    assert _storage_path("s3://bucket/x") == "s3://bucket/x"
+    assert storage_uri("s3://bucket/x") == "s3://bucket/x"
     with pytest.raises(ValueError, match="names no bucket"):
         storage_uri("s3://")
 
 
 def test_ray_job_refuses_outputs_in_its_temporary_working_dir(tmp_path, monkeypatch):
-    from ldct.train import TrainingError
-    from ldct.tune import check_job_outputs
+    from ldct.cluster import check_job_outputs
+    from ldct.errors import TrainingError
 
     shared = tmp_path / "shared"
     job_dir = tmp_path / "job"
@@ -209,19 +208,20 @@ def test_no_profile_by_accident(tmp_path, monkeypatch):
 def test_leaderboard_and_registration_read_one_invocation(tmp_path):
     """Two invocations under one study name (a Ray Job resubmitted with fresh storage): each reads
     only the trial runs nested under its own parent run."""
-    from ldct import tracking
+    from ldct.tracking import runs as tracking_runs
+    from ldct.tracking import store as tracking_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.client(uri)
+    client = tracking_store.client(uri)
 
     def invocation(values: list[float]) -> str:
-        parent = tracking.start_study_run(client, "same", {"study.name": "same"}, resume=False)
+        parent = tracking_runs.start_study_run(client, "same", {"study.name": "same"}, resume=False)
         experiment = client.get_run(parent).info.experiment_id
         for i, value in enumerate(values):
             run = client.create_run(
                 experiment,
-                tags={tracking.TAG_STUDY: "same", tracking.TAG_ROLE: "trial", tracking.TAG_TRIAL: f"t{i}",
-                      tracking.PARENT_TAG: parent, "ldct.status": "completed"},
+                tags={tracking_store.TAG_STUDY: "same", tracking_store.TAG_ROLE: "trial", tracking_store.TAG_TRIAL: f"t{i}",
+                      tracking_store.PARENT_TAG: parent, "ldct.status": "completed"},
             )  # fmt: skip
             client.log_metric(run.info.run_id, "best_val_psnr_window", value)
         return parent
@@ -229,13 +229,13 @@ def test_leaderboard_and_registration_read_one_invocation(tmp_path):
     first = invocation([30.0, 31.0])
     time.sleep(0.01)
     second = invocation([40.0])
-    assert len(tracking.trial_runs(client, "same", first)) == 2
-    assert len(tracking.trial_runs(client, "same", second)) == 1
-    assert len(tracking.trial_runs(client, "same")) == 1  # default: the latest invocation
-    best_first = tracking.best_trial_run(client, "same", first)
+    assert len(tracking_runs.trial_runs(client, "same", first)) == 2
+    assert len(tracking_runs.trial_runs(client, "same", second)) == 1
+    assert len(tracking_runs.trial_runs(client, "same")) == 1  # default: the latest invocation
+    best_first = tracking_runs.best_trial_run(client, "same", first)
     assert best_first.data.metrics["best_val_psnr_window"] == 31.0
-    assert tracking.best_trial_run(client, "same").data.metrics["best_val_psnr_window"] == 40.0
-    assert tracking.study_run(client, "same", first).info.run_id == first
+    assert tracking_runs.best_trial_run(client, "same").data.metrics["best_val_psnr_window"] == 40.0
+    assert tracking_runs.study_run(client, "same", first).info.run_id == first
 
 
 # -------------------------------------------------------------------------------- preflight checks
@@ -245,7 +245,7 @@ def test_paper_check_reports_every_missing_input_then_fetch_from_a_share(tmp_pat
     from huggingface_hub import constants
 
     from ldct.config import load_config
-    from ldct.preflight import check_inputs
+    from ldct.study.preflight import check_inputs
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -300,8 +300,9 @@ def test_validate_on_cluster_without_a_cluster_fails_at_once(tmp_path):
 def test_fps_task_on_a_cluster_without_gpus_fails_clearly(ray_local):
     import torch
 
+    from ldct.cluster import RemoteError
     from ldct.config import load_config
-    from ldct.remote import RemoteError, validate_on_gpu_worker
+    from ldct.registry.gpu_worker import validate_on_gpu_worker
 
     started = time.perf_counter()
     with pytest.raises(RemoteError, match=r"no GPU worker took the validation task within 3 s .*0 GPU"):
@@ -409,10 +410,11 @@ def test_study_on_s3_storage_keeps_checkpoints_in_the_bucket(tmp_path):
         assert any(k.startswith("ldct-runs/smoke/") for k in keys), keys
         # Nothing went to a local directory named after the URI (what Path("s3://...") made of it).
         assert not (tmp_path / "s3:").exists() and not list(tmp_path.glob("**/ldct-runs"))
-        from ldct import tracking
+        from ldct.tracking import runs as tracking_runs
+        from ldct.tracking import store as tracking_store
 
-        client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-        (run,) = tracking.trial_runs(client, "smoke")
+        client = tracking_store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        (run,) = tracking_runs.trial_runs(client, "smoke")
         assert "ldct.artifact_error" not in run.data.tags
     finally:
         server.terminate()

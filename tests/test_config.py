@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
+from typing import Literal
+
 import pytest
 
 from ldct.config import (
+    SECTIONS,
     Config,
     ConfigError,
+    DataConfig,
     HUNormalization,
+    ModelConfig,
+    TrainConfig,
     apply_overrides,
     from_dict,
     from_flat,
+    list_profiles,
     load_config,
     replace,
     to_flat,
 )
+from ldct.errors import LdctError
 
 
 def test_from_dict_builds_typed_sections():
@@ -107,3 +118,144 @@ def test_load_config_from_a_toml_path(tmp_path):
         load_config(typo)
     with pytest.raises(ConfigError, match="no profile 'nonexistent-profile'"):
         load_config("nonexistent-profile")
+
+
+def _literal_fields() -> list[tuple[str, str, tuple]]:
+    found = []
+    for section, cls in SECTIONS.items():
+        for key, hint in typing.get_type_hints(cls).items():
+            if typing.get_origin(hint) is Literal:
+                found.append((section, key, typing.get_args(hint)))
+    return found
+
+
+LITERAL_VALUES = [(s, k, v) for s, k, allowed in _literal_fields() for v in allowed]
+
+
+def test_enum_like_fields_are_literals():
+    # The sets their consumers branch on (training.engine PRECISIONS/SCHEDULES/DEBUG_*,
+    # data.patches.SAMPLINGS, losses._VGG_CFGS, the sync_bn check); a field missing here would
+    # again take any string and fail only inside a Ray worker.
+    assert {f"{s}.{k}": allowed for s, k, allowed in _literal_fields()} == {
+        "data.patch_sampling": ("slice", "area"),
+        "loss.perceptual_net": ("vgg11", "vgg13", "vgg16", "vgg19"),
+        "optim.schedule": ("constant", "warmup_cosine"),
+        "train.precision": ("auto", "fp16", "fp32"),
+        "train.sync_bn": ("auto", "on", "off"),
+        "train.debug_nan_loss": ("loss_g", "loss_critic"),
+        "train.debug_nan_value": ("nan", "inf"),
+    }
+
+
+@pytest.mark.parametrize(("section", "key", "value"), LITERAL_VALUES)
+def test_every_allowed_value_is_accepted_every_way(section, key, value):
+    ways = [
+        from_dict({section: {key: value}}),
+        apply_overrides(Config(), [f"{section}.{key}={value}"]),
+        from_flat({**to_flat(Config()), f"{section}.{key}": value}),
+        replace(Config(), **{section: {key: value}}),
+    ]
+    direct = dataclasses.replace(getattr(Config(), section), **{key: value})
+    assert [getattr(getattr(c, section), key) for c in ways] + [getattr(direct, key)] == [value] * 5
+
+
+def _not_one_of(key: str, value: str) -> str:
+    section, name = key.split(".")
+    allowed = typing.get_args(typing.get_type_hints(SECTIONS[section])[name])
+    return re.escape(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def test_bad_enum_in_a_profile_names_key_value_and_allowed(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\niterations = 3\nprecision = "fp64"\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml: " + _not_one_of("train.precision", "fp64")):
+        load_config(bad)
+    assert _not_one_of("train.precision", "fp64").endswith(re.escape("'auto', 'fp16', 'fp32'"))
+
+
+@pytest.mark.parametrize(
+    ("action", "key", "value"),
+    [
+        (lambda: apply_overrides(Config(), ["optim.schedule=cosine"]), "optim.schedule", "cosine"),
+        (lambda: apply_overrides(Config(), ["train.precision=FP16"]), "train.precision", "FP16"),
+        (lambda: from_flat({**to_flat(Config()), "train.sync_bn": "yes"}), "train.sync_bn", "yes"),
+        (lambda: from_flat({"data.patch_sampling": "pixels"}), "data.patch_sampling", "pixels"),
+        (lambda: replace(Config(), loss={"perceptual_net": "resnet50"}), "loss.perceptual_net", "resnet50"),
+        (lambda: dataclasses.replace(Config().train, precision="fp64"), "train.precision", "fp64"),
+        (lambda: TrainConfig(debug_nan_value="NaN"), "train.debug_nan_value", "NaN"),
+        (lambda: DataConfig(patch_sampling="pixel"), "data.patch_sampling", "pixel"),
+    ],
+)
+def test_bad_enum_value_names_key_value_and_allowed(action, key, value):
+    with pytest.raises(ConfigError, match=_not_one_of(key, value)):
+        action()
+
+
+def test_construction_checks_every_field_type():
+    with pytest.raises(ConfigError, match=r"train\.iterations: expected an integer, got '5'"):
+        TrainConfig(iterations="5")  # only the load paths parse text
+    with pytest.raises(ConfigError, match=r"train\.use_gpu: expected true/false"):
+        dataclasses.replace(Config().train, use_gpu="yes")
+    with pytest.raises(ConfigError, match=r"model\.out_indices: expected a tuple"):
+        ModelConfig(out_indices=[1, 2])  # a list would make the frozen config unhashable
+    with pytest.raises(ConfigError, match=r"normalization\.hu_min: expected a number"):
+        HUNormalization(hu_min="-1000")
+    with pytest.raises(ConfigError, match=r"train: expected a TrainConfig"):
+        dataclasses.replace(Config(), train=DataConfig())
+    assert TrainConfig(cpus_per_worker=2).cpus_per_worker == 2  # an int is a valid float
+
+
+def test_config_error_is_an_ldct_error_and_a_value_error():
+    with pytest.raises(LdctError) as info:
+        apply_overrides(Config(), ["train.precision=fp64"])
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, ValueError)
+
+
+def test_replace_derives_a_changed_config():
+    base = load_config("quick")
+    cfg = replace(
+        base,
+        optim={"schedule": "constant", "betas": [0.1, 0.2], "warmup": "5"},
+        train={"precision": "fp32", "iterations": 7},
+        study={"extra_points": ["optim.lr=0.3,loss.lambda_l1=2"]},
+    )
+    assert cfg.optim.schedule == "constant" and cfg.optim.betas == (0.1, 0.2) and cfg.optim.warmup == 5
+    assert cfg.train.precision == "fp32" and cfg.train.iterations == 7
+    # Values are not passed through text: a comma inside a string element stays one element.
+    assert cfg.study.extra_points == ("optim.lr=0.3,loss.lambda_l1=2",)
+    assert cfg.profile == "quick" and cfg.data == base.data and cfg.loss == base.loss
+    assert base.optim.schedule == "warmup_cosine" and base.train.iterations == 300  # original kept
+    assert hash(cfg) != hash(base)  # still frozen and hashable: lists became tuples
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (
+            {"train": {"precison": "fp32"}},
+            r"unknown key train\.precison; known keys of \[train\]: .*precision",
+        ),
+        ({"trian": {"precision": "fp32"}}, r"unknown section 'trian'"),
+        ({"train": {"iterations": "many"}}, r"train\.iterations: expected an integer, got 'many'"),
+        ({"train": "precision=fp32"}, r"replace: train= must be a dict"),
+    ],
+)
+def test_replace_rejects_unknown_keys_and_bad_values(changes, match):
+    base = Config()
+    with pytest.raises(ConfigError, match=match):
+        replace(base, **changes)
+    assert base == Config()
+
+
+def test_from_flat_checks_normalization_keys():
+    with pytest.raises(ConfigError, match=r"unknown key normalization\.hu_mid"):
+        from_flat({"normalization.hu_mid": 0.0})
+    assert from_flat({"normalization.hu_min": "-1000"}).normalization.hu_min == -1000.0
+
+
+def test_every_shipped_profile_loads():
+    profiles = list_profiles()
+    assert {"paper", "quick", "smoke", "redcnn", "pareto"} <= set(profiles)
+    for name in profiles:
+        cfg = load_config(name)
+        assert cfg.profile == name and from_flat(to_flat(cfg)) == cfg

@@ -14,7 +14,8 @@ from pydicom.pixels import pixel_array
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import MPEG2MPML, JPEG2000Lossless, RLELossless
 
-from ldct.data.dicom import DicomError, default_split, discover, read_frames, read_hu, split_patients
+from ldct.data.dicom import DicomError, read_frames, read_hu
+from ldct.data.discovery import default_split, discover, split_patients
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 

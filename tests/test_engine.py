@@ -12,16 +12,14 @@ import torch
 import torch.multiprocessing as mp
 
 from ldct.config import Config, HUNormalization, replace
-from ldct.engine import (
+from ldct.evaluation.baselines import evaluate_gaussian, gaussian_denoise, tune_gaussian_sigma
+from ldct.training.engine import (
     NonFiniteLossError,
     build_networks,
     critic_step,
     evaluate,
-    evaluate_gaussian,
-    gaussian_denoise,
     generator_step,
     train_iteration,
-    tune_gaussian_sigma,
     use_amp,
 )
 
@@ -348,7 +346,7 @@ def test_gradient_penalty_is_taken_in_the_critics_standardised_units():
 
 
 def test_lr_schedule_warmup_cosine_and_constant():
-    from ldct.engine import lr_factor
+    from ldct.training.engine import lr_factor
 
     const = tiny_config(iterations=100)
     assert [lr_factor(const, s) for s in (1, 50, 100)] == [1.0, 1.0, 1.0]

@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from ldct import evaluate
 from ldct.cli import main
 from ldct.config import load_config
 from ldct.data.cache import ensure_data, load_manifest
+from ldct.evaluation import baselines as eval_baselines
+from ldct.evaluation import denoisers as eval_denoisers
+from ldct.evaluation import slices as eval_slices
+from ldct.evaluation import tables as eval_tables
 from ldct.metrics import FULL_RANGE, METRIC_NAMES, WINDOW_RANGE, psnr_window
-from ldct.train import run_local
+from ldct.registry import load as registry_load
+from ldct.training.loop import run_local
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def test_every_row_present_and_finite(table, smoke):
         for row in s["metrics"].values():
             assert set(row) == set(METRIC_NAMES)
         assert math.isfinite(s["noise_std_hu"]) and s["noise_std_hu"] > 1.0
-    assert evaluate.table_is_finite(table)
+    assert eval_tables.table_is_finite(table)
     for key in table["rows"]:
         assert all(math.isfinite(v) for v in table["mean"][key].values())
         assert all(math.isfinite(v) and v >= 0 for v in table["std"][key].values())
@@ -96,24 +100,26 @@ def test_ldct_row_equals_scikit_image_from_the_cache(table, smoke):
 
 
 def test_text_and_markdown_show_every_row_and_the_budget(table):
-    text = evaluate.format_eval(table)
+    text = eval_tables.format_eval(table)
     for label in table["labels"].values():
         assert label in text
     assert "noise std" in text and "mean ± std over" in text
     assert "7 candidates" in text and "11 candidates" in text and "tuned on the val split" in text
-    md = evaluate.markdown_eval(table)
+    md = eval_tables.markdown_eval(table)
     assert md.count("| BM3D") == 1 + len(table["slices"])
     # The legacy mean-rows shape (ldct train --json, report summary) carries the BM3D row too.
-    rows = evaluate.mean_rows(table)
+    rows = eval_tables.mean_rows(table)
     assert list(rows) == ["ldct", "classical", "bm3d", "denoised"]
     assert rows["bm3d"]["sigma_psd"] == table["tuning"]["bm3d"]["chosen"]
-    assert "BM3D" in evaluate.format_table(rows)
+    assert "BM3D" in eval_tables.format_table(rows)
 
 
 def test_mean_and_std_are_over_slices(smoke):
     # The train split has several slices: mean and (sample) std must be numpy's over them.
     train = smoke["splits"]["train"][:2]
-    result = evaluate.evaluate_split(smoke["cache"], train, smoke["splits"]["val"], split="train", bm3d=False)
+    result = eval_tables.evaluate_split(
+        smoke["cache"], train, smoke["splits"]["val"], split="train", bm3d=False
+    )
     values = np.array([s["metrics"]["ldct"]["psnr_window"] for s in result["slices"]])
     assert len(values) >= 2
     assert result["mean"]["ldct"]["psnr_window"] == pytest.approx(values.mean())
@@ -128,22 +134,22 @@ def test_bm3d_beats_ldct_on_a_slice_made_noisy_on_purpose(smoke):
     rng = np.random.default_rng(0)
     noisy = full + rng.normal(0.0, 40.0, full.shape).astype(np.float32)
     # sigma_psd from another noise draw (a validation stand-in), never from the scored image.
-    other = evaluate.SlicePair("val", 0, full + rng.normal(0.0, 40.0, full.shape).astype(np.float32), full)
-    tuned = evaluate.tune_parameter(evaluate.bm3d_denoise, [other], (20.0, 40.0, 80.0), "bm3d")
+    other = eval_slices.SlicePair("val", 0, full + rng.normal(0.0, 40.0, full.shape).astype(np.float32), full)
+    tuned = eval_baselines.tune_parameter(eval_baselines.bm3d_denoise, [other], (20.0, 40.0, 80.0), "bm3d")
     before = float(psnr_window(noisy, full)[0])
-    after = float(psnr_window(evaluate.bm3d_denoise(noisy, tuned["chosen"]), full)[0])
+    after = float(psnr_window(eval_baselines.bm3d_denoise(noisy, tuned["chosen"]), full)[0])
     assert after > before + 2.0, (before, after, tuned)
 
 
 def test_model_sources_are_checked():
     with pytest.raises(ValueError, match="exactly one model source"):
-        evaluate.load_denoiser()
+        registry_load.load_denoiser()
     with pytest.raises(ValueError, match="exactly one model source"):
-        evaluate.load_denoiser(version="1", checkpoint="x")
-    assert evaluate.parse_model_uri("models:/ldct-denoiser@champion") == ("champion", None)
-    assert evaluate.parse_model_uri("models:/ldct-denoiser/3") == (None, "3")
+        registry_load.load_denoiser(version="1", checkpoint="x")
+    assert registry_load.parse_model_uri("models:/ldct-denoiser@champion") == ("champion", None)
+    assert registry_load.parse_model_uri("models:/ldct-denoiser/3") == (None, "3")
     with pytest.raises(ValueError, match="models:/ldct-denoiser@ALIAS"):
-        evaluate.parse_model_uri("models:/other@champion")
+        registry_load.parse_model_uri("models:/other@champion")
 
 
 def test_eval_names_a_missing_cache(tmp_path, capsys):
@@ -153,30 +159,32 @@ def test_eval_names_a_missing_cache(tmp_path, capsys):
 
 
 def test_moved_names_stay_importable_from_their_old_modules():
-    from ldct.engine import gaussian_denoise, tune_gaussian_sigma
-    from ldct.train import format_table, score_test_split
+    from ldct.evaluation.baselines import gaussian_denoise, tune_gaussian_sigma
+    from ldct.evaluation.tables import format_table, score_test_split
 
-    assert gaussian_denoise is evaluate.gaussian_denoise
-    assert tune_gaussian_sigma is evaluate.tune_gaussian_sigma
-    assert score_test_split is evaluate.score_test_split and format_table is evaluate.format_table
+    assert gaussian_denoise is eval_baselines.gaussian_denoise
+    assert tune_gaussian_sigma is eval_baselines.tune_gaussian_sigma
+    assert score_test_split is eval_tables.score_test_split and format_table is eval_tables.format_table
 
 
 def test_onnx_export_scores_like_its_checkpoint(smoke, tmp_path):
     from ldct.deploy.export import export_bundle
-    from ldct.train import generator_from_state, load_state
+    from ldct.training.checkpoint import generator_from_state, load_state
 
     state = load_state(smoke["checkpoint"])
     generator, cfg = generator_from_state(state)
     export_bundle(
         generator, {"config": state["config"], "normalization": state["normalization"]}, tmp_path / "x"
     )
-    onnx, label = evaluate.load_denoiser(onnx=tmp_path / "x")
+    onnx, label = registry_load.load_denoiser(onnx=tmp_path / "x")
     assert label.startswith("ONNX")
-    torch_run = evaluate.torch_denoiser(generator, cfg.normalization)
+    torch_run = eval_denoisers.torch_denoiser(generator, cfg.normalization)
     common = {"split": "test", "bm3d": False}
     splits = smoke["splits"]
-    by_onnx = evaluate.evaluate_split(smoke["cache"], splits["test"], splits["val"], denoiser=onnx, **common)
-    by_torch = evaluate.evaluate_split(
+    by_onnx = eval_tables.evaluate_split(
+        smoke["cache"], splits["test"], splits["val"], denoiser=onnx, **common
+    )
+    by_torch = eval_tables.evaluate_split(
         smoke["cache"], splits["test"], splits["val"], denoiser=torch_run, **common
     )
     for metric in METRIC_NAMES:
@@ -188,11 +196,11 @@ def test_bm3d_cache_returns_the_same_output_and_recomputes_what_it_cannot_trust(
     patient = manifest.splits["test"][0]
     low = np.load(smoke["cache"] / manifest.patients[patient]["arrays"]["low"])[0][32:96, 32:96]
     low = np.ascontiguousarray(low, dtype=np.float32)
-    cache = evaluate.BM3DCache(tmp_path / "bm3d")
+    cache = eval_baselines.BM3DCache(tmp_path / "bm3d")
     first = cache(low, 30.0)
     # bm3d itself is not bit-reproducible: float32 FFTs differ between calls by ~1e-7 relative
     # alone and up to 0.025 HU (2.7e-5) under load. 0.1 HU is far below the ~30 HU noise.
-    np.testing.assert_allclose(first, evaluate.bm3d_denoise(low, 30.0), rtol=0, atol=0.1)
+    np.testing.assert_allclose(first, eval_baselines.bm3d_denoise(low, 30.0), rtol=0, atol=0.1)
     again = cache(low, 30.0)
     assert (cache.hits, cache.misses) == (1, 1)
     np.testing.assert_array_equal(again, first)
@@ -211,7 +219,7 @@ def test_bm3d_cache_returns_the_same_output_and_recomputes_what_it_cannot_trust(
     # A directory that cannot be written costs the recomputation and one warning, not the result.
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
-    readonly = evaluate.BM3DCache(blocked / "bm3d")
+    readonly = eval_baselines.BM3DCache(blocked / "bm3d")
     np.testing.assert_allclose(readonly(low, 30.0), first, rtol=1e-5, atol=1e-3)
     readonly(low, 30.0)
     assert readonly.misses == 2 and capsys.readouterr().err.count("not writable") == 1
@@ -221,11 +229,11 @@ def test_eval_reads_bm3d_from_its_cache_the_second_time_and_says_so(smoke, tmp_p
     splits = smoke["splits"]
     test = ["CTSMALL"] if "CTSMALL" in splits["test"] else splits["test"][:1]  # 128²: BM3D in ~1 s
     common = {"split": "test", "tune_crop": 48, "bm3d_sigmas": (20.0, 40.0)}
-    first = evaluate.evaluate_split(
-        smoke["cache"], test, splits["val"], bm3d=evaluate.BM3DCache(tmp_path), **common
+    first = eval_tables.evaluate_split(
+        smoke["cache"], test, splits["val"], bm3d=eval_baselines.BM3DCache(tmp_path), **common
     )
-    cache = evaluate.BM3DCache(tmp_path)
-    second = evaluate.evaluate_split(smoke["cache"], test, splits["val"], bm3d=cache, **common)
+    cache = eval_baselines.BM3DCache(tmp_path)
+    second = eval_tables.evaluate_split(smoke["cache"], test, splits["val"], bm3d=cache, **common)
     assert (
         second["slices"] == first["slices"]
         and second["tuning"]["bm3d"]["chosen"] == first["tuning"]["bm3d"]["chosen"]
@@ -235,4 +243,4 @@ def test_eval_reads_bm3d_from_its_cache_the_second_time_and_says_so(smoke, tmp_p
     assert second["bm3d_cache"]["misses"] == 0 and second["bm3d_cache"]["hits"] == n_tune + len(
         second["slices"]
     )
-    assert f"{n_tune} of {n_tune} from the BM3D cache" in "\n".join(evaluate.budget_lines(second))
+    assert f"{n_tune} of {n_tune} from the BM3D cache" in "\n".join(eval_tables.budget_lines(second))

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from ldct import tracking
 from ldct.config import load_config
-from ldct.report import write_report
-from ldct.tune import run_study
+from ldct.registry import versions as registry_versions
+from ldct.study.report import write_report
+from ldct.study.run import run_study
+from ldct.tracking import runs as tracking_runs
+from ldct.tracking import store as tracking_store
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +50,9 @@ def _kill_after_checkpoint(pause_file: Path, uri: str, study: str, out: dict, li
     if pid is None:
         out["error"] = "the worker never paused"
         return
-    mlflow_client = tracking.client(uri)
+    mlflow_client = tracking_store.client(uri)
     while time.time() < deadline:
-        runs = tracking.trial_runs(mlflow_client, study)
+        runs = tracking_runs.trial_runs(mlflow_client, study)
         if any(step == 2 for run in runs for step, _ in _history(mlflow_client, run, "step")):
             break
         time.sleep(0.5)
@@ -119,9 +121,11 @@ def test_killed_worker_resumes_asha_stops_nan_critic_fails_best_completed_regist
     assert {lr: t["status"] for lr, t in by_lr.items()} == {1e-5: "completed", 0.3: "stopped", 1e-9: "failed"}
     assert by_lr[1e-5]["label"] == "paper λ's under profile smoke"
 
-    mlflow_client = tracking.client(uri)
-    runs = tracking.trial_runs(mlflow_client, study)
-    assert len(runs) == 3 and len({r.data.tags[tracking.TAG_TRIAL] for r in runs}) == 3  # each trial once
+    mlflow_client = tracking_store.client(uri)
+    runs = tracking_runs.trial_runs(mlflow_client, study)
+    assert (
+        len(runs) == 3 and len({r.data.tags[tracking_store.TAG_TRIAL] for r in runs}) == 3
+    )  # each trial once
     run = {round(float(r.data.params["optim.lr"]), 12): r for r in runs}
 
     # (a) The killed trial: one run, reports at steps 2 and 4 only. A restart from 0 would have
@@ -138,7 +142,7 @@ def test_killed_worker_resumes_asha_stops_nan_critic_fails_best_completed_regist
     assert [s for s, _ in _history(mlflow_client, stopped, "val_psnr_window")] == [2]
     out = write_report(study, tracking_uri=uri, results_root=tmp_path / "results", test_split=False)
     board = (out / "leaderboard.md").read_text()
-    stopped_line = next(ln for ln in board.splitlines() if stopped.data.tags[tracking.TAG_TRIAL] in ln)
+    stopped_line = next(ln for ln in board.splitlines() if stopped.data.tags[tracking_store.TAG_TRIAL] in ln)
     assert "stopped (ASHA)" in stopped_line
     assert "paper λ's under profile smoke" in board and "random weights; λ₃ is not the paper's" in board
 
@@ -152,7 +156,7 @@ def test_killed_worker_resumes_asha_stops_nan_critic_fails_best_completed_regist
     # the failed trials do not count, whatever their figures).
     completed = [r for r in runs if r.data.tags["ldct.status"] == "completed"]
     best = max(completed, key=lambda r: r.data.metrics["best_val_psnr_window"])
-    version = mlflow_client.get_model_version_by_alias(tracking.MODEL_NAME, "candidate")
+    version = mlflow_client.get_model_version_by_alias(registry_versions.MODEL_NAME, "candidate")
     assert str(version.version) == result.registered_version
     assert version.run_id == best.info.run_id == result.best["run_id"]
 
@@ -175,11 +179,11 @@ def test_inf_generator_loss_fails_its_trial_study_completes_on_mlflow_server(
     )
     result = run_study(cfg, tracking_uri=mlflow_server, storage=str(tmp_path / "runs"))
     assert sorted(t["status"] for t in result.trials) == ["completed", "failed"]
-    mlflow_client = tracking.client(mlflow_server)
-    runs = sorted(tracking.trial_runs(mlflow_client, "s2"), key=lambda r: r.info.start_time)
+    mlflow_client = tracking_store.client(mlflow_server)
+    runs = sorted(tracking_runs.trial_runs(mlflow_client, "s2"), key=lambda r: r.info.start_time)
     assert [r.data.tags["ldct.status"] for r in runs] == ["completed", "failed"]
     assert runs[1].info.status == "FAILED"
     error = runs[1].data.tags["ldct.error"]
     assert "step 1" in error and "loss_g (inf)" in error, error
-    version = mlflow_client.get_model_version_by_alias(tracking.MODEL_NAME, "candidate")
+    version = mlflow_client.get_model_version_by_alias(registry_versions.MODEL_NAME, "candidate")
     assert version.run_id == runs[0].info.run_id

@@ -169,7 +169,7 @@ def test_perceptual_refuses_random_when_real_weights_are_required(empty_torch_ho
 
 def test_paper_profile_refuses_a_random_perceptual_network(empty_torch_home):
     from ldct.config import load_config
-    from ldct.engine import build_networks
+    from ldct.training.engine import build_networks
 
     # Small encoder, no encoder weights: only the perceptual network is at issue here.
     cfg = load_config(

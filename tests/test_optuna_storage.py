@@ -12,8 +12,8 @@ import optuna
 import pytest
 
 from ldct.config import load_config
-from ldct.report import write_importances
-from ldct.tune import optuna_storage, optuna_storage_url
+from ldct.study.report import write_importances
+from ldct.study.run import optuna_storage, optuna_storage_url
 
 
 def test_storage_sits_beside_the_ray_storage_named_after_the_study(tmp_path, monkeypatch):

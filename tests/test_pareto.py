@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ldct import tracking
 from ldct.config import load_config
-from ldct.pareto import apply_choice, pareto_ranks, register_candidate, select_candidate, write_front
-from ldct.tune import run_study
+from ldct.registry import versions as registry_versions
+from ldct.study.pareto import pareto_ranks, register_candidate, select_candidate, write_front
+from ldct.study.run import run_study
+from ldct.study.space import apply_choice
+from ldct.tracking import runs as tracking_runs
+from ldct.tracking import store as tracking_store
 
 
 def test_pareto_ranks_and_selection():
@@ -22,7 +25,7 @@ def test_pareto_ranks_and_selection():
 
 
 def _aliases(uri: str) -> dict[str, str]:
-    model = tracking.client(uri).get_registered_model(tracking.MODEL_NAME)
+    model = tracking_store.client(uri).get_registered_model(registry_versions.MODEL_NAME)
     return {alias: str(v) for alias, v in model.aliases.items()}
 
 
@@ -42,8 +45,8 @@ def test_smoke_pareto_study(tmp_path, ray_local):
         ],
     )
     result = run_study(cfg, tracking_uri=uri, storage=str(tmp_path / "runs"))
-    mlflow_client = tracking.client(uri)
-    runs = tracking.trial_runs(mlflow_client, "par")
+    mlflow_client = tracking_store.client(uri)
+    runs = tracking_runs.trial_runs(mlflow_client, "par")
     assert len(runs) == 2
     for run in runs:
         assert run.data.metrics["fps"] > 0 and run.data.tags["ldct.fps_device"].startswith("cpu")
@@ -56,7 +59,7 @@ def test_smoke_pareto_study(tmp_path, ray_local):
     # A bar between the two trials: only the faster one meets it, so it is the candidate.
     version, rows, message = register_candidate("par", uri, (fps[0] + fps[1]) / 2)
     assert version is not None and "registered version" in message
-    tags = mlflow_client.get_model_version(tracking.MODEL_NAME, version).tags
+    tags = mlflow_client.get_model_version(registry_versions.MODEL_NAME, version).tags
     assert tags["trial_run_id"] == faster.info.run_id and float(tags["fps"]) >= (fps[0] + fps[1]) / 2
     assert _aliases(uri)["candidate"] == version
     # A bar no trial meets: nothing registered, and the study says so.
@@ -64,7 +67,7 @@ def test_smoke_pareto_study(tmp_path, ray_local):
     none, _, message = register_candidate("par", uri, fps[1] * 10)
     assert none is None and message.startswith("no trial met min_fps")
     assert _aliases(uri) == before
-    parent = tracking.study_run(mlflow_client, "par")
+    parent = tracking_runs.study_run(mlflow_client, "par")
     assert mlflow_client.get_run(parent.info.run_id).data.tags["ldct.pareto_decision"] == message
     out = write_front(rows, fps[1] * 10, message, tmp_path / "report")
     assert (out / "pareto.png").stat().st_size > 0 and message in (out / "pareto.md").read_text()

@@ -11,14 +11,15 @@ import torch
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from ldct import tracking
-from ldct.checkpoint import generator_from_state, load_state
 from ldct.cli import best_main
 from ldct.config import load_config
-from ldct.engine import build_networks
 from ldct.models import DEFAULT_ARCH, architectures, build_model
 from ldct.models.redcnn import REDCNN
-from ldct.train import run_local
+from ldct.registry import versions as registry_versions
+from ldct.tracking import store as tracking_store
+from ldct.training.checkpoint import generator_from_state, load_state
+from ldct.training.engine import build_networks
+from ldct.training.loop import run_local
 
 # RED-CNN at a width the smoke profile can afford; the baseline's own settings otherwise.
 REDCNN_SMOKE = [
@@ -97,12 +98,14 @@ def test_redcnn_trains_without_a_critic(redcnn_run):
 def test_redcnn_exports_with_parity_and_denoises_through_ldct_best(redcnn_run, tmp_path, capsys):
     root, _, state = redcnn_run
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow_client = tracking.client(uri)
-    run = mlflow_client.create_run(tracking.ensure_experiment(mlflow_client, "ldct/redcnn-test"))
-    version = str(tracking.register_state(state, run.info.run_id, uri, tags={"study": "redcnn-test"}).version)
-    assert mlflow_client.get_model_version(tracking.MODEL_NAME, version).tags["arch"] == "redcnn"
+    mlflow_client = tracking_store.client(uri)
+    run = mlflow_client.create_run(tracking_store.ensure_experiment(mlflow_client, "ldct/redcnn-test"))
+    version = str(
+        registry_versions.register_state(state, run.info.run_id, uri, tags={"study": "redcnn-test"}).version
+    )
+    assert mlflow_client.get_model_version(registry_versions.MODEL_NAME, version).tags["arch"] == "redcnn"
     # `show` names the architecture, not model.encoder's unused default.
-    assert [r["model"] for r in tracking.list_versions(uri)] == ["redcnn"]
+    assert [r["model"] for r in registry_versions.list_versions(uri)] == ["redcnn"]
     assert best_main(["--tracking-uri", uri, "show"]) == 0
     header, row = capsys.readouterr().out.splitlines()[:2]
     column = header.index("model")

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ldct import tracking
+from ldct.cli.repeat import main
 from ldct.config import load_config
 from ldct.metrics import METRIC_NAMES
-from ldct.repeat import RepeatResult, arms_for, main, markdown, paired_test, summarise, summary_of
-from ldct.train import run_local
-from ldct.tune import first_point
+from ldct.registry import versions as registry_versions
+from ldct.study.repeat import RepeatResult, arms_for
+from ldct.study.repeat_report import markdown, paired_test, summarise, summary_of
+from ldct.study.space import first_point
+from ldct.tracking import runs as tracking_runs
+from ldct.tracking import store as tracking_store
+from ldct.training.loop import run_local
 
 
 def test_paired_statistics_match_their_definitions():
@@ -46,12 +50,12 @@ def test_smoke_repeat_two_seeds(tmp_path, ray_local, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # A registered version to repeat (2 local smoke iterations, lr changed so it is not the paper's).
     session = run_local(load_config("smoke", ["train.iterations=2", "optim.lr=3e-4"]), tmp_path / "ckpt")
-    from ldct.checkpoint import load_state
+    from ldct.training.checkpoint import load_state
 
-    mlflow_client = tracking.client(uri)
-    run = mlflow_client.create_run(tracking.ensure_experiment(mlflow_client, "ldct/src"))
+    mlflow_client = tracking_store.client(uri)
+    run = mlflow_client.create_run(tracking_store.ensure_experiment(mlflow_client, "ldct/src"))
     state = load_state(session.checkpoints[-1])
-    version = tracking.register_state(state, run.info.run_id, uri, onnx=False).version
+    version = registry_versions.register_state(state, run.info.run_id, uri, onnx=False).version
 
     results = tmp_path / "results"
     code = main(
@@ -62,11 +66,11 @@ def test_smoke_repeat_two_seeds(tmp_path, ray_local, capsys):
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     name = f"repeat-v{version}"
-    parent = tracking.study_run(mlflow_client, name)
+    parent = tracking_runs.study_run(mlflow_client, name)
     assert parent is not None and parent.info.run_name == name
-    runs = tracking.trial_runs(mlflow_client, name)
+    runs = tracking_runs.trial_runs(mlflow_client, name)
     assert len(runs) == 2
-    assert {r.data.tags[tracking.PARENT_TAG] for r in runs} == {parent.info.run_id}
+    assert {r.data.tags[tracking_store.PARENT_TAG] for r in runs} == {parent.info.run_id}
     seeds = sorted(int(r.data.params["train.seed"]) for r in runs)
     assert len(set(seeds)) == 2
     # The source's configuration ran, with the profile's budget.
@@ -83,7 +87,7 @@ def test_smoke_repeat_two_seeds(tmp_path, ray_local, capsys):
         assert arm["metrics"][metric]["std"] == pytest.approx(values.std(ddof=1), rel=1e-12)
     # The real panel's LDCT and BM3D rows, scored once, are in the report and on the parent run.
     assert {"ldct", "bm3d"} <= set(summary["classical"])
-    parent_metrics = tracking.client(uri).get_run(parent.info.run_id).data.metrics
+    parent_metrics = tracking_store.client(uri).get_run(parent.info.run_id).data.metrics
     assert parent_metrics["test_bm3d_psnr_window"] == pytest.approx(
         summary["classical"]["bm3d"]["psnr_window"]
     )

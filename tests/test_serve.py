@@ -19,8 +19,10 @@ from _ray_fixtures import _free_port, wait_for_http
 from _registry import register_smoke
 from conftest import ct_image, write_dicom
 
-from ldct import serving, tracking
 from ldct.cli import best_main
+from ldct.registry import model_format
+from ldct.registry import versions as registry_versions
+from ldct.tracking import store as tracking_store
 
 pytestmark = pytest.mark.slow
 SIZES = ((512, 512), (300, 260))
@@ -39,7 +41,7 @@ def served(tmp_path_factory):
     log = open(root / "serve.log", "w")
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m",
-         f"models:/{tracking.MODEL_NAME}@candidate", "--env-manager", "local",
+         f"models:/{registry_versions.MODEL_NAME}@candidate", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -98,9 +100,9 @@ def test_served_model_rejects_a_malformed_request(served):
 
 def test_registered_version_describes_itself(served):
     uri, _, root = served
-    mlflow_client = tracking.client(uri)
-    version = mlflow_client.get_model_version_by_alias(tracking.MODEL_NAME, "candidate")
-    assert "HU" in mlflow_client.get_registered_model(tracking.MODEL_NAME).description
+    mlflow_client = tracking_store.client(uri)
+    version = mlflow_client.get_model_version_by_alias(registry_versions.MODEL_NAME, "candidate")
+    assert "HU" in mlflow_client.get_registered_model(registry_versions.MODEL_NAME).description
     assert "PSNR" in version.description and "safetensors" in version.description
     stored = next((root / "mlartifacts").rglob("MLmodel")).parent
     mlmodel = yaml.safe_load((stored / "MLmodel").read_text())
@@ -111,7 +113,7 @@ def test_registered_version_describes_itself(served):
     assert all("==" in r for r in requirements if not r.startswith("mlflow")), requirements
     assert not any(r.split("==")[0] == "ldct" for r in requirements)
     assert (stored / "code" / "ldct" / "serving.py").is_file()
-    assert (stored / "artifacts" / serving.ONNX_FILE).stat().st_size > 1000
+    assert (stored / "artifacts" / model_format.ONNX_FILE).stat().st_size > 1000
 
 
 def test_pyfunc_uses_the_code_shipped_with_the_model(served):
@@ -119,7 +121,7 @@ def test_pyfunc_uses_the_code_shipped_with_the_model(served):
     uri, _, root = served
     script = (
         "import mlflow.pyfunc, numpy as np, sys\n"
-        f"m = mlflow.pyfunc.load_model('models:/{tracking.MODEL_NAME}@candidate')\n"
+        f"m = mlflow.pyfunc.load_model('models:/{registry_versions.MODEL_NAME}@candidate')\n"
         "out = m.predict(np.full((1, 64, 48), 40.0, dtype=np.float32))\n"
         "print(sys.modules['ldct'].__file__, out.shape)\n"
     )

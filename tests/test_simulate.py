@@ -13,7 +13,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import UID
 
 from ldct.data.builtin import BUILTIN_MARKER, builtin_params, real_source, write_builtin
-from ldct.data.dicom import discover, read_hu
+from ldct.data.dicom import read_hu
+from ldct.data.discovery import discover
 from ldct.data.phantoms import make_phantom, phantom_spec, render_phantom
 from ldct.data.simulate import simulate_low_dose
 from ldct.metrics import psnr_window, ssim_window

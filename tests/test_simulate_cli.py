@@ -13,7 +13,8 @@ from pydicom.data import get_testdata_file
 
 from ldct.cli import main
 from ldct.data.cache import build_cache
-from ldct.data.dicom import DicomError, discover, read_hu
+from ldct.data.dicom import DicomError, read_hu
+from ldct.data.discovery import discover
 from ldct.data.simulate import simulate_tree
 
 

@@ -18,21 +18,26 @@ import pytest
 import torch
 from _ray_fixtures import _free_port
 
-from ldct import tracking
+from ldct import hyperparams
 from ldct.config import load_config
-from ldct.report import write_report
-from ldct.tune import PAPER_POINT, run_study
+from ldct.hyperparams import PAPER_POINT
+from ldct.registry import load as registry_load
+from ldct.registry import versions as registry_versions
+from ldct.study.report import write_report
+from ldct.study.run import run_study
+from ldct.tracking import runs as tracking_runs
+from ldct.tracking import store as tracking_store
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def _trials(mlflow_client, study):
-    return sorted(tracking.trial_runs(mlflow_client, study), key=lambda r: r.info.start_time)
+    return sorted(tracking_runs.trial_runs(mlflow_client, study), key=lambda r: r.info.start_time)
 
 
 def _check_registered_model_denoises(uri: str) -> None:
-    generator, meta = tracking.load_registered(alias="candidate", tracking_uri=uri)
+    generator, meta = registry_load.load_registered(alias="candidate", tracking_uri=uri)
     assert meta["normalization"] == {"hu_min": -1024.0, "hu_max": 3072.0}
     # Logged with a 1x1x64x64 example; must take other batch sizes and image sizes.
     for shape in ((2, 1, 80, 96), (1, 1, 128, 128)):
@@ -82,15 +87,15 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     # ASHA may stop the second trial after its first validation (grace period 1).
     assert statuses[0] == "completed" and statuses[1] in ("completed", "stopped")
     assert [t["label"] for t in result.trials] == ["paper λ's under profile smoke", ""]
-    mlflow_client = tracking.client(uri)
-    parent = tracking.study_run(mlflow_client, "s1")
+    mlflow_client = tracking_store.client(uri)
+    parent = tracking_runs.study_run(mlflow_client, "s1")
     assert parent is not None
     assert parent.data.metrics["trials_completed"] + parent.data.metrics["trials_stopped"] == 2
     runs = _trials(mlflow_client, "s1")
     assert len(runs) == 2
     for run in runs:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert set(tracking.TUNED_PARAMS) <= set(run.data.params)
+        assert set(hyperparams.TUNED_PARAMS) <= set(run.data.params)
         assert run.data.params["data.source"] == "builtin-simulated"
         assert run.data.params["loss.perceptual_weights_used"].startswith("random")
         history = mlflow_client.get_metric_history(run.info.run_id, "val_psnr_window")
@@ -110,7 +115,7 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     first = runs[0].data.params
     for key, value in PAPER_POINT.items():
         assert float(first[key]) == pytest.approx(value)
-    version = mlflow_client.get_model_version_by_alias(tracking.MODEL_NAME, "candidate")
+    version = mlflow_client.get_model_version_by_alias(registry_versions.MODEL_NAME, "candidate")
     assert str(version.version) == result.registered_version
     assert version.tags["study"] == "s1" and version.tags["profile"] == "smoke"
     # The smoke profile registers without the ONNX artifact (study.register_onnx = false).
@@ -127,7 +132,7 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     assert "LDCT input" in lines[2]  # header, rule, LDCT row, then the 2 trials
     trial_lines = lines[3:5]
     assert all(ln.startswith("| ") for ln in trial_lines) and not lines[5]
-    first_id = runs[0].data.tags[tracking.TAG_TRIAL]
+    first_id = runs[0].data.tags[tracking_store.TAG_TRIAL]
     paper_row = next(ln for ln in trial_lines if first_id in ln)
     assert f"{first_id} (paper λ's under profile smoke)" in paper_row
     # Quick results are not presented as the paper's: the label is explained, random VGG named.
@@ -168,8 +173,8 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
 
 
 def test_unreachable_server_is_a_clear_error():
-    with pytest.raises(tracking.TrackingError, match="unreachable.*mlflow server"):
-        tracking.check_reachable("http://127.0.0.1:9", timeout=1)
+    with pytest.raises(tracking_store.TrackingError, match="unreachable.*mlflow server"):
+        tracking_store.check_reachable("http://127.0.0.1:9", timeout=1)
 
 
 @pytest.fixture
@@ -202,7 +207,7 @@ def test_stopped_study_resumes_without_repeating_a_trial(tmp_path, ray_tmpdir):
     process = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    mlflow_client = tracking.client(uri)
+    mlflow_client = tracking_store.client(uri)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
         runs = _trials(mlflow_client, "s3") if mlflow_client.get_experiment_by_name("ldct/s3") else []
@@ -239,7 +244,7 @@ def test_stopped_study_resumes_without_repeating_a_trial(tmp_path, ray_tmpdir):
 
 
 def test_extra_points_and_the_paper_label():
-    from ldct.tune import extra_points, first_point, is_paper_point, paper_deviations, paper_label
+    from ldct.study.space import extra_points, first_point, is_paper_point, paper_deviations, paper_label
 
     cfg = load_config("smoke", ["study.extra_points=optim.lr=0.3,optim.lr=1e-9;loss.lambda_gp=2"])
     first = first_point(cfg)

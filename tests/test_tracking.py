@@ -8,26 +8,27 @@ from pathlib import Path
 
 import pytest
 
-from ldct import tracking
 from ldct.cli import main
+from ldct.tracking import runs as tracking_runs
+from ldct.tracking import store as tracking_store
 
 
 def test_artifact_root_is_beside_the_sqlite_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     db = tmp_path / "store" / "mlflow.db"
     db.parent.mkdir()
-    mlflow_client = tracking.client(f"sqlite:///{db}")
-    experiment_id = tracking.ensure_experiment(mlflow_client, "ldct/x")
+    mlflow_client = tracking_store.client(f"sqlite:///{db}")
+    experiment_id = tracking_store.ensure_experiment(mlflow_client, "ldct/x")
     location = mlflow_client.get_experiment(experiment_id).artifact_location
     assert location == (db.parent / "mlartifacts" / "ldct_x").as_uri()
-    assert tracking.artifact_root("http://127.0.0.1:5000") is None  # a server decides for itself
+    assert tracking_store.artifact_root("http://127.0.0.1:5000") is None  # a server decides for itself
     # The study prints where its runs and artifacts are, and the UI link.
-    text = tracking.describe_store(mlflow_client, "x")
+    text = tracking_store.describe_store(mlflow_client, "x")
     assert str(db.parent / "mlartifacts") in text and "workflowType=machine_learning" in text
 
 
 def test_trial_run_name_carries_the_lambdas():
-    name = tracking.trial_run_name(
+    name = tracking_runs.trial_run_name(
         "a1b2", {"loss.lambda_l1": 1.0, "loss.lambda_perceptual": 0.1, "loss.lambda_gp": 10, "optim.lr": 1e-5}
     )
     assert name == "a1b2 λ2=1 λ3=0.1 λgp=10 lr=1e-05"
@@ -46,7 +47,7 @@ def test_ldct_train_logs_a_run(tmp_path, monkeypatch, capsys):
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert "MLflow run" in capsys.readouterr().out
-    mlflow_client = tracking.client(uri)
+    mlflow_client = tracking_store.client(uri)
     experiment = mlflow_client.get_experiment_by_name("ldct/train")
     (run,) = mlflow_client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
@@ -68,12 +69,12 @@ def test_ldct_train_logs_a_run(tmp_path, monkeypatch, capsys):
 
 def test_params_are_logged_in_batches(tmp_path):
     """60 params: one log_batch round trip, read back complete (counted on the real client)."""
-    mlflow_client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow_client.create_run(tracking.ensure_experiment(mlflow_client, "ldct/p"))
+    mlflow_client = tracking_store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow_client.create_run(tracking_store.ensure_experiment(mlflow_client, "ldct/p"))
     calls = []
     real = mlflow_client.log_batch
     mlflow_client.log_batch = lambda *a, **k: calls.append(len(k.get("params", []))) or real(*a, **k)
-    tracking.log_params(mlflow_client, run.info.run_id, {f"p.k{i}": i for i in range(160)})
+    tracking_store.log_params(mlflow_client, run.info.run_id, {f"p.k{i}": i for i in range(160)})
     assert calls == [100, 60]
     assert len(mlflow_client.get_run(run.info.run_id).data.params) == 160
 
@@ -95,7 +96,7 @@ def test_ldct_train_under_ray_logs_each_validation(tmp_path, ray_local, monkeypa
     for row in table.values():
         assert {"psnr_window", "ssim_window", "psnr_full", "ssim_full", "rmse_hu"} <= set(row)
         assert all(math.isfinite(v) for v in row.values())
-    mlflow_client = tracking.client(uri)
+    mlflow_client = tracking_store.client(uri)
     (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("ldct/train").experiment_id])
     assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val_psnr_window")] == [2, 4]
     assert "checkpoint" in {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}

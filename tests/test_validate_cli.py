@@ -11,10 +11,12 @@ import json
 import mlflow
 import pytest
 
-from ldct import tracking
 from ldct.cli import best_main
 from ldct.config import load_config
-from ldct.train import load_state, run_local
+from ldct.registry import versions as registry_versions
+from ldct.tracking import store as tracking_store
+from ldct.training.checkpoint import load_state
+from ldct.training.loop import run_local
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +29,20 @@ def registry(tmp_path_factory):
         state = load_state(session.checkpoints[-1])
         mlflow.set_tracking_uri(uri)
         # ensure_experiment, not mlflow.set_experiment: the latter roots artifacts in the cwd.
-        experiment_id = tracking.ensure_experiment(tracking.client(uri), "ldct/validate-test")
-        run = tracking.client(uri).create_run(experiment_id)
-        version = tracking.register_state(state, run.info.run_id, uri, tags={"study": "validate-test"})
+        experiment_id = tracking_store.ensure_experiment(tracking_store.client(uri), "ldct/validate-test")
+        run = tracking_store.client(uri).create_run(experiment_id)
+        version = registry_versions.register_state(
+            state, run.info.run_id, uri, tags={"study": "validate-test"}
+        )
         yield uri, str(version.version)
 
 
 def _tags(uri: str, version: str) -> dict[str, str]:
-    return dict(tracking.client(uri).get_model_version(tracking.MODEL_NAME, version).tags)
+    return dict(tracking_store.client(uri).get_model_version(registry_versions.MODEL_NAME, version).tags)
 
 
 def _aliases(uri: str) -> dict[str, str]:
-    model = tracking.client(uri).get_registered_model(tracking.MODEL_NAME)
+    model = tracking_store.client(uri).get_registered_model(registry_versions.MODEL_NAME)
     return {alias: str(v) for alias, v in model.aliases.items()}
 
 

@@ -5,9 +5,9 @@ pydicom-data, with simulated quarter dose, written as a Mayo-layout tree.
 rendered phantom is the true anatomy, its full dose simulated directly at dose 1, its quarter dose
 inserted into that full-dose image) and the real patients (their file is the full dose, HU
 exactly; the quarter dose is inserted into it with the same dose-corrected model), so the
-built-in path runs exactly the code real data takes (DESIGN.md §3).
+built-in path runs exactly the code real data takes (docs/DESIGN.md §3).
 
-Real patients, and their split (DESIGN.md §3 says why):
+Real patients, and their split (docs/DESIGN.md §3 says why):
 - ``CTSMALL``: pydicom's ``CT_small.dcm`` (128x128, an 85 mm crop; test).
 - ``ABDOMEN``: pydicom-data's ``explicit_VR-UN.dcm``, a PANCREAS abdomen slice, 512x512, 0.86 mm,
   JPEG 2000 lossless (test).
@@ -20,7 +20,7 @@ Real patients, and their split (DESIGN.md §3 says why):
 
 The two training slices are the only real texture the network learns from (the phantoms are
 piecewise smooth): with them the quick profile's best validation PSNR rose from 30.2 to 33.5 dB
-(one `ldct train --profile quick` run each, same seed; DESIGN.md §3).
+(one `ldct train --profile quick` run each, same seed; docs/DESIGN.md §3).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from ldct.data.dicom import BUILTIN_TEST_PATIENTS, BUILTIN_VAL_PATIENTS, read_hu
+from ldct.data.dicom import read_hu
+from ldct.data.discovery import BUILTIN_MARKER, BUILTIN_TEST_PATIENTS, BUILTIN_VAL_PATIENTS
 from ldct.data.phantoms import PHANTOM_PIXEL_MM, phantom_spec, render_phantom
 from ldct.data.simulate import (
     ELECTRONIC_NOISE,
@@ -47,11 +48,11 @@ from ldct.data.simulate import (
     embed_in_body,
     simulate_low_dose,
 )
+from ldct.data.writer import ct_slice, hu_to_stored, save
 
 SLICE_THICKNESS_MM = 3.0
 # Bump for a change the code digest below cannot see (it covers the simulating modules' source).
 BUILTIN_VERSION = 2
-BUILTIN_MARKER = ".ldct-builtin.json"
 CTSMALL = "CTSMALL"
 # patient -> (file name, where it is, embed in a body outline?). CT_small is a crop of a larger
 # body: its X-rays crossed the whole body, so it is embedded for the simulation (embed_in_body).
@@ -230,8 +231,6 @@ def write_builtin(
 
 
 def _write_tree(tmp: Path, params: dict, progress: bool, tqdm) -> dict[str, int]:
-    from ldct.data.writer import ct_slice, hu_to_stored, save
-
     dose, seed, size, px = params["dose"], params["seed"], params["size"], params["pixel_size_mm"]
     jobs = [(f"PH{k:02d}", k) for k in range(1, params["phantoms"] + 1)]
     total = params["phantoms"] * params["slices"] + len(REAL_PATIENTS)

@@ -1,10 +1,6 @@
-"""The on-disk HU cache: per-patient int16 arrays and a manifest.
+"""Building the on-disk HU cache from a DICOM tree, and making the data of a config ready.
 
-``CACHE/<patient>_low.npy`` and ``CACHE/<patient>_full.npy`` hold int16 HU volumes [S, H, W]
-(memory-mappable with ``np.load(mmap_mode="r")``); ``CACHE/manifest.json`` says where they came
-from (root, layout, per-slice files, SOPInstanceUIDs and z), how the patients are split, and a
-fingerprint (paths, sizes, mtimes) of each patient's source files.
-
+The format (per-patient int16 arrays and ``manifest.json``) is :mod:`ldct.data.manifest`.
 Re-running :func:`build_cache` re-reads only patients whose fingerprint changed; an unchanged
 tree is a no-op that rewrites nothing. Every file is written to a temporary name and renamed into
 place, and the manifest is written last, so an interrupted run leaves a manifest that describes
@@ -14,93 +10,32 @@ exactly the arrays on disk (or the previous, still valid, state).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ldct.data.dicom import (
-    BUILTIN_MARKER,
-    DicomError,
-    default_split,
-    detect_layout,
-    discover,
-    patient_files,
-    read_hu,
-    split_patients,
+from ldct.config import DataConfig
+from ldct.data.builtin import builtin_params, write_builtin
+from ldct.data.dicom import DicomError, read_hu
+from ldct.data.discovery import BUILTIN_MARKER, Discovery, SlicePair, detect_layout, discover, patient_files
+from ldct.data.manifest import (
+    CacheError,
+    Manifest,
+    atomic_save_npy,
+    load_manifest,
+    open_patient,
+    resolve_splits,
+    write_manifest,
 )
-
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class Manifest:
-    version: int
-    root: str
-    layout: str  # "mayo" | "tcia"
-    source: str  # "builtin" | "dicom"
-    splits: dict[str, list[str]]
-    patients: dict[str, dict[str, Any]]
-    mayo_thickness: str = "3mm"
-    skip_bad: bool = False
-    # Patients (or files of patients) that produced no cached slices, as [path, reason].
-    skipped: list[list[str]] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
-
-    @property
-    def all_patients(self) -> list[str]:
-        return sorted(self.patients)
-
-
-# --------------------------------------------------------------------------- small file helpers
-
-
-def _default_mode(mode: int = 0o666) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _default_mode())  # mkstemp makes 0600; cached data is as readable as any file
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy.tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _default_mode())
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+from ldct.data.phantoms import PHANTOM_PIXEL_MM
+from ldct.metrics import METRIC_NAMES, MetricAccumulator
 
 
 def _fingerprint(root: Path, files: list[Path]) -> str:
@@ -118,29 +53,6 @@ def _rel(root: Path, path: Path) -> str:
         return str(path)
 
 
-# --------------------------------------------------------------------------- manifest
-
-
-def load_manifest(cache_dir: Path | str) -> Manifest:
-    """Read ``CACHE/manifest.json``; a missing or foreign manifest raises with what to run."""
-    path = Path(cache_dir) / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path}: no cache manifest; build it with `ldct data index ROOT --cache {cache_dir}`"
-        ) from None
-    except ValueError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); rebuild with `ldct data index`") from exc
-    if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
-        raise ValueError(
-            f"{path}: manifest version {data.get('version') if isinstance(data, dict) else '?'} is not "
-            f"{MANIFEST_VERSION}; rebuild the cache with `ldct data index`"
-        )
-    known = {f.name for f in dataclasses.fields(Manifest)}
-    return Manifest(**{k: v for k, v in data.items() if k in known})
-
-
 def _arrays_present(cache_dir: Path, entry: dict) -> bool:
     shape = tuple(entry["shape"])
     for name in entry["arrays"].values():
@@ -153,33 +65,37 @@ def _arrays_present(cache_dir: Path, entry: dict) -> bool:
     return True
 
 
-def _choose_splits(
-    patients: list[str], val: Sequence[str], test: Sequence[str], old: Manifest | None, builtin: bool
-) -> dict[str, list[str]]:
-    """Named splits win; otherwise keep the previous manifest's (if still valid), else defaults."""
-    present = set(patients)
-
-    def previous(name: str) -> list[str] | None:
-        if old is None or name not in old.splits or not set(old.splits[name]) <= present:
-            return None
-        return list(old.splits[name])
-
-    chosen_test = list(test) or previous("test")
-    if chosen_test is None:
-        chosen_test = default_split(patients, builtin=builtin)[1]
-    chosen_val = list(val) or previous("val")
-    if chosen_val is None or set(chosen_val) & set(chosen_test):
-        default_val = default_split(patients, builtin=builtin)[0]
-        if builtin and default_val and not set(default_val) & set(chosen_test):
-            chosen_val = default_val
-        else:
-            # The last remaining patient, if one still trains.
-            rest = [p for p in sorted(patients) if p not in chosen_test and not (builtin and p == "CTSMALL")]
-            chosen_val = rest[-1:] if len(rest) > 1 else []
-    return split_patients(patients, chosen_val, chosen_test)
-
-
 # --------------------------------------------------------------------------- build
+
+
+@dataclass
+class _Build:
+    """What every step of one :func:`build_cache` run needs."""
+
+    root: Path
+    cache_dir: Path
+    layout: str
+    source: str  # "builtin" | "dicom"
+    mayo_thickness: str
+    skip_bad: bool
+    val: Sequence[str]
+    test: Sequence[str]
+    old: Manifest | None  # the previous manifest, if it describes this tree and thickness
+
+    def save(self, entries: dict[str, dict[str, Any]], skipped: list[list[str]]) -> Manifest:
+        return write_manifest(
+            self.cache_dir,
+            self.root,
+            self.layout,
+            self.source,
+            self.mayo_thickness,
+            self.skip_bad,
+            entries,
+            skipped,
+            self.val,
+            self.test,
+            self.old,
+        )
 
 
 def build_cache(
@@ -197,93 +113,121 @@ def build_cache(
     kept, else the defaults (built-in: val = HEAD693, test = ABDOMEN + CTSMALL; otherwise test =
     last patient, val = second-to-last).
     """
-    from tqdm import tqdm
-
     root = Path(root).resolve()
     cache_dir = Path(cache_dir)
     layout = detect_layout(root)
     source = "builtin" if (root / BUILTIN_MARKER).is_file() else "dicom"
     cache_dir.mkdir(parents=True, exist_ok=True)
+    old = _previous_manifest(cache_dir, root, layout, mayo_thickness)
+    run = _Build(root, cache_dir, layout, source, mayo_thickness, skip_bad, val, test, old)
 
+    files = patient_files(root, layout, mayo_thickness)
+    fingerprints = {p: _fingerprint(root, fs) for p, fs in files.items()}
+    entries, changed = _reusable_entries(run, fingerprints)
+    skipped: list[list[str]] = []
+    if changed:
+        _index_changed(run, changed, fingerprints, entries, skipped, progress)
+    if not entries:
+        raise DicomError(f"{root}: no patient could be cached; see the skipped files: {skipped[:3]}")
+    manifest = run.save(entries, skipped)
+    _remove_stale_arrays(cache_dir, manifest)
+    return manifest
+
+
+def _previous_manifest(cache_dir: Path, root: Path, layout: str, mayo_thickness: str) -> Manifest | None:
     old: Manifest | None = None
     with contextlib.suppress(FileNotFoundError, ValueError, TypeError):
         old = load_manifest(cache_dir)
     if old is not None and (old.root, old.layout, old.mayo_thickness) != (str(root), layout, mayo_thickness):
         old = None  # another tree or thickness: nothing to reuse (its arrays are overwritten)
+    return old
 
-    files = patient_files(root, layout, mayo_thickness)
-    fingerprints = {p: _fingerprint(root, fs) for p, fs in files.items()}
+
+def _reusable_entries(
+    run: _Build, fingerprints: dict[str, str]
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """(entries of the patients whose cached arrays still hold, the patients to (re)read)."""
     entries: dict[str, dict[str, Any]] = {}
     changed: list[str] = []
     for patient, fp in fingerprints.items():
-        prev = old.patients.get(patient) if old is not None else None
+        prev = run.old.patients.get(patient) if run.old is not None else None
         reusable = (
             prev is not None
             and prev.get("fingerprint") == fp
-            and (skip_bad or not prev.get("skipped"))  # strict run must see files a lenient one skipped
-            and _arrays_present(cache_dir, prev)
+            and (run.skip_bad or not prev.get("skipped"))  # strict run must see files a lenient one skipped
+            and _arrays_present(run.cache_dir, prev)
         )
         if reusable:
             entries[patient] = prev
         else:
             changed.append(patient)
+    return entries, changed
 
-    def save(entries: dict[str, dict[str, Any]], skipped: list[list[str]]) -> Manifest:
-        return _write_manifest(
-            cache_dir, root, layout, source, mayo_thickness, skip_bad, entries, skipped, val, test, old
-        )
 
-    skipped: list[list[str]] = []
-    if changed:
-        found = discover(root, mayo_thickness=mayo_thickness, skip_bad=skip_bad, patients=changed)
-        by_patient: dict[str, list[list[str]]] = {}
-        for path, reason in found.skipped:
-            rel = _rel(root, path)
-            owner = rel.split(os.sep, 1)[0]
-            target = by_patient.setdefault(owner, []) if owner in found.patients else skipped
-            target.append([rel, reason])
-        notes: dict[str, list[list[str]]] = {}
-        for path, note in found.notes:
-            rel = _rel(root, path)
-            notes.setdefault(rel.split(os.sep, 1)[0], []).append([rel, note])
-        total = sum(len(v) for v in found.patients.values())
-        bar = tqdm(total=total, desc=f"index {root.name}", unit="slice", disable=not progress)
-        writing: list[str] = []  # the patient whose arrays are being replaced, if any
-        try:
-            for patient in sorted(found.patients):
-                pairs = found.patients[patient]
-                entry = _read_patient(
-                    root, cache_dir, patient, pairs, fingerprints[patient], skip_bad, bar, writing
-                )
-                entry["skipped"] = by_patient.get(patient, []) + entry["skipped"]
-                if notes.get(patient):
-                    entry["notes"] = notes[patient]
-                if entry["shape"][0] == 0:
-                    skipped.append([patient, "no slice pair could be read"])
-                    continue
-                entries[patient] = entry
-                writing.clear()
-        except BaseException:
-            # Keep what is done: the manifest then matches the arrays on disk. Patients not yet
-            # (re)read keep their previous entry, since their arrays were not touched; a patient
-            # interrupted while its arrays were being replaced is dropped (re-read next time).
-            if old is not None:
-                for p, e in old.patients.items():
-                    if p not in entries and p in fingerprints and p not in writing:
-                        entries[p] = e
-            if entries:
-                save(entries, skipped)
-            raise
-        finally:
-            bar.close()
-        for patient in changed:
-            if patient not in found.patients and not any(
-                s[0].split(os.sep, 1)[0] == patient for s in skipped
-            ):
-                skipped.append([patient, "no usable slice pairs"])  # e.g. an empty patient directory
-    if not entries:
-        raise DicomError(f"{root}: no patient could be cached; see the skipped files: {skipped[:3]}")
-    manifest = save(entries, skipped)
+def _index_changed(
+    run: _Build,
+    changed: list[str],
+    fingerprints: dict[str, str],
+    entries: dict[str, dict[str, Any]],
+    skipped: list[list[str]],
+    progress: bool,
+) -> None:
+    """Discover and read the ``changed`` patients into ``entries`` (problems into ``skipped``)."""
+    from tqdm import tqdm
+
+    root = run.root
+    found = discover(root, mayo_thickness=run.mayo_thickness, skip_bad=run.skip_bad, patients=changed)
+    by_patient, notes = _problems_by_patient(root, found, skipped)
+    total = sum(len(v) for v in found.patients.values())
+    bar = tqdm(total=total, desc=f"index {root.name}", unit="slice", disable=not progress)
+    writing: list[str] = []  # the patient whose arrays are being replaced, if any
+    try:
+        for patient in sorted(found.patients):
+            entry = _read_patient(run, patient, found.patients[patient], fingerprints[patient], bar, writing)
+            entry["skipped"] = by_patient.get(patient, []) + entry["skipped"]
+            if notes.get(patient):
+                entry["notes"] = notes[patient]
+            if entry["shape"][0] == 0:
+                skipped.append([patient, "no slice pair could be read"])
+                continue
+            entries[patient] = entry
+            writing.clear()
+    except BaseException:
+        # Keep what is done: the manifest then matches the arrays on disk. Patients not yet
+        # (re)read keep their previous entry, since their arrays were not touched; a patient
+        # interrupted while its arrays were being replaced is dropped (re-read next time).
+        if run.old is not None:
+            for p, e in run.old.patients.items():
+                if p not in entries and p in fingerprints and p not in writing:
+                    entries[p] = e
+        if entries:
+            run.save(entries, skipped)
+        raise
+    finally:
+        bar.close()
+    for patient in changed:
+        if patient not in found.patients and not any(s[0].split(os.sep, 1)[0] == patient for s in skipped):
+            skipped.append([patient, "no usable slice pairs"])  # e.g. an empty patient directory
+
+
+def _problems_by_patient(
+    root: Path, found: Discovery, skipped: list[list[str]]
+) -> tuple[dict[str, list[list[str]]], dict[str, list[list[str]]]]:
+    """(skipped files, notes) per cached patient; a skip of a patient left out goes to ``skipped``."""
+    by_patient: dict[str, list[list[str]]] = {}
+    for path, reason in found.skipped:
+        rel = _rel(root, path)
+        owner = rel.split(os.sep, 1)[0]
+        target = by_patient.setdefault(owner, []) if owner in found.patients else skipped
+        target.append([rel, reason])
+    notes: dict[str, list[list[str]]] = {}
+    for path, note in found.notes:
+        rel = _rel(root, path)
+        notes.setdefault(rel.split(os.sep, 1)[0], []).append([rel, note])
+    return by_patient, notes
+
+
+def _remove_stale_arrays(cache_dir: Path, manifest: Manifest) -> None:
     # Arrays of patients that left the tree go last: the new manifest no longer refers to them.
     keep = {name for e in manifest.patients.values() for name in e["arrays"].values()}
     for stale in cache_dir.glob("*_low.npy"):
@@ -291,10 +235,13 @@ def build_cache(
             if f.name not in keep:
                 with contextlib.suppress(OSError):
                     f.unlink()
-    return manifest
 
 
-def _read_patient(root, cache_dir, patient, pairs, fingerprint, skip_bad, bar, writing) -> dict[str, Any]:
+def _read_patient(
+    run: _Build, patient: str, pairs: list[SlicePair], fingerprint: str, bar: Any, writing: list[str]
+) -> dict[str, Any]:
+    """Read one patient's pairs into its int16 arrays; its manifest entry (``shape[0] == 0``: none)."""
+    root, cache_dir, skip_bad = run.root, run.cache_dir, run.skip_bad
     lows, fulls, slices, skipped = [], [], [], []
     for pair in pairs:
         try:
@@ -334,8 +281,8 @@ def _read_patient(root, cache_dir, patient, pairs, fingerprint, skip_bad, bar, w
     arrays = {"low": f"{patient}_low.npy", "full": f"{patient}_full.npy"}
     if slices:
         writing.append(patient)
-        _atomic_save_npy(cache_dir / arrays["low"], np.stack(lows))
-        _atomic_save_npy(cache_dir / arrays["full"], np.stack(fulls))
+        atomic_save_npy(cache_dir / arrays["low"], np.stack(lows))
+        atomic_save_npy(cache_dir / arrays["full"], np.stack(fulls))
     return {
         "arrays": arrays,
         "shape": [len(slices), h, w],
@@ -347,59 +294,6 @@ def _read_patient(root, cache_dir, patient, pairs, fingerprint, skip_bad, bar, w
     }
 
 
-def _write_manifest(
-    cache_dir, root, layout, source, mayo_thickness, skip_bad, entries, skipped, val, test, old
-):
-    patients = sorted(entries)
-    manifest = Manifest(
-        version=MANIFEST_VERSION,
-        root=str(root),
-        layout=layout,
-        source=source,
-        splits=_choose_splits(patients, val, test, old, builtin=source == "builtin"),
-        patients={p: entries[p] for p in patients},
-        mayo_thickness=mayo_thickness,
-        skip_bad=skip_bad,
-        skipped=sorted(skipped),
-    )
-    data = manifest.to_json().encode()
-    path = cache_dir / MANIFEST
-    try:
-        unchanged = path.read_bytes() == data
-    except OSError:
-        unchanged = False
-    if not unchanged:
-        _atomic_write_bytes(path, data)
-    return manifest
-
-
-# --------------------------------------------------------------------------- readers
-
-
-def open_patient(cache_dir: Path | str, patient: str) -> tuple[np.ndarray, np.ndarray]:
-    """(low, full) int16 HU memmaps [S, H, W] of one cached patient."""
-    cache_dir = Path(cache_dir)
-    manifest = load_manifest(cache_dir)
-    if patient not in manifest.patients:
-        raise KeyError(
-            f"patient {patient!r} is not in the cache {cache_dir}; cached: {manifest.all_patients}"
-        )
-    arrays = manifest.patients[patient]["arrays"]
-    return (
-        np.load(cache_dir / arrays["low"], mmap_mode="r"),
-        np.load(cache_dir / arrays["full"], mmap_mode="r"),
-    )
-
-
-def resolve_splits(
-    manifest: Manifest, val: Sequence[str] = (), test: Sequence[str] = ()
-) -> dict[str, list[str]]:
-    """The manifest's splits, with ``val``/``test`` (when non-empty) overriding them."""
-    chosen_test = list(test) or manifest.splits.get("test", [])
-    chosen_val = list(val) or [p for p in manifest.splits.get("val", []) if p not in chosen_test]
-    return split_patients(manifest.all_patients, chosen_val, chosen_test)
-
-
 # --------------------------------------------------------------------------- ensure_data
 
 
@@ -408,11 +302,8 @@ def ldct_home() -> Path:
     return Path(os.environ.get("LDCT_HOME") or Path.home() / ".cache" / "ldct").expanduser()
 
 
-def builtin_dir(data_cfg) -> Path:
+def builtin_dir(data_cfg: DataConfig) -> Path:
     """Where the built-in set for these DataConfig parameters lives (``$LDCT_HOME/builtin-<hash>``)."""
-    from ldct.data.builtin import builtin_params
-    from ldct.data.phantoms import PHANTOM_PIXEL_MM
-
     params = builtin_params(
         data_cfg.builtin_dose,
         data_cfg.builtin_phantoms,
@@ -439,7 +330,7 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_data(data_cfg) -> tuple[Path, dict[str, list[str]]]:
+def ensure_data(data_cfg: DataConfig) -> tuple[Path, dict[str, list[str]]]:
     """Cache directory and patient splits for a DataConfig, building what is missing.
 
     ``root == ""``: the built-in DICOM tree and its cache are made once under
@@ -448,8 +339,6 @@ def ensure_data(data_cfg) -> tuple[Path, dict[str, list[str]]]:
     ``<root>/../<root name>-cache``. Non-empty ``val_patients``/``test_patients`` override the
     manifest's splits.
     """
-    from ldct.data.builtin import write_builtin
-
     if not data_cfg.root:
         base = builtin_dir(data_cfg)
         cache_dir = Path(data_cfg.cache).expanduser() if data_cfg.cache else base / "cache"
@@ -484,14 +373,12 @@ def ensure_data(data_cfg) -> tuple[Path, dict[str, list[str]]]:
 
 def baseline_table(cache_dir: Path | str, split: str = "test", batch: int = 16) -> dict[str, Any]:
     """LDCT-vs-full-dose metrics of a split: per patient and the mean over all its slices."""
-    from ldct.metrics import METRIC_NAMES, MetricAccumulator
-
     manifest = load_manifest(cache_dir)
     if split not in manifest.splits:
-        raise ValueError(f"unknown split {split!r}; the cache has {sorted(manifest.splits)}")
+        raise CacheError(f"unknown split {split!r}; the cache has {sorted(manifest.splits)}")
     patients = manifest.splits[split]
     if not patients:
-        raise ValueError(f"split {split!r} of {cache_dir} has no patients; splits: {manifest.splits}")
+        raise CacheError(f"split {split!r} of {cache_dir} has no patients; splits: {manifest.splits}")
     rows = []
     overall = MetricAccumulator()
     for patient in patients:

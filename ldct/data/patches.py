@@ -13,6 +13,7 @@ reproducible and a DistributedSampler's shards are disjoint draws.
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,14 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ldct.config import HUNormalization
-from ldct.data.cache import load_manifest
+from ldct.config import HUNormalization, PatchSampling
+from ldct.data.manifest import load_manifest
 
 AIR_HU = -900.0
-# Soft tissue for min_tissue_fraction: the abdomen window of the metrics (DESIGN.md §3).
+# Soft tissue for min_tissue_fraction: the abdomen window of the metrics (docs/DESIGN.md §3).
 TISSUE_HU = (-160.0, 240.0)
 MAX_ATTEMPTS = 16
-SAMPLINGS = ("slice", "area")
+SAMPLINGS: tuple[str, ...] = typing.get_args(PatchSampling)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

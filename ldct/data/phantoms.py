@@ -136,6 +136,32 @@ def _texture(n: int, sigma_px: float, seed: int, z_mm: float, corr_mm: float = 1
 _BODY_HALF_WIDTH_MM = 160.0
 
 
+# One body millimetre in body units (u).
+_MM = 1.0 / _BODY_HALF_WIDTH_MM
+# Where the vertebral body's centre sits (v, body units): towards the back.
+_SPINE_V = 0.42
+
+
+@dataclass
+class _Canvas:
+    """One slice being painted: its pixels' body coordinates (u right, v down) and the image."""
+
+    U: np.ndarray
+    V: np.ndarray
+    aspect: float  # a circle of radius r (u units) has v semi-axis r * aspect
+    img: np.ndarray
+
+    def ell(self, cu: float, cv: float, au: float, av: float, ang: float = 0.0) -> np.ndarray:
+        """<= 1 inside the ellipse at (cu, cv) with semi-axes (au, av), turned by ``ang``."""
+        c, s = np.cos(ang), np.sin(ang)
+        du, dv = self.U - cu, self.V - cv
+        return ((c * du + s * dv) / au) ** 2 + ((-s * du + c * dv) / av) ** 2
+
+    def disc(self, cu: float, cv: float, r: float) -> np.ndarray:
+        """A circle of radius ``r`` (u units) on the body's scale."""
+        return self.ell(cu, cv, r, r * self.aspect) <= 1
+
+
 def render_phantom(
     spec: PhantomSpec, size: int, pixel_size_mm: float = PHANTOM_PIXEL_MM, z_mm: float = 0.0
 ) -> np.ndarray:
@@ -147,24 +173,34 @@ def render_phantom(
     theta = np.arctan2(V, U)  # 0 = image right, pi/2 = back, -pi/2 = front
     outline = 1.0 + sum(amp * np.cos(k * theta + ph) for k, amp, ph in spec.harmonics)
     rho = np.hypot(U, V) / outline
-    mm = 1.0 / _BODY_HALF_WIDTH_MM  # one body millimetre in u units
-    aspect = spec.a / spec.b  # a circle of radius r (u units) has v semi-axis r * aspect
-    px_per_mm = spec.a * (n / 2.0) * mm  # pixels per body millimetre
+    px_per_mm = spec.a * (n / 2.0) * _MM  # pixels per body millimetre
     z = spec.z0 + z_mm
-    hu = spec.hu
+    canvas = _Canvas(U, V, spec.a / spec.b, np.full((n, n), -1000.0))
 
-    def ell(cu, cv, au, av, ang=0.0):
-        c, s = np.cos(ang), np.sin(ang)
-        du, dv = U - cu, V - cv
-        return ((c * du + s * dv) / au) ** 2 + ((-s * du + c * dv) / av) ** 2
+    inside_skin, cavity, fat_inner = _body_wall(canvas, spec, rho, theta)
+    liver_scale = float(np.clip(1.0 - z / 150.0, 0.35, 1.0))
+    _bowel(canvas, spec, z, liver_scale, cavity)
+    organs = _solid_organs(canvas, spec, z, liver_scale, cavity)
+    _retroperitoneum(canvas, spec, z, cavity)
+    lung = _lung_bases(canvas, spec, z, cavity)
+    _lesions(canvas, spec, z_mm, organs)
+    _spine(canvas, spec, inside_skin)
+    _ribs(canvas, spec, fat_inner)
+    _texture_in(canvas.img, spec.texture_seed, z, px_per_mm, lung)
+    # The scanner's finite resolution: edges are slightly blurred, as in a real full-dose image.
+    img = ndimage.gaussian_filter(canvas.img, 0.45 / pixel_size_mm)
+    return img.astype(np.float32)
 
-    def disc(cu, cv, r):
-        return ell(cu, cv, r, r * aspect) <= 1
 
-    img = np.full((n, n), -1000.0)
+def _body_wall(
+    canvas: _Canvas, spec: PhantomSpec, rho: np.ndarray, theta: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Skin, subcutaneous fat, muscle wall and the abdominal cavity's visceral fat; returns
+    (inside the skin, the cavity, the fat's inner edge in outline units)."""
+    img, hu = canvas.img, spec.hu
     body = rho <= 1.0
     img[body] = hu["skin"]
-    fat_inner = 1.0 - spec.skin_mm * mm
+    fat_inner = 1.0 - spec.skin_mm * _MM
     inside_skin = rho <= fat_inner
     img[inside_skin] = hu["fat"]
     # Subcutaneous fat thickness varies around the body.
@@ -173,12 +209,12 @@ def render_phantom(
     img[rho <= wall_outer] = hu["muscle"]
     cavity = rho <= wall_outer - spec.muscle_frac
     img[cavity] = hu["visceral_fat"]
+    return inside_skin, cavity, fat_inner
 
-    spine_v = 0.42
-    sr = spec.spine_mm * mm
-    liver_scale = float(np.clip(1.0 - z / 150.0, 0.35, 1.0))
 
+def _bowel(canvas: _Canvas, spec: PhantomSpec, z: float, liver_scale: float, cavity: np.ndarray) -> None:
     # Bowel loops (and the stomach in the upper slices), painted first: solid organs cover them.
+    img, hu, ell = canvas.img, spec.hu, canvas.ell
     loops = list(spec.bowel)
     if liver_scale > 0.75:
         loops.append((0.3, -0.35, 0.22, 0.2, 0.3, "level", 0.1))
@@ -186,17 +222,23 @@ def render_phantom(
         drift = 0.002 * z
         cu, cv = bu + drift, bv - drift
         wall = (ell(cu, cv, au, av, ang) <= 1) & cavity
-        lumen = (ell(cu, cv, au - 3 * mm, av - 3 * mm * aspect, ang) <= 1) & cavity
+        lumen = (ell(cu, cv, au - 3 * _MM, av - 3 * _MM * canvas.aspect, ang) <= 1) & cavity
         img[wall] = hu["bowel_wall"]
         if content == "gas":
             img[lumen] = -1000.0
         elif content == "fluid":
             img[lumen] = hu["fluid"]
         else:  # air-fluid level: gas rises to the front (smaller v)
-            front = V < cv + level * av
+            front = canvas.V < cv + level * av
             img[lumen & front] = -1000.0
             img[lumen & ~front] = hu["fluid"]
 
+
+def _solid_organs(
+    canvas: _Canvas, spec: PhantomSpec, z: float, liver_scale: float, cavity: np.ndarray
+) -> dict[str, tuple[np.ndarray, float, float, float, float]]:
+    """Liver (with the gallbladder) and spleen; returns organ -> (mask, u, v, au, av) for lesions."""
+    img, hu, ell = canvas.img, spec.hu, canvas.ell
     lu, lv, lau, lav, lang = spec.liver
     liver = (ell(lu, lv, lau * liver_scale, lav * liver_scale, lang) <= 1) & cavity
     img[liver] = hu["liver"]
@@ -207,6 +249,13 @@ def render_phantom(
     spleen_scale = float(np.clip(1.0 - z / 120.0, 1e-3, 1.0))
     spleen = (ell(su, sv, sau * spleen_scale, sav * spleen_scale, sang) <= 1) & cavity
     img[spleen] = hu["spleen"]
+    return {"liver": (liver, lu, lv, lau, lav), "spleen": (spleen, su, sv, sau, sav)}
+
+
+def _retroperitoneum(canvas: _Canvas, spec: PhantomSpec, z: float, cavity: np.ndarray) -> None:
+    """Kidneys (with their sinus fat), psoas muscles, aorta and vena cava."""
+    img, hu, ell, disc, aspect = canvas.img, spec.hu, canvas.ell, canvas.disc, canvas.aspect
+    sr = spec.spine_mm * _MM
     kz, kh = spec.kidney_z
     kscale = float(np.sqrt(max(0.0, 1.0 - ((z - kz) / kh) ** 2)))
     if kscale > 0.05:
@@ -216,45 +265,63 @@ def render_phantom(
             img[kid] = hu["kidney"]
             sinus = (ell(side * (ku - 0.3 * kau), kv, kau * kscale * 0.35, kav * kscale * 0.4) <= 1) & kid
             img[sinus] = hu["visceral_fat"] * 0.6
-    psoas_r = (9.0 + 0.12 * max(z, 0.0)) * mm
+    psoas_r = (9.0 + 0.12 * max(z, 0.0)) * _MM
     for side in (-1, 1):
-        img[disc(side * (sr + psoas_r * 0.9), spine_v - 0.3 * sr * aspect, psoas_r) & cavity] = hu["muscle"]
-    aorta = spec.aorta_mm * mm
-    img[disc(0.04, spine_v - (sr + aorta + 2 * mm) * aspect, aorta)] = hu["vessel"]
-    img[ell(-0.1, spine_v - (sr + aorta) * aspect, aorta * 1.25, aorta * 0.9 * aspect) <= 1] = hu["vessel"]
+        img[disc(side * (sr + psoas_r * 0.9), _SPINE_V - 0.3 * sr * aspect, psoas_r) & cavity] = hu["muscle"]
+    aorta = spec.aorta_mm * _MM
+    img[disc(0.04, _SPINE_V - (sr + aorta + 2 * _MM) * aspect, aorta)] = hu["vessel"]
+    img[ell(-0.1, _SPINE_V - (sr + aorta) * aspect, aorta * 1.25, aorta * 0.9 * aspect) <= 1] = hu["vessel"]
 
-    # Lung bases: dark crescents behind the organs in the upper slices.
+
+def _lung_bases(canvas: _Canvas, spec: PhantomSpec, z: float, cavity: np.ndarray) -> np.ndarray:
+    """Lung bases: dark crescents behind the organs in the upper slices; returns their mask."""
+    n = canvas.img.shape[0]
     lung_scale = float(np.clip((spec.lung_z - z) / 25.0, 0.0, 1.0))
     lung = np.zeros((n, n), bool)
     if lung_scale > 0:
         for side in (-1, 1):
-            lung |= (ell(side * 0.55, 0.45, 0.25 * lung_scale, 0.35 * lung_scale) <= 1) & cavity
-        img[lung] = hu["lung"]
+            lung |= (canvas.ell(side * 0.55, 0.45, 0.25 * lung_scale, 0.35 * lung_scale) <= 1) & cavity
+        canvas.img[lung] = spec.hu["lung"]
+    return lung
 
+
+def _lesions(
+    canvas: _Canvas,
+    spec: PhantomSpec,
+    z_mm: float,
+    organs: dict[str, tuple[np.ndarray, float, float, float, float]],
+) -> None:
     # Low-contrast lesions: spheres, so they grow and shrink over neighbouring slices.
-    organs = {"liver": (liver, lu, lv, lau, lav), "spleen": (spleen, su, sv, sau, sav)}
     for organ, cu, cv, cz, r_mm, contrast in spec.lesions:
-        r = np.sqrt(max(0.0, r_mm**2 - (z_mm - cz) ** 2)) * mm
+        r = np.sqrt(max(0.0, r_mm**2 - (z_mm - cz) ** 2)) * _MM
         if r > 0:
             mask, ou, ov, oau, oav = organs[organ]
-            img[disc(ou + cu * 0.5 * oau, ov + cv * 0.5 * oav, r) & mask] += contrast
+            canvas.img[canvas.disc(ou + cu * 0.5 * oau, ov + cv * 0.5 * oav, r) & mask] += contrast
 
-    # Back muscles, then the vertebra: body (cortical shell, cancellous core), canal, processes.
+
+def _spine(canvas: _Canvas, spec: PhantomSpec, inside_skin: np.ndarray) -> None:
+    """Back muscles, then the vertebra: body (cortical shell, cancellous core), canal, processes."""
+    img, hu, ell, disc, aspect = canvas.img, spec.hu, canvas.ell, canvas.disc, canvas.aspect
+    sr = spec.spine_mm * _MM
     for side in (-1, 1):
-        m = (ell(side * 0.15, spine_v + 2.6 * sr * aspect, 0.13, 0.2) <= 1) & inside_skin
+        m = (ell(side * 0.15, _SPINE_V + 2.6 * sr * aspect, 0.13, 0.2) <= 1) & inside_skin
         img[m] = hu["muscle"]
-    shell = 2.0 * mm
-    img[disc(0.0, spine_v, sr)] = hu["cortical"]
-    img[disc(0.0, spine_v, sr - shell)] = hu["cancellous"]
+    shell = 2.0 * _MM
+    img[disc(0.0, _SPINE_V, sr)] = hu["cortical"]
+    img[disc(0.0, _SPINE_V, sr - shell)] = hu["cancellous"]
     canal_r = 0.45 * sr
-    canal_v = spine_v + (sr + canal_r * 1.1) * aspect
-    img[disc(0.0, canal_v, canal_r + 3 * mm) & inside_skin] = hu["cortical"] * 0.8
+    canal_v = _SPINE_V + (sr + canal_r * 1.1) * aspect
+    img[disc(0.0, canal_v, canal_r + 3 * _MM) & inside_skin] = hu["cortical"] * 0.8
     img[disc(0.0, canal_v, canal_r)] = hu["csf"]
-    spinous = ell(0.0, canal_v + (canal_r + 12 * mm) * aspect, 3.5 * mm, 12 * mm * aspect) <= 1
+    spinous = ell(0.0, canal_v + (canal_r + 12 * _MM) * aspect, 3.5 * _MM, 12 * _MM * aspect) <= 1
     img[spinous & inside_skin] = hu["cortical"] * 0.8
     for side in (-1, 1):
         tp = ell(side * 1.5 * sr, canal_v - 0.2 * sr * aspect, 0.7 * sr, 0.22 * sr * aspect, side * 0.25) <= 1
         img[tp & inside_skin] = hu["cortical"] * 0.75
+
+
+def _ribs(canvas: _Canvas, spec: PhantomSpec, fat_inner: float) -> None:
+    """Ribs in the muscle wall, round the back and sides only."""
     for ang in spec.ribs:
         ang = (ang + np.pi) % (2 * np.pi) - np.pi
         if -0.85 * np.pi < ang < -0.15 * np.pi:
@@ -262,13 +329,15 @@ def render_phantom(
         outline_r = 1.0 + sum(amp * np.cos(k * ang + ph) for k, amp, ph in spec.harmonics)
         fat_r = spec.fat_frac * (1.0 + 0.35 * np.cos(2 * ang + spec.fat_phase))
         radial = (fat_inner - fat_r - spec.muscle_frac * 0.5) * outline_r
-        rib_r = 4.5 * mm
-        r2 = ell(radial * np.cos(ang), radial * np.sin(ang), rib_r * 1.6, rib_r, ang + np.pi / 2)
-        img[r2 <= 1] = hu["rib"]
-        img[r2 <= 0.35] = hu["cancellous"]
+        rib_r = 4.5 * _MM
+        r2 = canvas.ell(radial * np.cos(ang), radial * np.sin(ang), rib_r * 1.6, rib_r, ang + np.pi / 2)
+        canvas.img[r2 <= 1] = spec.hu["rib"]
+        canvas.img[r2 <= 0.35] = spec.hu["cancellous"]
 
+
+def _texture_in(img: np.ndarray, seed: int, z: float, px_per_mm: float, lung: np.ndarray) -> None:
     # Texture: organ heterogeneity, fat septa, trabecular bone; smooth along z.
-    seed = spec.texture_seed
+    n = img.shape[0]
     soft = (img > -200) & (img < 200)
     fatty = (img >= -200) & (img <= -50)
     bone = img >= 200
@@ -277,9 +346,6 @@ def render_phantom(
     img[fatty] += (_texture(n, 1.2 * px_per_mm, seed + 4, z) * 12.0)[fatty]
     img[bone] += (_texture(n, 0.9 * px_per_mm, seed + 6, z) * 45.0)[bone]
     img[lung] += (_texture(n, 2.0 * px_per_mm, seed + 8, z) * 25.0)[lung]
-    # The scanner's finite resolution: edges are slightly blurred, as in a real full-dose image.
-    img = ndimage.gaussian_filter(img, 0.45 / pixel_size_mm)
-    return img.astype(np.float32)
 
 
 def make_phantom(

@@ -1,6 +1,6 @@
 """Projection-domain low-dose simulation and ``ldct data simulate``.
 
-Low dose (DESIGN.md §3): the image is converted to linear attenuation and forward projected
+Low dose (docs/DESIGN.md §3): the image is converted to linear attenuation and forward projected
 (parallel beam); photon counts with Poisson statistics plus Gaussian electronic noise are drawn
 around the clean line integrals, and only the *difference* between the noisy and the clean line
 integrals is reconstructed (filtered back-projection) and added to the image. The full-dose target
@@ -41,6 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+
+import ldct
+from ldct.data.dicom import DicomError, FrameGeometry, _dcmread, read_frames
+from ldct.data.sources import Source, find_sources
+from ldct.data.writer import ct_slice, derived_series_number, hu_to_stored, mark_derived, output_syntax, save
 
 # Linear attenuation of water at the ~70 keV effective energy of a 120 kVp spectrum [1/mm].
 MU_WATER_PER_MM = 0.0192
@@ -221,39 +228,35 @@ def embed_in_body(
 SIDECAR = "ldct-simulate.json"
 
 
-@dataclass
-class _Source:
-    path: Path
-    frame: int | None
-    key: str  # patient directory name in the output
+@dataclass(frozen=True)
+class _Run:
+    """The settings of one :func:`simulate_tree` run."""
+
+    src: Path
+    tmp: Path  # the output tree while it is written
+    dose: float
+    seed: int
+    i0: float
+    electronic_noise: float
+    skip_bad: bool
+    keep_transfer_syntax: bool
+
+    def uid(self, *parts: Any) -> str:
+        # Same seed and source -> same UID; never one of the input's UIDs.
+        return generate_uid(
+            entropy_srcs=["ldct-simulate", str(self.seed), f"{self.dose:g}", *map(str, parts)]
+        )
+
+
+@dataclass(frozen=True)
+class _Series:
+    """The new identity of one output series pair."""
+
+    key: str  # patient directory
     thickness: str  # "<t>mm"
-    position: float  # along the slice normal, for instance numbering
-
-
-def _safe_name(text: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in text.strip())
-    return keep.strip("._") or "patient"
-
-
-def _candidate_inputs(root: Path) -> tuple[list[Path], str | None]:
-    """The files to simulate from (a Mayo tree: its full_* series; else every file) and the
-    layout the indexer sees (None for a plain folder)."""
-    from ldct.data.dicom import DicomError, _is_dicom_candidate, _mayo_series_dirs, _subdirs, detect_layout
-
-    try:
-        layout = detect_layout(root)
-    except DicomError:
-        layout = None
-    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_dicom_candidate(p))
-    if layout == "mayo":
-        full_dirs = {
-            d
-            for patient in _subdirs(root)
-            for (kind, _), d in _mayo_series_dirs(patient).items()
-            if kind == "full"
-        }
-        files = [f for f in files if f.parent in full_dirs]
-    return files, layout
+    study_uid: str
+    frame_uid: str
+    series_uid: dict[str, str]  # "full" | "quarter" -> SeriesInstanceUID
 
 
 def simulate_tree(
@@ -278,22 +281,56 @@ def simulate_tree(
     ``in_dir`` is written; ``out_dir`` must be missing or empty and is filled atomically.
     Returns the sidecar's content.
     """
-    import pydicom
-    from pydicom.uid import generate_uid
     from tqdm import tqdm
 
-    import ldct
-    from ldct.data.dicom import DicomError, LocalizerImage, _dcmread, frame_geometry, read_frames
-    from ldct.data.writer import (
-        ct_slice,
-        derived_series_number,
-        hu_to_stored,
-        mark_derived,
-        output_syntax,
-        save,
-    )
-
     src, dst = Path(in_dir), Path(out_dir)
+    _check_arguments(src, dst, dose, i0, electronic_noise)
+    sources, skipped, notes = find_sources(src, skip_bad)
+    provenance = {
+        "tool": "ldct data simulate",
+        "tool_version": ldct.__version__,
+        "dose": float(dose),
+        "i0": float(i0),
+        "electronic_noise": float(electronic_noise),
+        "seed": int(seed),
+        "method": INSERTION_METHOD,
+    }
+    files: list[dict[str, Any]] = []
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    run = _Run(src, tmp, dose, seed, i0, electronic_noise, skip_bad, keep_transfer_syntax)
+    try:
+        by_series: dict[tuple[str, str], list[Source]] = {}
+        for s_ in sources:
+            by_series.setdefault((s_.key, s_.thickness), []).append(s_)
+        bar = tqdm(total=len(sources), desc="simulate", unit="slice", disable=not progress)
+        for (key, thickness), members in sorted(by_series.items()):
+            _simulate_series(run, key, thickness, members, files, skipped, notes, bar)
+        bar.close()
+        if not files:
+            raise DicomError(
+                f"{src}: no slice could be simulated; first problem: {skipped[0][1] if skipped else '-'}"
+            )
+        sidecar = {
+            **provenance,
+            "input": str(src.resolve()),
+            "files": files,
+            "skipped": skipped,
+            "notes": notes,
+        }
+        (tmp / SIDECAR).write_text(
+            json.dumps({k: v for k, v in sidecar.items() if k != "input"}, indent=1, sort_keys=True) + "\n"
+        )
+        if dst.exists():
+            dst.rmdir()
+        os.rename(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return sidecar
+
+
+def _check_arguments(src: Path, dst: Path, dose: float, i0: float, electronic_noise: float) -> None:
     if not 0 < dose < 1:
         raise ValueError(f"--dose must be a fraction of the full dose in (0, 1), got {dose}")
     if not i0 > 0 or electronic_noise < 0:
@@ -308,181 +345,127 @@ def simulate_tree(
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists and is not empty; give a new or empty output directory")
 
-    skipped: list[tuple[str, str]] = []
-    notes: list[tuple[str, str]] = []
-    sources: list[_Source] = []
-    series_of: dict[tuple[str, str], list[tuple[pydicom.Dataset, Path]]] = {}
-    from ldct.data.dicom import _dose_of
 
-    candidates, layout = _candidate_inputs(src)
-    for path in candidates:
+def _simulate_series(
+    run: _Run,
+    key: str,
+    thickness: str,
+    members: list[Source],
+    files: list[dict[str, Any]],
+    skipped: list[tuple[str, str]],
+    notes: list[tuple[str, str]],
+    bar: Any,
+) -> None:
+    """Simulate and write one output series pair; its slices are numbered along the slice normal."""
+    members.sort(key=lambda m: (m.position, str(m.path), m.frame or 0))
+    first = _dcmread(members[0].path, header_only=True)
+    series = _Series(
+        key=key,
+        thickness=thickness,
+        study_uid=run.uid(first.get("StudyInstanceUID", ""), key, "study"),
+        frame_uid=run.uid(first.get("FrameOfReferenceUID", ""), key, thickness, "frame"),
+        series_uid={kind: run.uid(key, thickness, kind, "series") for kind in ("full", "quarter")},
+    )
+    for n, m in enumerate(members, start=1):
         try:
-            ds = _dcmread(path, header_only=True)
-            frames = frame_geometry(ds, path)
-        except LocalizerImage as exc:
-            notes.append((str(path), str(exc)))
-            continue
+            ds, [(hu, stored, g)] = read_frames(m.path, None if m.frame is None else [m.frame])
         except DicomError as exc:
-            if not skip_bad:
+            if not run.skip_bad:
                 raise
-            skipped.append((str(path), str(exc)))
+            skipped.append((str(m.path), str(exc)))
+            bar.update()
             continue
-        dose_of = _dose_of(str(ds.get("SeriesDescription", "")))
-        if dose_of == "low" or (layout == "tcia" and dose_of != "full"):
-            continue  # a tree's own low-dose (or scout) series: the full dose is the source
-        patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or path.parent.name)
-        series_of.setdefault((patient, str(ds.get("SeriesInstanceUID", "") or path.parent)), []).append(
-            (ds, path)
-        )
-        for g in frames:
-            t = g.thickness
-            sources.append(
-                _Source(
-                    path,
-                    g.frame,
-                    "",
-                    f"{t:g}mm" if t else "3mm",
-                    g.along_normal if g.along_normal is not None else 0.0,
-                )
-            )
-    if not sources:
-        detail = f"; first problem: {skipped[0][1]}" if skipped else ""
-        raise DicomError(f"{src}: no CT slices to simulate from{detail}")
-    # Output patient directory per series: PatientID, plus the series number when a patient has several.
-    per_patient: dict[str, int] = {}
-    for patient, _ in series_of:
-        per_patient[patient] = per_patient.get(patient, 0) + 1
-    key_of: dict[Path, str] = {}
-    series_number_of: dict[Path, int] = {}
-    for (patient, _), members in series_of.items():
-        number = members[0][0].get("SeriesNumber")
-        key = _safe_name(patient) if per_patient[patient] == 1 else f"{_safe_name(patient)}-S{number or 0}"
-        for _, path in members:
-            key_of[path] = key
-            series_number_of[path] = int(number) if number not in (None, "") else 1
-    for s_ in sources:
-        s_.key = key_of[s_.path]
+        files.append(_simulate_slice(run, series, m, n, ds, hu, stored, g, notes))
+        bar.update()
 
-    method = INSERTION_METHOD
-    provenance = {
-        "tool": "ldct data simulate",
-        "tool_version": ldct.__version__,
-        "dose": float(dose),
-        "i0": float(i0),
-        "electronic_noise": float(electronic_noise),
-        "seed": int(seed),
-        "method": method,
-    }
-    files: list[dict[str, Any]] = []
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        by_series: dict[tuple[str, str], list[_Source]] = {}
-        for s_ in sources:
-            by_series.setdefault((s_.key, s_.thickness), []).append(s_)
-        bar = tqdm(total=len(sources), desc="simulate", unit="slice", disable=not progress)
-        for (key, thickness), members in sorted(by_series.items()):
-            members.sort(key=lambda m: (m.position, str(m.path), m.frame or 0))
 
-            def uid(*parts: Any) -> str:
-                # Same seed and source -> same UID; never one of the input's UIDs.
-                return generate_uid(entropy_srcs=["ldct-simulate", str(seed), f"{dose:g}", *map(str, parts)])
+def _simulate_slice(
+    run: _Run,
+    series: _Series,
+    m: Source,
+    n: int,
+    ds: pydicom.Dataset,
+    hu: np.ndarray,
+    stored: np.ndarray,
+    g: FrameGeometry,
+    notes: list[tuple[str, str]],
+) -> dict[str, Any]:
+    """Write the full/quarter pair of one source slice (instance ``n``); its sidecar entry."""
+    source_sop = str(ds.get("SOPInstanceUID", ""))
+    digest = hashlib.sha256(f"{source_sop}\0{m.frame}\0{m.path.name}".encode()).digest()
+    rng = np.random.default_rng([run.seed, int.from_bytes(digest[:8], "little")])
+    spacing = float(np.mean(g.spacing))
+    low = simulate_low_dose(
+        hu, run.dose, rng, i0=run.i0, electronic_noise=run.electronic_noise, pixel_size_mm=spacing
+    )
+    signed = stored.dtype.kind == "i"
+    if stored.dtype.itemsize > 2 or stored.dtype.kind not in "iu":
+        raise DicomError(f"{m.path}: {stored.dtype} pixels; only 16-bit CT is supported")
+    ts_in = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    ts_out, ts_note = output_syntax(ts_in, run.keep_transfer_syntax)
+    if ts_note:
+        notes.append((str(m.path), ts_note))
+    entry = {"source": str(m.path.relative_to(run.src)), "source_sop": source_sop, "frame": m.frame}
+    for kind, pixels in (
+        ("full", stored.astype(np.int16 if signed else np.uint16)),
+        ("quarter", hu_to_stored(low, g.slope, g.intercept, signed)),
+    ):
+        sop = run.uid(source_sop, m.frame, kind, "sop")
+        out = _derived_slice(run, series, kind, pixels, sop, ds, g, n, m.series_number)
+        rel = Path(series.key) / f"{kind}_{series.thickness}" / f"{n}.IMA"
+        save(out, run.tmp / rel, ts_out)
+        entry[kind] = str(rel)
+        entry[f"{kind}_sop"] = sop
+    return entry
 
-            first = _dcmread(members[0].path, header_only=True)
-            study_uid = uid(first.get("StudyInstanceUID", ""), key, "study")
-            frame_uid = uid(first.get("FrameOfReferenceUID", ""), key, thickness, "frame")
-            series_uid = {kind: uid(key, thickness, kind, "series") for kind in ("full", "quarter")}
-            for n, m in enumerate(members, start=1):
-                try:
-                    ds, [(hu, stored, g)] = read_frames(m.path, None if m.frame is None else [m.frame])
-                except DicomError as exc:
-                    if not skip_bad:
-                        raise
-                    skipped.append((str(m.path), str(exc)))
-                    bar.update()
-                    continue
-                source_sop = str(ds.get("SOPInstanceUID", ""))
-                digest = hashlib.sha256(f"{source_sop}\0{m.frame}\0{m.path.name}".encode()).digest()
-                rng = np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
-                spacing = float(np.mean(g.spacing))
-                low = simulate_low_dose(
-                    hu, dose, rng, i0=i0, electronic_noise=electronic_noise, pixel_size_mm=spacing
-                )
-                signed = stored.dtype.kind == "i"
-                if stored.dtype.itemsize > 2 or stored.dtype.kind not in "iu":
-                    raise DicomError(f"{m.path}: {stored.dtype} pixels; only 16-bit CT is supported")
-                ts_in = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-                ts_out, ts_note = output_syntax(ts_in, keep_transfer_syntax)
-                if ts_note:
-                    notes.append((str(m.path), ts_note))
-                entry = {"source": str(m.path.relative_to(src)), "source_sop": source_sop, "frame": m.frame}
-                number_in = series_number_of[m.path]
-                for kind, pixels in (
-                    ("full", stored.astype(np.int16 if signed else np.uint16)),
-                    ("quarter", hu_to_stored(low, g.slope, g.intercept, signed)),
-                ):
-                    sop = uid(source_sop, m.frame, kind, "sop")
-                    out = ct_slice(
-                        pixels,
-                        slope=g.slope,
-                        intercept=g.intercept,
-                        sop_uid=sop,
-                        series_uid=series_uid[kind],
-                        study_uid=study_uid,
-                        frame_uid=frame_uid,
-                        series_description=(
-                            "Full Dose Images"
-                            if kind == "full"
-                            else f"Quarter Dose Images (simulated, dose {dose:g})"
-                        ),
-                        series_number=number_in,
-                        instance=n,
-                        spacing=g.spacing,
-                        position=g.position,
-                        orientation=g.orientation,
-                        thickness=g.thickness,
-                        template=ds,
-                        image_type=[
-                            str(v) for v in (ds.get("ImageType") or ["ORIGINAL", "PRIMARY", "AXIAL"])
-                        ],
-                    )
-                    derivation = f"ldct {ldct.__version__} data simulate: " + (
-                        "full dose, the source image's HU re-encoded"
-                        if kind == "full"
-                        else f"simulated dose {dose:g}, I0 {i0:g}, electronic noise {electronic_noise:g}, "
-                        f"seed {seed}; {method}"
-                    )
-                    mark_derived(
-                        out,
-                        derivation=derivation,
-                        series_number=number_in if kind == "full" else derived_series_number(number_in),
-                        sources=[(str(ds.SOPClassUID), source_sop)],
-                        contribution="ldct data simulate",
-                    )
-                    if kind == "full":
-                        # Same pixels as the source: keep its ImageType (ORIGINAL stays ORIGINAL).
-                        out.ImageType = [
-                            str(v) for v in (ds.get("ImageType") or ["ORIGINAL", "PRIMARY", "AXIAL"])
-                        ]
-                    rel = Path(key) / f"{kind}_{thickness}" / f"{n}.IMA"
-                    save(out, tmp / rel, ts_out)
-                    entry[kind] = str(rel)
-                    entry[f"{kind}_sop"] = sop
-                files.append(entry)
-                bar.update()
-        bar.close()
-        if not files:
-            raise DicomError(
-                f"{src}: no slice could be simulated; first problem: {skipped[0][1] if skipped else '-'}"
-            )
-        sidecar = {**provenance, "input": str(s), "files": files, "skipped": skipped, "notes": notes}
-        (tmp / SIDECAR).write_text(
-            json.dumps({k: v for k, v in sidecar.items() if k != "input"}, indent=1, sort_keys=True) + "\n"
-        )
-        if dst.exists():
-            dst.rmdir()
-        os.rename(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return sidecar
+
+def _derived_slice(
+    run: _Run,
+    series: _Series,
+    kind: str,
+    pixels: np.ndarray,
+    sop: str,
+    ds: pydicom.Dataset,
+    g: FrameGeometry,
+    n: int,
+    number_in: int,
+) -> pydicom.Dataset:
+    """The ``kind`` ("full" | "quarter") dataset of one source slice, marked as derived."""
+    source_sop = str(ds.get("SOPInstanceUID", ""))
+    out = ct_slice(
+        pixels,
+        slope=g.slope,
+        intercept=g.intercept,
+        sop_uid=sop,
+        series_uid=series.series_uid[kind],
+        study_uid=series.study_uid,
+        frame_uid=series.frame_uid,
+        series_description=(
+            "Full Dose Images" if kind == "full" else f"Quarter Dose Images (simulated, dose {run.dose:g})"
+        ),
+        series_number=number_in,
+        instance=n,
+        spacing=g.spacing,
+        position=g.position,
+        orientation=g.orientation,
+        thickness=g.thickness,
+        template=ds,
+        image_type=[str(v) for v in (ds.get("ImageType") or ["ORIGINAL", "PRIMARY", "AXIAL"])],
+    )
+    derivation = f"ldct {ldct.__version__} data simulate: " + (
+        "full dose, the source image's HU re-encoded"
+        if kind == "full"
+        else f"simulated dose {run.dose:g}, I0 {run.i0:g}, electronic noise {run.electronic_noise:g}, "
+        f"seed {run.seed}; {INSERTION_METHOD}"
+    )
+    mark_derived(
+        out,
+        derivation=derivation,
+        series_number=number_in if kind == "full" else derived_series_number(number_in),
+        sources=[(str(ds.SOPClassUID), source_sop)],
+        contribution="ldct data simulate",
+    )
+    if kind == "full":
+        # Same pixels as the source: keep its ImageType (ORIGINAL stays ORIGINAL).
+        out.ImageType = [str(v) for v in (ds.get("ImageType") or ["ORIGINAL", "PRIMARY", "AXIAL"])]
+    return out

@@ -24,6 +24,7 @@ from pydicom.uid import (
 )
 
 import ldct
+from ldct.data.dicom import slice_position
 
 # Lossless syntaxes we may re-encode into when asked to keep the input's transfer syntax; the
 # encoder must also be installed (RLE: pydicom itself; JPEG 2000 lossless: pylibjpeg-openjpeg).
@@ -209,8 +210,6 @@ def ct_slice(
     if orientation is not None:
         ds.ImageOrientationPatient = [f"{v:.6g}" for v in orientation]
     if position is not None and orientation is not None:
-        from ldct.data.dicom import slice_position
-
         ds.SliceLocation = f"{slice_position(position, orientation):.6g}"
     ds.PixelSpacing = [f"{v:.6g}" for v in spacing]
     ds.Rows, ds.Columns = stored.shape

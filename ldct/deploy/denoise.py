@@ -1,4 +1,4 @@
-"""DICOM series in -> denoised DICOM series out (DESIGN.md §3 and §5).
+"""DICOM series in -> denoised DICOM series out (docs/DESIGN.md §3 and §5).
 
 Every readable CT slice under ``in_dir`` is converted to HU (``pixel * RescaleSlope +
 RescaleIntercept``), normalised with the model's own HU window, denoised, converted back to HU and
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ldct.data.dicom import DicomError, LocalizerImage, read_frames
 from ldct.data.writer import derived_series_number, mark_derived, output_syntax, save
 from ldct.deploy.export import load_exported, normalization_from_meta
+from ldct.errors import LdctError
 
 SERIES_SUFFIX = " [ldct denoised]"
 # SOP classes accepted as single-frame CT images.
@@ -44,7 +45,7 @@ _CT_SOP_CLASSES = {CTImageStorage}
 _LO_MAX = 64  # SeriesDescription is LO: at most 64 characters
 
 
-class DenoiseError(ValueError):
+class DenoiseError(LdctError, ValueError):
     """The request itself is unusable (bad directories, no model); per-file problems are skipped."""
 
 

@@ -1,4 +1,4 @@
-"""The precision gate: may a faster path (bf16, int8, another runtime) replace fp32? (DESIGN.md §5b)
+"""The precision gate: may a faster path (bf16, int8, another runtime) replace fp32? (docs/DESIGN.md §5b)
 
 A path is judged on the real test panel of the model's own data (the test split of its profile,
 at the profile's dose) against the fp32 reference, in the terms the study itself is judged by:
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from ldct.config import Config, DeployConfig, HUNormalization
+from ldct.data.cache import ensure_data, open_patient
+from ldct.metrics import psnr_window, ssim_window
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,6 @@ class Panel:
 
 
 def _split_slices(cfg: Config, split: str, limit: int) -> tuple[list[np.ndarray], list[np.ndarray], str]:
-    from ldct.data.cache import ensure_data, open_patient
-
     cache_dir, splits = ensure_data(cfg.data)
     patients = list(splits.get(split) or [])
     if not patients:
@@ -83,8 +83,6 @@ def run_panel(
 
 
 def _window_scores(outs_hu: Sequence[np.ndarray], panel: Panel) -> dict[str, float]:
-    from ldct.metrics import psnr_window, ssim_window
-
     psnr, ssim = [], []
     for out, full in zip(outs_hu, panel.full_hu, strict=True):
         pred, target = (

@@ -1,4 +1,4 @@
-"""Throughput of a generator at 512x512: the figure that gates promotion (DESIGN.md §5).
+"""Throughput of a generator at 512x512: the figure that gates promotion (docs/DESIGN.md §5).
 
 The paper's bar is 12.5 FPS on a T4 (CUDA, fp16). A CPU has no comparable published figure, so
 on CPU the caller must name the bar explicitly (:func:`default_min_fps` returns None there).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -19,8 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldct.deploy.capabilities import cpu_name
+
 PAPER_MIN_FPS_CUDA = 12.5
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# What measure_fps's ``precision`` accepts: eager autocast choices plus "auto". Not the runners'
+# precisions (ldct.deploy.runner.RUNNER_PRECISIONS): no int8 here, and "auto" is a choice.
+MEASURE_FPS_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = MEASURE_FPS_PRECISIONS  # the old name
 
 
 def default_min_fps(device: str) -> float | None:
@@ -48,16 +52,6 @@ def check_bar(result: dict[str, Any], min_fps: float | None) -> bool:
     return float(result["fps"]) >= float(min_fps)
 
 
-def cpu_name() -> str:
-    """CPU model from /proc/cpuinfo (Linux), else platform.processor()."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def device_name(device: str | torch.device) -> str:
     """Human-readable device: the CUDA product name, or the CPU model with torch's thread count."""
     dev = torch.device(device)
@@ -76,8 +70,8 @@ def library_versions() -> dict[str, str | None]:
 
 
 def _resolve_precision(precision: str, device_type: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in MEASURE_FPS_PRECISIONS:
+        raise ValueError(f"precision must be one of {MEASURE_FPS_PRECISIONS}, got {precision!r}")
     if precision == "auto":
         return "fp16" if device_type == "cuda" else "fp32"
     if precision == "fp16" and device_type != "cuda":
@@ -88,6 +82,24 @@ def _resolve_precision(precision: str, device_type: str) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _time_batch(
+    net: nn.Module, x: torch.Tensor, dev: torch.device, warmup: int, repeats: int
+) -> dict[str, Any]:
+    """``warmup`` untimed calls of ``net(x)``, then ``repeats`` timed ones (synchronized on CUDA)."""
+    for _ in range(warmup):
+        net(x)
+    _sync(dev)
+    seconds = []
+    for _ in range(repeats):
+        _sync(dev)
+        start = time.perf_counter()
+        net(x)
+        _sync(dev)
+        seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds)
+    return {"fps": x.shape[0] / median, "median_s": median, "seconds": seconds}
 
 
 def measure_fps(
@@ -137,18 +149,7 @@ def measure_fps(
                 x = torch.rand(batch, 1, size, size, generator=gen).to(dev)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                for _ in range(warmup):
-                    net(x)
-                _sync(dev)
-                seconds = []
-                for _ in range(repeats):
-                    _sync(dev)
-                    start = time.perf_counter()
-                    net(x)
-                    _sync(dev)
-                    seconds.append(time.perf_counter() - start)
-                median = statistics.median(seconds)
-                per_batch[str(batch)] = {"fps": batch / median, "median_s": median, "seconds": seconds}
+                per_batch[str(batch)] = _time_batch(net, x, dev, warmup, repeats)
     finally:
         torch.backends.cudnn.benchmark = old_benchmark
 

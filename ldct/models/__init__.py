@@ -1,11 +1,11 @@
-"""Architecture registry: ``model.arch`` name -> builder (DESIGN.md §2, one file per architecture).
+"""Architecture registry: ``model.arch`` name -> builder (docs/DESIGN.md, one file per architecture).
 
 Everything that builds or rebuilds a generator (the engine, checkpoints, the registered model,
 export, validate, denoise) calls :func:`build_model`, so a new architecture is one file in this
 package plus one entry in :data:`ARCHITECTURES`. A builder takes the run's ``ModelConfig`` and
 ``HUNormalization`` and returns an ``nn.Module`` mapping unit [N,1,H,W] -> [N,1,H,W].
-Builders import their module lazily: RED-CNN needs no timm, and this package stays importable
-from ``ldct.models.generator`` itself without a cycle.
+The architecture modules import only ``ldct.config`` and ``ldct.models.standardize`` (never this
+package's names), and the encoder-decoder imports timm only when it builds one.
 """
 
 from __future__ import annotations
@@ -15,18 +15,17 @@ from typing import Any
 
 import torch.nn as nn
 
+from ldct.models.generator import build_generator
+from ldct.models.redcnn import build_redcnn
+
 DEFAULT_ARCH = "encoder_decoder"
 
 
 def _encoder_decoder(model_cfg: Any, normalization: Any) -> nn.Module:
-    from ldct.models.generator import build_generator
-
     return build_generator(model_cfg, normalization)
 
 
 def _redcnn(model_cfg: Any, normalization: Any) -> nn.Module:
-    from ldct.models.redcnn import build_redcnn
-
     return build_redcnn(model_cfg, normalization)
 
 

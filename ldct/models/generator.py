@@ -21,7 +21,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,6 +53,8 @@ def _cached_encoder_file(encoder: str) -> tuple[Path | None, list[str]]:
 
     Returns the file (or None) and the places looked at, for the error message.
     """
+    import timm  # lazy: `import ldct.models` must not pay for timm
+
     cfg = timm.models.get_pretrained_cfg(encoder)
     if cfg is None:
         return None, [f"timm has no pretrained config for {encoder!r}"]
@@ -103,6 +104,8 @@ def load_encoder_state(encoder: nn.Module, path: str | Path, first_conv: str | N
     input channels into the 1-channel stem (timm's ``adapt_input_conv``). Missing encoder keys
     or mismatched shapes raise ValueError naming them.
     """
+    import timm  # lazy: `import ldct.models` must not pay for timm
+
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"encoder weights file {path} does not exist")
@@ -200,6 +203,8 @@ class Generator(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def _build_encoder(self, name: str, out_indices: tuple[int, ...], weights: str) -> nn.Module:
+        import timm  # lazy: `import ldct.models` must not pay for timm
+
         kwargs: dict[str, Any] = dict(features_only=True, out_indices=out_indices, in_chans=1)
         if weights == "none":
             return timm.create_model(name, pretrained=False, **kwargs)

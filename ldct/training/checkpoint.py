@@ -1,7 +1,7 @@
 """Training state on disk: written and read as plain data, so that loading one never runs code.
 
 A checkpoint is one ``torch.save`` file holding only tensors, numbers, strings, booleans, None
-and lists/tuples/dicts of those (DESIGN.md §4). It is read with ``torch.load(weights_only=True)``,
+and lists/tuples/dicts of those (docs/DESIGN.md §4). It is read with ``torch.load(weights_only=True)``,
 whose unpickler refuses any other object: a file crafted to run code when unpickled (a shared
 S3/NFS/MLflow store is writable by others) is refused with a :class:`CheckpointError` before
 anything in it executes. The RNG and data-stream state are stored in the same form (byte
@@ -19,6 +19,9 @@ from typing import Any
 import torch
 
 from ldct.config import Config, from_flat, to_flat
+from ldct.errors import LdctError
+from ldct.models import build_model
+from ldct.training.engine import unwrap
 
 CHECKPOINT_FILE = "state.pt"
 FORMAT = "ldct-checkpoint-2"
@@ -26,7 +29,7 @@ FORMAT = "ldct-checkpoint-2"
 READABLE_FORMATS = ("ldct-checkpoint-1", FORMAT)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LdctError, ValueError):
     """A checkpoint is missing, not plain data, or not an ldct checkpoint; the message says which file."""
 
 
@@ -77,7 +80,6 @@ def save_state(
 ) -> Path:
     """Write a resumable checkpoint (generator, critic if any, their optimizers, step, config,
     normalisation, RNG and data-stream position); returns the file."""
-    from ldct.engine import unwrap
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -150,8 +152,6 @@ def generator_from_config(
     flat_config: dict[str, Any], weights: dict[str, torch.Tensor]
 ) -> tuple[torch.nn.Module, Config]:
     """The generator a flat config describes, with ``weights`` loaded (strictly), in eval mode."""
-    from ldct.models import build_model
-
     cfg = from_flat(flat_config)
     # Through the registry (model.arch; old configs without it are the default architecture).
     # The weights are given: no encoder weights need to be found (or downloaded) again.

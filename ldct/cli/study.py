@@ -8,7 +8,7 @@
 The profile is never guessed from leftovers on disk: it is --profile, else LDCT_PROFILE (which the
 cluster configs set for Ray Jobs), else `quick` - and where a Ray cluster is running (RAY_ADDRESS,
 or `ray start` on this machine) --profile or LDCT_PROFILE is required, so a former head node never
-trains the GPU profile by accident.
+trains the GPU profile by accident. `ldct profiles` lists the profiles.
 """
 
 from __future__ import annotations
@@ -16,6 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+
+from ldct.cli.common import EXIT_ERROR, EXIT_OK
+from ldct.cluster import in_ray_job, running_cluster
+from ldct.config import Config, ConfigError, list_profiles, load_config
+from ldct.errors import TrainingError
+from ldct.study.pareto import write_front
+from ldct.study.preflight import report
+from ldct.study.report import write_report
+from ldct.study.run import StudyResult, run_study
+from ldct.tracking.store import TrackingError, client, describe_store
 
 
 def choose_profile(explicit: str | None, prog: str = "loss_weights") -> str:
@@ -24,7 +35,6 @@ def choose_profile(explicit: str | None, prog: str = "loss_weights") -> str:
         return explicit
     if os.environ.get("LDCT_PROFILE"):
         return os.environ["LDCT_PROFILE"]
-    from ldct.remote import running_cluster
 
     cluster = running_cluster()
     if cluster:
@@ -35,8 +45,7 @@ def choose_profile(explicit: str | None, prog: str = "loss_weights") -> str:
     return "quick"
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Run the study (``ldct study``, ``python studies/loss_weights.py``); returns the exit code."""
+def _parser(prog: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -74,12 +83,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="where the report goes (default ./results; under Ray Jobs <storage>/results, and always "
         "also the study's MLflow run as artifacts report/)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the study (``ldct study``, ``python studies/loss_weights.py``); returns the exit code."""
+    parser = _parser(prog)
     args = parser.parse_args(argv)
-    # Passive OpenMP waiting before torch loads anywhere (ldct.train.cpu_thread_env says why).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-    from ldct.config import ConfigError, load_config
-
     profile = choose_profile(args.profile, parser.prog)
     overrides = [*args.overrides, *([f"study.name={args.name}"] if args.name else [])]
     try:
@@ -87,16 +97,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except ConfigError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-
     if args.check:
-        from ldct.preflight import report
-
         return report(cfg, storage=args.storage, tracking_uri=args.tracking_uri)
-
-    from ldct.tracking import TrackingError
-    from ldct.train import TrainingError
-    from ldct.tune import run_study
-
     try:
         result = run_study(
             cfg, trials=args.trials, tracking_uri=args.tracking_uri, resume=args.resume, storage=args.storage
@@ -114,37 +116,51 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if result.registered_version:
         print(f"registered ldct-denoiser version {result.registered_version} as alias 'candidate'")
     if not args.no_report:
-        import tempfile
-
-        from ldct.report import write_report
-        from ldct.tune import in_ray_job
-
-        results = args.results
-        if results is None and in_ray_job():
-            # A Ray Job's working directory is deleted with the job: keep the report beside the
-            # checkpoints when they are on a (shared) path, else only in MLflow.
-            results = f"{result.storage}/results" if "://" not in result.storage else tempfile.mkdtemp()
-        out = write_report(
-            result.study,
-            tracking_uri=result.tracking_uri,
-            results_root=results or "results",
-            cfg=cfg,
-            study_result=result,
-        )
-        if result.pareto is not None:
-            from ldct.pareto import write_front
-
-            write_front(result.pareto["rows"], result.pareto["min_fps"], result.pareto["message"], out)
-            print((out / "pareto.md").read_text())
-        print((out / "leaderboard.md").read_text())
-        if (out / "best_test.md").is_file():
-            # The evidence that counts: the best trial on the real test panel, beside LDCT and the
-            # classical baselines tuned on validation (mean ± std over slices).
-            print((out / "best_test.md").read_text())
-        print(f"report: {out} (and artifacts report/ of MLflow run {result.parent_run_id})")
-    from ldct.tracking import client, describe_store
-
+        _report(args.results, cfg, result)
     print(describe_store(client(result.tracking_uri), result.study).replace("[ldct] ", ""))
     if result.tracking_uri.startswith("http"):
         print("(from your machine, forward the head's MLflow port first: ray attach CLUSTER.yaml -p PORT)")
     return 0 if completed else 1
+
+
+def _report(results: str | None, cfg: Config, result: StudyResult) -> None:
+    """results/<study>/ (and the parent run's artifacts), then its tables on stdout."""
+    if results is None and in_ray_job():
+        # A Ray Job's working directory is deleted with the job: keep the report beside the
+        # checkpoints when they are on a (shared) path, else only in MLflow.
+        results = f"{result.storage}/results" if "://" not in result.storage else tempfile.mkdtemp()
+    out = write_report(
+        result.study,
+        tracking_uri=result.tracking_uri,
+        results_root=results or "results",
+        cfg=cfg,
+        study_result=result,
+    )
+    if result.pareto is not None:
+        write_front(result.pareto["rows"], result.pareto["min_fps"], result.pareto["message"], out)
+        print((out / "pareto.md").read_text())
+    print((out / "leaderboard.md").read_text())
+    if (out / "best_test.md").is_file():
+        # The evidence that counts: the best trial on the real test panel, beside LDCT and the
+        # classical baselines tuned on validation (mean ± std over slices).
+        print((out / "best_test.md").read_text())
+    print(f"report: {out} (and artifacts report/ of MLflow run {result.parent_run_id})")
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    return main(args.passthrough_args, prog="ldct study")
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    profiles = list_profiles()
+    if not profiles:
+        print("no profiles found (the package's ldct/profiles/ is missing)", file=sys.stderr)
+        return EXIT_ERROR
+    width = max(len(n) for n in profiles)
+    for name, path in profiles.items():
+        # The first comment line of a profile says what it is for.
+        first = next(
+            (ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), ""
+        )
+        print(f"{name:<{width}}  {path}  {first}")
+    return EXIT_OK

@@ -27,6 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from ldct.config import HUNormalization
+from ldct.errors import LdctError
+from ldct.training.checkpoint import generator_from_config
+
 MODEL_FORMAT = "ldct-pyfunc-1"
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "ldct_model.json"
@@ -34,7 +38,7 @@ ONNX_FILE = "model.onnx"
 PYFUNC_SCRIPT = Path(__file__).with_name("ldct_pyfunc.py")
 
 
-class ModelFormatError(ValueError):
+class ModelFormatError(LdctError, ValueError):
     """A registered model's files are not the safe ldct format; the message says what to do."""
 
 
@@ -58,8 +62,6 @@ def read_model_files(weights_path: str | Path, spec_path: str | Path) -> tuple[A
     """The generator (eval mode, [N,1,H,W] in [0, 1]) and the spec, from plain-data files only."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from ldct.checkpoint import generator_from_config
 
     try:
         spec = json.loads(Path(spec_path).read_text())
@@ -90,8 +92,6 @@ def signature() -> Any:
 def denoise_hu(generator: Any, normalization: dict[str, float], hu: np.ndarray) -> np.ndarray:
     """HU [N,H,W] (or [H,W]) -> denoised HU of the same shape, float32 (not clipped)."""
     import torch
-
-    from ldct.config import HUNormalization
 
     norm = HUNormalization(float(normalization["hu_min"]), float(normalization["hu_max"]))
     array = np.asarray(hu, dtype=np.float32)

@@ -11,7 +11,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldct.cluster import storage_uri
 from ldct.config import Config
+from ldct.losses import _weights_enum, cached_imagenet_file
+from ldct.models.generator import _HF_FILENAMES, _cached_encoder_file
+from ldct.tracking.store import TrackingError, check_reachable, resolve_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,6 @@ def required_weights(cfg: Config) -> list[Weights]:
     if cfg.model.encoder_weights == "imagenet":
         import timm
 
-        from ldct.models.generator import _HF_FILENAMES, _cached_encoder_file
-
         found, looked = _cached_encoder_file(cfg.model.encoder)
         pre = timm.models.get_pretrained_cfg(cfg.model.encoder)
         out.append(
@@ -48,8 +50,6 @@ def required_weights(cfg: Config) -> list[Weights]:
             )
         )
     if cfg.loss.perceptual_weights == "imagenet" and cfg.loss.lambda_perceptual > 0:
-        from ldct.losses import _weights_enum, cached_imagenet_file
-
         path = cached_imagenet_file(cfg.loss.perceptual_net)
         out.append(
             Weights(
@@ -119,17 +119,15 @@ def check_inputs(
                 f"data.root {root} does not exist (and data.cache {cfg.data.cache or '-'} holds no "
                 f"manifest.json): mount the share or --set data.root=/path/to/the/DICOM/tree"
             )
-    from ldct.train import storage_uri
 
     problem = _storage_problem(storage_uri(storage or cfg.study.storage or None), timeout)
     if problem:
         problems.append(problem)
-    from ldct import tracking
 
-    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.study.tracking_uri or None)
+    uri = resolve_tracking_uri(tracking_uri or cfg.study.tracking_uri or None)
     try:
-        tracking.check_reachable(uri, timeout=timeout)
-    except tracking.TrackingError as exc:
+        check_reachable(uri, timeout=timeout)
+    except TrackingError as exc:
         problems.append(str(exc))
     return problems
 

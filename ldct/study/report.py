@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from ldct.config import Config
+from ldct.evaluation.denoisers import torch_denoiser
+from ldct.evaluation.tables import evaluate_generator, markdown_eval, mean_rows
+from ldct.hyperparams import PAPER_POINT, TUNED
+from ldct.losses import RANDOM_PERCEPTUAL_NOTE
+from ldct.study.space import is_paper_point, paper_label
+from ldct.tracking.runs import best_trial_run, download_state, log_report, study_run, trial_runs
+from ldct.tracking.store import TAG_TRIAL, TrackingError, client
+from ldct.training.checkpoint import generator_from_state
 
-TUNED = (
-    ("loss.lambda_l1", "λ₂ (L1)"),
-    ("loss.lambda_perceptual", "λ₃ (perceptual)"),
-    ("loss.lambda_gp", "λ_gp"),
-    ("optim.lr", "learning rate"),
-)
 COLUMNS = [
     "rank",
     "trial_id",
@@ -47,8 +49,6 @@ def _float(value: Any) -> float:
 
 def _first_point_lr(parent: Any) -> tuple[str, float | None]:
     """The study's profile and its first point's learning rate, from the parent run's params."""
-    from ldct.tune import PAPER_POINT
-
     if parent is None:
         return "?", None
     params = parent.data.params
@@ -67,9 +67,6 @@ def leaderboard_rows(
     """One row per trial of one study invocation (its parent run; default the latest): best
     validation first, stopped, then failed trials last, and the LDCT input's row. The trial with
     the paper's λ's is labelled "paper λ's under profile P"."""
-    from ldct.tracking import TAG_TRIAL, study_run, trial_runs
-    from ldct.tune import is_paper_point, paper_label
-
     profile, first_lr = _first_point_lr(study_run(mlflow_client, study, parent_run_id))
     rows, ldct_row = [], {}
     for run in sorted(trial_runs(mlflow_client, study, parent_run_id), key=lambda r: r.info.start_time):
@@ -136,8 +133,6 @@ def _markdown(rows: list[dict[str, Any]], ldct_row: dict[str, float]) -> str:
             "not evidence about the paper's recipe."
         )
     if any(r.get("perceptual_random") for r in rows):
-        from ldct.losses import RANDOM_PERCEPTUAL_NOTE
-
         notes.append(f"\n{RANDOM_PERCEPTUAL_NOTE}.")
     return "\n".join(lines) + "\n" + "".join(n + "\n" for n in notes)
 
@@ -153,7 +148,7 @@ def _plots(rows: list[dict[str, Any]], ldct_row: dict[str, float], out: Path) ->
     done = [r for r in rows if r["status"] == "completed" and not math.isnan(r["val_psnr_window"])]
     written = []
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), constrained_layout=True)
-    for ax, (key, label) in zip(axes, TUNED, strict=True):
+    for ax, (key, label) in zip(axes, [(p.key, p.label) for p in TUNED], strict=True):
         column = key.split(".")[1]
         ax.scatter([r[column] for r in done], [r["val_psnr_window"] for r in done], c="tab:blue")
         if ldct_row:
@@ -186,7 +181,7 @@ def _plots(rows: list[dict[str, Any]], ldct_row: dict[str, float], out: Path) ->
 
     fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
     if done:
-        columns = [k.split(".")[1] for k, _ in TUNED]
+        columns = [p.key.split(".")[1] for p in TUNED]
         logs = np.log10(np.array([[r[c] for c in columns] for r in done], dtype=float))
         span = np.ptp(logs, axis=0)
         scaled = (logs - logs.min(axis=0)) / np.where(span > 0, span, 1.0)
@@ -195,7 +190,7 @@ def _plots(rows: list[dict[str, Any]], ldct_row: dict[str, float], out: Path) ->
         norm = plt.Normalize(scores.min(), scores.max() if scores.max() > scores.min() else scores.min() + 1)
         for line, score in zip(scaled, scores, strict=True):
             ax.plot(range(len(columns)), line, color=cmap(norm(score)), alpha=0.8)
-        ax.set_xticks(range(len(columns)), [label for _, label in TUNED])
+        ax.set_xticks(range(len(columns)), [p.label for p in TUNED])
         ax.set_ylabel("log-scaled position in the sampled range")
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="val PSNR (window) [dB]")
     written.append(out / "parallel_coordinates.png")
@@ -213,13 +208,11 @@ def write_report(
     test_split: bool = True,
 ) -> Path:
     """Write ``results/<study>/``: leaderboard.csv/.md, plots, best panel, summary.json."""
-    from ldct import tracking
-
-    mlflow_client = tracking.client(tracking_uri)
+    mlflow_client = client(tracking_uri)
     parent_id = getattr(study_result, "parent_run_id", None)
     rows, ldct_row = leaderboard_rows(mlflow_client, study, parent_id)
     if not rows:
-        raise tracking.TrackingError(f"study {study!r} has no trial runs in {mlflow_client.tracking_uri}")
+        raise TrackingError(f"study {study!r} has no trial runs in {mlflow_client.tracking_uri}")
     out = Path(results_root) / study
     out.mkdir(parents=True, exist_ok=True)
     with (out / "leaderboard.csv").open("w", newline="") as fh:
@@ -247,7 +240,7 @@ def write_report(
         "stopped": sum(r["status"] == "stopped" for r in rows),
         "ldct_val": ldct_row,
     }
-    parent = tracking.study_run(mlflow_client, study, parent_id)
+    parent = study_run(mlflow_client, study, parent_id)
     if parent is not None:
         summary.update(
             {
@@ -266,8 +259,6 @@ def write_report(
             except Exception as exc:  # noqa: BLE001 - a report without a panel still helps
                 summary["panel_error"] = str(exc)
             if test_split and cfg is not None:
-                from ldct.evaluate import mean_rows
-
                 full_table = _best_test_table(mlflow_client, best["run_id"], cfg, Path(tmp))
                 summary["best_test"] = mean_rows(full_table)
                 summary["best_test_eval"] = full_table
@@ -276,28 +267,25 @@ def write_report(
         summary["param_importances"] = write_importances(study, parent.data.tags["ldct.optuna_storage"], out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     # The same files (and the test table as metrics) on the study's parent run, for the MLflow UI.
-    tracking.log_report(mlflow_client, study, out, summary.get("best_test"), parent_id)
+    log_report(mlflow_client, study, out, summary.get("best_test"), parent_id)
     return out
 
 
 def _best_test_table(mlflow_client: Any, run_id: str, cfg: Config, tmp: Path) -> dict[str, Any]:
-    """The best trial's checkpoint scored by ``ldct.evaluate`` (per slice, mean ± std, BM3D row),
+    """The best trial's checkpoint scored by ``ldct.evaluation`` (per slice, mean ± std, BM3D row),
     with a row for the best trial of each study in ``cfg.study.compare`` found in the store."""
-    from ldct import tracking
-    from ldct.evaluate import evaluate_generator, torch_denoiser
-
     generator, trial_cfg, budget = _trial_generator(mlflow_client, run_id, tmp)
     extra, compared = [], []
     for other in cfg.study.compare if cfg is not None else ():
         try:
-            best = tracking.best_trial_run(mlflow_client, other)
-        except tracking.TrackingError as exc:
+            best = best_trial_run(mlflow_client, other)
+        except TrackingError as exc:
             compared.append({"study": other, "missing": str(exc)})
             continue
         net, other_cfg, other_budget = _trial_generator(mlflow_client, best.info.run_id, tmp / other)
         label = f"{other} study best ({other_cfg.model.arch})"
         extra.append((f"study_{other}", label, torch_denoiser(net, other_cfg.normalization)))
-        trial = best.data.tags.get(tracking.TAG_TRIAL, best.info.run_id)
+        trial = best.data.tags.get(TAG_TRIAL, best.info.run_id)
         compared.append({"study": other, "label": label, "trial": trial, **other_budget})
     # The trial's own model config, the report profile's data (its test split and cache).
     data_cfg = dataclasses.replace(trial_cfg, data=cfg.data) if cfg is not None else trial_cfg
@@ -310,10 +298,8 @@ def _best_test_table(mlflow_client: Any, run_id: str, cfg: Config, tmp: Path) ->
 
 def _trial_generator(mlflow_client: Any, run_id: str, tmp: Path) -> tuple[Any, Config, dict[str, int]]:
     """A trial's best checkpoint (weights only) as (generator, its config, its learned budget)."""
-    from ldct.train import CHECKPOINT_FILE, generator_from_state, load_state
-
     tmp.mkdir(parents=True, exist_ok=True)
-    state = load_state(mlflow_client.download_artifacts(run_id, f"checkpoint/{CHECKPOINT_FILE}", str(tmp)))
+    state = download_state(mlflow_client, run_id)
     generator, trial_cfg = generator_from_state(state)
     budget = {
         "trials": trial_cfg.study.trials,
@@ -324,8 +310,6 @@ def _trial_generator(mlflow_client: Any, run_id: str, tmp: Path) -> tuple[Any, C
 
 
 def _test_markdown(table: dict[str, Any]) -> str:
-    from ldct.evaluate import markdown_eval
-
     budget = table.get("learned_budget")
     learned = (
         f"- best trial: the best of {budget['trials']} trials of up to {budget['iterations']} iterations "

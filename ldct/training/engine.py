@@ -1,6 +1,6 @@
 """One critic step, one generator step and evaluation; plain PyTorch.
 
-No Ray and no MLflow here (DESIGN.md §1): ``ldct.train`` calls these functions inside each Ray
+No Ray and no MLflow here (docs/DESIGN.md §1): ``ldct.training.loop`` calls these functions inside each Ray
 Train worker, tests call them in one process. The generator and critic may arrive wrapped in
 ``DistributedDataParallel``:
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ldct.config import Config, HUNormalization
+from ldct.config import Config, DebugLoss, DebugValue, HUNormalization, Precision, Schedule
 from ldct.losses import (
     PerceptualLoss,
     critic_wasserstein,
@@ -47,7 +48,8 @@ from ldct.metrics import MetricAccumulator
 from ldct.models import build_model
 from ldct.models.critic import build_critic
 
-PRECISIONS = ("auto", "fp16", "fp32")
+# The allowed values come from the config's Literal types (one source; checked at load).
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -216,8 +218,8 @@ def _checked(step: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
-DEBUG_LOSSES = ("loss_g", "loss_critic")
-DEBUG_VALUES = ("nan", "inf")
+DEBUG_LOSSES: tuple[str, ...] = typing.get_args(DebugLoss)
+DEBUG_VALUES: tuple[str, ...] = typing.get_args(DebugValue)
 
 
 def _debug_poison(cfg: Config, step: int, which: str, loss: torch.Tensor) -> torch.Tensor:
@@ -302,7 +304,7 @@ def generator_step(
     return values
 
 
-SCHEDULES = ("constant", "warmup_cosine")
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -395,16 +397,3 @@ def evaluate(
     finally:
         model.train(was_training)
     return {"ldct": ldct_acc.mean(), "denoised": out_acc.mean()}
-
-
-# The Gaussian baseline moved to ldct.evaluate (DESIGN.md §2). Resolved lazily on access: evaluate
-# sits below the engine in the import order, so importing it here at load time would be circular.
-_MOVED_TO_EVALUATE = ("DEFAULT_SIGMAS", "gaussian_denoise", "tune_gaussian_sigma", "evaluate_gaussian")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_EVALUATE:
-        from ldct import evaluate as _evaluate
-
-        return getattr(_evaluate, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,51 +2,18 @@
 
 ``ldct-best validate --on-cluster`` loads the model from MLflow on the head (the server listens on
 the head's loopback only) and measures FPS in a ``num_gpus=1`` Ray task, so the figure that
-gates `champion` comes from a T4 worker, not from the CPU head.
+gates `champion` comes from a T4 worker, not from the CPU head. Ray core only (a task), no Tune.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
-
-class RemoteError(RuntimeError):
-    """No cluster to join, or no GPU worker took the task in time; the message says what to do."""
-
-
-def running_cluster() -> str | None:
-    """Where ``ray.init()`` would join a running cluster (RAY_ADDRESS or a local `ray start`), else None."""
-    if os.environ.get("RAY_ADDRESS"):
-        return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
-    from ray._common.utils import get_ray_address_file
-
-    address_file = Path(get_ray_address_file(None))
-    if address_file.is_file() and address_file.read_text().strip():
-        return f"{address_file} ({address_file.read_text().strip()})"
-    return None
-
-
-def connect() -> None:
-    """Join the running cluster; never start a local Ray (it would have no GPU worker to wait for)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    where = running_cluster()
-    if where is None:
-        raise RemoteError(
-            "--on-cluster needs a running Ray cluster, and none is running here (no RAY_ADDRESS, no "
-            "`ray start` on this machine): run it on the head, e.g. `ray exec cluster/cluster.yaml "
-            "'ldct-best validate --on-cluster'`, or drop --on-cluster to measure on this machine"
-        )
-    ray.init(log_to_driver=True)
+from ldct.cluster import RemoteError, connect
+from ldct.deploy.validate import validate_paths
 
 
 def _validate_on_gpu(generator: Any, cfg: Any, paths: Any, repeats: int, size: int) -> dict[str, Any]:
-    from ldct.deploy.validate import validate_paths
-
     return validate_paths(generator, cfg, paths, repeats=repeats, size=size)
 
 

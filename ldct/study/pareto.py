@@ -4,7 +4,7 @@ The study's search space gains a categorical ``arch_choice`` over ``study.arch_c
 encoder name for the default architecture, or ``redcnn``); Optuna (multi-objective TPE) then
 maximises the last validation's window PSNR and the generator's 512×512 batch-1 FPS, measured
 by the trial's rank-0 worker on its own device after its last training step
-(``ldct.deploy.throughput``; batch 1 is the gated latency figure, DESIGN.md §5). ASHA is off:
+(``ldct.deploy.throughput``; batch 1 is the gated latency figure, docs/DESIGN.md §5). ASHA is off:
 stopping a fast, still-improving trial on quality alone would bias the front towards slow models.
 After the study every trial run gets its Pareto rank (1 = on the front), and the study registers
 the best-quality trial whose FPS meets ``study.min_fps`` as ``candidate``, or says that none did.
@@ -16,34 +16,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-REDCNN = "redcnn"
-CHOICE_KEY = "arch_choice"  # no dot: not a config key, translated by apply_choice
-
-
-def apply_choice(flat: dict[str, Any], choice: str) -> dict[str, Any]:
-    """Flat config values for one architecture choice (RED-CNN: its own arch, no critic)."""
-    if choice == REDCNN:
-        return {**flat, "model.arch": REDCNN, "loss.lambda_adv": 0.0}
-    return {**flat, "model.arch": "encoder_decoder", "model.encoder": choice}
-
-
-def default_choice(cfg: Any) -> str:
-    """The profile's own architecture as a choice (the paper point's value of ``arch_choice``)."""
-    own = REDCNN if cfg.model.arch == REDCNN else cfg.model.encoder
-    choices = list(cfg.study.arch_choices)
-    return own if own in choices else choices[0]
-
-
-def trial_fps(generator: Any, device: Any, repeats: int) -> dict[str, Any]:
-    """512×512 batch-1 FPS of ``generator`` on ``device``: the Pareto study's second objective."""
-    from ldct.deploy.throughput import measure_fps
-
-    result = measure_fps(
-        generator, str(device), size=512, batch_sizes=(1,), warmup=1, repeats=max(1, repeats)
-    )
-    # The precision is part of the figure (CUDA measures fp16 autocast, CPU fp32).
-    where = f"{result['device']} ({result['device_name']}, {result['precision']})"
-    return {"fps": float(result["fps"]), "fps_device": where}
+from ldct.registry.versions import MODEL_NAME, register_best
+from ldct.study.space import CHOICE_KEY
+from ldct.tracking.runs import study_run, trial_runs
+from ldct.tracking.store import client
 
 
 def pareto_ranks(points: list[tuple[float, float]]) -> list[int]:
@@ -71,11 +47,9 @@ def pareto_ranks(points: list[tuple[float, float]]) -> list[int]:
 
 def scored_runs(mlflow_client: Any, study: str) -> list[Any]:
     """The study's completed trial runs that logged both objectives."""
-    from ldct import tracking
-
     return [
         r
-        for r in tracking.trial_runs(mlflow_client, study)
+        for r in trial_runs(mlflow_client, study)
         if r.data.tags.get("ldct.status") == "completed"
         and "fps" in r.data.metrics
         and "val_psnr_window" in r.data.metrics
@@ -117,9 +91,7 @@ def register_candidate(
     Returns (version or None, rows, a sentence saying what happened); the sentence is also the
     parent run's ``ldct.pareto_decision`` tag.
     """
-    from ldct import tracking
-
-    mlflow_client = tracking.client(tracking_uri)
+    mlflow_client = client(tracking_uri)
     rows = log_ranks(mlflow_client, study)
     chosen = select_candidate(rows, min_fps)
     version = None
@@ -131,15 +103,15 @@ def register_candidate(
         )
     else:
         run = mlflow_client.get_run(chosen["run_id"])
-        version = str(tracking.register_best(study, tracking_uri, profile=profile, run=run).version)
-        mlflow_client.set_model_version_tag(tracking.MODEL_NAME, version, "fps", f"{chosen['fps']:.4g}")
-        mlflow_client.set_model_version_tag(tracking.MODEL_NAME, version, "fps_device", chosen["device"])
+        version = str(register_best(study, tracking_uri, profile=profile, run=run).version)
+        mlflow_client.set_model_version_tag(MODEL_NAME, version, "fps", f"{chosen['fps']:.4g}")
+        mlflow_client.set_model_version_tag(MODEL_NAME, version, "fps_device", chosen["device"])
         message = (
             f"registered version {version} as candidate: trial {chosen['trial_id']} "
             f"({chosen['arch_choice']}), val PSNR {chosen['val_psnr_window']:.2f} dB at "
             f"{chosen['fps']:.3g} FPS >= {min_fps:g} on {chosen['device']}"
         )
-    parent = tracking.study_run(mlflow_client, study)
+    parent = study_run(mlflow_client, study)
     if parent is not None:
         mlflow_client.set_tag(parent.info.run_id, "ldct.pareto_decision", message)
     print(f"[ldct] pareto: {message}", flush=True)

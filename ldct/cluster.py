@@ -1,0 +1,160 @@
+"""Where Ray runs and where a run's files go: joining or starting Ray, storage URIs, thread env.
+
+The bottom of the stack beside ``config`` and ``metrics``: it imports Ray's core only (lazily),
+never Ray Train/Tune, MLflow or any other ldct stage, so every stage above may use it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ldct.errors import LdctError, TrainingError
+
+
+def storage_uri(storage: str | os.PathLike[str] | None, default: str = "runs") -> str:
+    """Ray storage as one string: a URI (``s3://``, ``gs://``, ``file://``...) kept as it is, a
+    local path made absolute (Ray resolves relative paths against each trial's own directory).
+
+    Never a ``Path`` for a URI: ``Path("s3://b/x")`` is ``s3:/b/x``, a local directory.
+    """
+    text = os.fspath(storage) if storage else default
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        rest, query = rest.partition("?")[::2]
+        if not rest.strip("/"):
+            raise ValueError(f"storage {text!r} names no bucket or path")
+        # No trailing slash, so that joins never put "//" into an object key.
+        return f"{scheme}://{rest.rstrip('/')}" + (f"?{query}" if query else "")
+    return str(Path(text).expanduser().resolve())
+
+
+def join_storage(base: str, *parts: str) -> str:
+    """``base/part/...`` for a storage URI or an absolute path, without pathlib (see storage_uri).
+
+    A URI's query (``?endpoint_override=...``, pyarrow's filesystem options) stays at the end.
+    """
+    head, sep, query = storage_uri(base).partition("?")
+    return "/".join([head, *(p.strip("/") for p in parts)]) + sep + query
+
+
+def cpu_thread_env() -> dict[str, str]:
+    """Environment for processes that run torch on shared CPU cores.
+
+    libgomp's default is to spin waiting threads; with another busy process on 2 cores a 2-thread
+    torch step then runs ~10x slower (measured: 0.10 vs 0.98 it/s for the quick profile).
+    PASSIVE waiting costs nothing measurable when the cores are free.
+    """
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join a running cluster if there is one (RAY_ADDRESS / current cluster), else start a local Ray.
+
+    A local Ray gets its State API pinned to its own dashboard (``RAY_API_SERVER_ADDRESS``, which
+    the raylet and so every worker inherit). Unpinned, Train V2's placement-group cleaner looks for
+    "its" cluster by scanning the machine for GCS processes; with any other Ray on the machine (a
+    second study, a test session, a `ray up` head) that scan fails with "Found multiple active Ray
+    instances", and a stopped trial's placement group leaks and starves the next (docs/DESIGN.md §5a).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # The dashboard stays on: without it Train V2 cannot free a stopped trial's workers (docs/DESIGN.md §5a).
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    if running_cluster() is None:
+        port = _free_local_port()
+        kwargs["dashboard_port"] = port
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost message of a (Ray-wrapped) exception chain, for a one-line error."""
+    text = str(exc)
+    for marker in ("NonFiniteLossError", "TrainingError", "DicomError", "ConfigError"):
+        if marker in text:
+            line = next((ln for ln in text.splitlines()[::-1] if marker in ln), text)
+            return line.strip()
+    inner = exc.__cause__ or exc.__context__
+    return (
+        root_cause(inner)
+        if inner is not None
+        else text.strip().splitlines()[-1]
+        if text.strip()
+        else repr(exc)
+    )
+
+
+def in_ray_job() -> bool:
+    """True in the entrypoint of a `ray job submit` (its working directory is a temporary copy)."""
+    import os
+
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def check_job_outputs(storage: str, tracking_uri: str) -> None:
+    """Under Ray Jobs, refuse storage or an MLflow store inside the temporary working directory:
+    everything written there is deleted with it (docs/DESIGN.md §5a)."""
+    import os
+
+    if not in_ray_job():
+        return
+    cwd = str(Path.cwd().resolve())
+    for what, where, fix in (
+        ("storage", storage, "--storage /shared/path or s3://bucket/prefix (or study.storage)"),
+        (
+            "MLflow store",
+            tracking_uri.removeprefix("sqlite:///"),
+            "--tracking-uri / MLFLOW_TRACKING_URI (the head's MLflow server) or study.tracking_uri",
+        ),
+    ):
+        if "://" not in where and os.path.commonpath([cwd, where]) == cwd:
+            raise TrainingError(
+                f"this Ray Job would write its {what} to {where}, inside the job's temporary "
+                f"working directory: give {fix}"
+            )
+
+
+class RemoteError(LdctError, RuntimeError):
+    """No cluster to join, or no GPU worker took the task in time; the message says what to do."""
+
+
+def running_cluster() -> str | None:
+    """Where ``ray.init()`` would join a running cluster (RAY_ADDRESS or a local `ray start`), else None."""
+    if os.environ.get("RAY_ADDRESS"):
+        return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+    from ray._common.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(None))
+    if address_file.is_file() and address_file.read_text().strip():
+        return f"{address_file} ({address_file.read_text().strip()})"
+    return None
+
+
+def connect() -> None:
+    """Join the running cluster; never start a local Ray (it would have no GPU worker to wait for)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    where = running_cluster()
+    if where is None:
+        raise RemoteError(
+            "--on-cluster needs a running Ray cluster, and none is running here (no RAY_ADDRESS, no "
+            "`ray start` on this machine): run it on the head, e.g. `ray exec cluster/cluster.yaml "
+            "'ldct-best validate --on-cluster'`, or drop --on-cluster to measure on this machine"
+        )
+    ray.init(log_to_driver=True)

@@ -1,0 +1,1 @@
+"""The study: search space, one trial, the Tune/Train scaffolding, Pareto, seed repeats, reports."""

@@ -1,0 +1,109 @@
+"""The Tune/Train scaffolding every study-like run shares: the study, its seed repeats and Pareto.
+
+Each of them resolves where its outputs go, opens its MLflow parent run, hands Tune the same
+trial function with the same resources, the same MLflow callback and the same failure policy;
+written once here so that they cannot drift apart (they did: the trials of a study on a cache
+recorded ``data.source`` as the built-in set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ldct.cluster import check_job_outputs, init_ray, storage_uri
+from ldct.config import Config, to_flat
+from ldct.study.trial import run_trial
+from ldct.tracking.callbacks import MLflowStudyCallback
+from ldct.tracking.runs import data_source, start_study_run
+from ldct.tracking.store import check_reachable, client, resolve_tracking_uri
+from ldct.training.loop import prepare_data
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a study writes: its MLflow store (absolute URI) and Ray storage (URI or absolute path)."""
+
+    tracking_uri: str
+    storage: str
+
+
+@dataclass
+class Opened:
+    """A study's data, Ray and MLflow parent run, ready for its Tuner."""
+
+    cache_dir: Path
+    splits: dict[str, list[str]]
+    mlflow_client: Any
+    flat: dict[str, Any]
+    parent_run_id: str
+
+
+def resolve_outputs(cfg: Config, tracking_uri: str | None, storage: str | None) -> Outputs:
+    """The store and storage of a run: flags > profile > defaults; checked before any work starts."""
+    uri = resolve_tracking_uri(tracking_uri or cfg.study.tracking_uri or None)
+    check_reachable(uri)
+    # A URI stays as given, a local path becomes absolute (never pathlib on s3://).
+    storage_path = storage_uri(storage or cfg.study.storage or None)
+    check_job_outputs(storage_path, uri)
+    return Outputs(uri, storage_path)
+
+
+def open_study(cfg: Config, name: str, outputs: Outputs, resume: bool) -> Opened:
+    """Data ready before any worker starts, Ray joined or started, the MLflow parent run opened."""
+    cache_dir, splits = prepare_data(cfg)
+    init_ray()
+    mlflow_client = client(outputs.tracking_uri)
+    flat = to_flat(cfg)
+    parent = start_study_run(mlflow_client, name, flat, resume)
+    return Opened(cache_dir, splits, mlflow_client, flat, parent)
+
+
+def study_callback(
+    name: str, outputs: Outputs, opened: Opened, per_trial: Iterable[str] = ()
+) -> MLflowStudyCallback:
+    """The MLflow writer of a study's trials; ``per_trial``: keys each trial logs from its own config."""
+    skip = set(per_trial)
+    return MLflowStudyCallback(
+        outputs.tracking_uri,
+        name,
+        opened.parent_run_id,
+        extra_params={
+            **{k: v for k, v in opened.flat.items() if k not in skip},
+            "data.source": data_source(opened.flat),
+        },
+        storage=outputs.storage,
+    )
+
+
+def trainable(cfg: Config, outputs: Outputs, opened: Opened) -> Any:
+    """The trial function with its fixed arguments and resources."""
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=opened.flat,
+            cache_dir=str(opened.cache_dir),
+            splits=opened.splits,
+            storage=outputs.storage,
+        ),
+        # The trial function only waits on its trainer; its workers reserve their own CPUs/GPUs.
+        {"CPU": cfg.study.driver_cpus},
+    )
+
+
+def run_config(name: str, outputs: Outputs, callback: Any) -> Any:
+    """Tune's RunConfig: retries happen inside Ray Train (from the trial's last checkpoint); a
+    trial that still fails is recorded as failed and the study goes on."""
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=outputs.storage,
+        callbacks=[callback],
+        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        verbose=1,
+    )

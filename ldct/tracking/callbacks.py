@@ -1,0 +1,191 @@
+"""The MLflow writers that run inside Ray: the study's Tune callback and ``ldct train``'s Train callback.
+
+Only the driver writes to MLflow (through :class:`MLflowStudyCallback`, a Tune callback that lives
+in the driver process), so each run has exactly one writer and DDP ranks never touch MLflow.
+Tune pickles its callbacks with the experiment: the class stays importable as
+``ldct.tracking.MLflowStudyCallback`` (its path before 0.2), so a study started earlier resumes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ldct.losses import RANDOM_PERCEPTUAL_NOTE
+from ldct.tracking.runs import (
+    checkpoint_uri,
+    flat_trial_config,
+    log_checkpoint,
+    metrics_of,
+    provenance_tags,
+    trial_run_name,
+    trial_status,
+)
+from ldct.tracking.store import (
+    PARENT_TAG,
+    TAG_ROLE,
+    TAG_STUDY,
+    TAG_TRIAL,
+    client,
+    experiment_id_of,
+    find_run,
+    log_params,
+)
+
+
+def _ray_callback_base() -> type:
+    from ray.tune import Callback
+
+    return Callback
+
+
+class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
+    """Tune callback (driver process): nested run per trial, metrics per validation, artifacts at the end."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        study: str,
+        parent_run_id: str,
+        extra_params: dict[str, Any],
+        storage: str | None = None,
+    ):
+        self.tracking_uri = tracking_uri
+        # The study's storage URI: Ray reports a checkpoint's path without its scheme (s3://).
+        self.storage = storage
+        self.study = study
+        self.parent_run_id = parent_run_id
+        self.extra_params = extra_params
+        self._runs: dict[str, str] = {}
+        self._best: dict[str, tuple[float, str | None]] = {}
+        self._last_step: dict[str, int] = {}
+        self._client: Any = None
+
+    def _mlflow(self) -> Any:
+        if self._client is None:
+            self._client = client(self.tracking_uri)
+        return self._client
+
+    def run_id_for(self, trial: Any) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        mlflow_client = self._mlflow()
+        experiment_id = experiment_id_of(mlflow_client, self.study)
+        # Scoped to this invocation's parent: a trial id may recur in another study of this name.
+        existing = find_run(
+            mlflow_client,
+            experiment_id,
+            **{TAG_STUDY: self.study, TAG_TRIAL: trial.trial_id, PARENT_TAG: self.parent_run_id},
+        )
+        if existing is not None:
+            run_id = existing.info.run_id
+            mlflow_client.update_run(run_id, status="RUNNING")
+        else:
+            run = mlflow_client.create_run(
+                experiment_id,
+                run_name=trial_run_name(trial.trial_id, trial.config),
+                tags={
+                    TAG_STUDY: self.study,
+                    TAG_ROLE: "trial",
+                    TAG_TRIAL: trial.trial_id,
+                    PARENT_TAG: self.parent_run_id,
+                    **provenance_tags(self.extra_params),
+                },
+            )
+            run_id = run.info.run_id
+            log_params(mlflow_client, run_id, {**self.extra_params, **flat_trial_config(trial.config)})
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run_id_for(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run_id = self.run_id_for(trial)
+        metrics = metrics_of(result)
+        if metrics:
+            self._mlflow().log_batch(run_id, metrics=metrics)
+        self._last_step[trial.trial_id] = int(result.get("step", result.get("training_iteration", 0)))
+        if result.get("perceptual_random"):
+            self._mlflow().set_tag(run_id, "ldct.perceptual", RANDOM_PERCEPTUAL_NOTE)
+        if result.get("fps_device"):
+            self._mlflow().set_tag(run_id, "ldct.fps_device", str(result["fps_device"]))
+        if result.get("resumed_from_step"):
+            # A Ray Train retry restored a checkpoint inside this trial (same run, same trial id).
+            self._mlflow().set_tag(run_id, "ldct.resumed_from_step", str(int(result["resumed_from_step"])))
+        value = result.get("val_psnr_window")
+        if value is not None and value > self._best.get(trial.trial_id, (-math.inf, None))[0]:
+            path = result.get("checkpoint_path")
+            self._best[trial.trial_id] = (float(value), checkpoint_uri(path, self.storage) if path else None)
+
+    def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
+        mlflow_client = self._mlflow()
+        run_id = self.run_id_for(trial)
+        best_value, checkpoint_path = self._best.get(trial.trial_id, (-math.inf, None))
+        if math.isfinite(best_value):
+            mlflow_client.log_metric(run_id, "best_val_psnr_window", best_value)
+        if checkpoint_path:
+            try:
+                log_checkpoint(mlflow_client, run_id, checkpoint_path)
+            except Exception as exc:  # noqa: BLE001 - a missing artifact must not end the study
+                mlflow_client.set_tag(run_id, "ldct.artifact_error", str(exc)[:500])
+        if error:
+            mlflow_client.set_tag(run_id, "ldct.error", error[:5000])
+        mlflow_client.set_tag(run_id, "ldct.status", status)
+        mlflow_client.set_terminated(run_id, status="FAILED" if status == "failed" else "FINISHED")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # A trial that ends before train.iterations without an error was stopped by ASHA.
+        iterations = int(self.extra_params.get("train.iterations", 0) or 0)
+        self._finish(trial, trial_status(False, self._last_step.get(trial.trial_id), iterations))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "failed", error=_summarise_error(trial))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment; an MLflow client must not travel along.
+        return {**self.__dict__, "_client": None}
+
+
+def _train_callback_base() -> type:
+    from ray.train import UserCallback
+
+    return UserCallback
+
+
+def train_callback(tracking_uri: str, run_id: str) -> Any:
+    """A Ray Train callback (runs in the Train controller) logging every validation to ``run_id``."""
+
+    class MLflowTrainCallback(_train_callback_base()):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.tracking_uri, self.run_id, self._client = tracking_uri, run_id, None
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            # Rank 0 carries the validation metrics (the other ranks report the step only).
+            values = metrics_of(metrics[0]) if metrics else []
+            if values:
+                self._client = self._client or client(self.tracking_uri)
+                self._client.log_batch(self.run_id, metrics=values)
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {**self.__dict__, "_client": None}
+
+    return MLflowTrainCallback()
+
+
+def _summarise_error(trial: Any) -> str:
+    path = getattr(trial, "error_file", None) or getattr(
+        getattr(trial, "run_metadata", None), "error_filename", None
+    )
+    try:
+        if path and Path(path).is_file():
+            text = Path(path).read_text()
+            for marker in ("NonFiniteLossError", "TrainingError", "non-finite"):
+                lines = [ln for ln in text.splitlines() if marker in ln]
+                if lines:
+                    return lines[-1].strip()
+            return text.strip().splitlines()[-1]
+    except OSError:
+        pass
+    return "trial failed (see the Ray trial's error file)"
