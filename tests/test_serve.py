@@ -112,7 +112,10 @@ def test_registered_version_describes_itself(served):
     requirements = (stored / "requirements.txt").read_text().split()
     assert all("==" in r for r in requirements if not r.startswith("mlflow")), requirements
     assert not any(r.split("==")[0] == "ldct" for r in requirements)
-    assert (stored / "code" / "ldct" / "serving.py").is_file()
+    # The module the models-from-code script imports travels in the model's own code copy.
+    assert (stored / "code" / "ldct" / "registry" / "model_format.py").is_file()
+    scripts = [s for s in stored.rglob("ldct_pyfunc.py") if "code" not in s.relative_to(stored).parts]
+    assert scripts and "from ldct.registry.model_format import" in scripts[0].read_text()
     assert (stored / "artifacts" / model_format.ONNX_FILE).stat().st_size > 1000
 
 
