@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from ldct.config import HUNormalization
 
@@ -93,6 +92,10 @@ def _vgg_features(net: str, layer: int, seed: int) -> nn.Sequential:
 
 
 def _weights_enum(net: str):
+    # Lazy: importing torchvision costs ~1.7 s here (it loads torch._dynamo), and every process
+    # that imports the engine (each Tune trial's actor, each CLI) would pay it for nothing.
+    import torchvision
+
     try:
         return torchvision.models.get_model_weights(net).IMAGENET1K_V1
     except (ValueError, AttributeError) as exc:
