@@ -133,8 +133,8 @@ LITERAL_VALUES = [(s, k, v) for s, k, allowed in _literal_fields() for v in allo
 
 
 def test_enum_like_fields_are_literals():
-    # The sets their consumers branch on (training.engine PRECISIONS/SCHEDULES/DEBUG_*,
-    # data.patches.SAMPLINGS, losses._VGG_CFGS, the sync_bn check); a field missing here would
+    # The sets their consumers branch on (training.engine PRECISIONS, the schedule, the debug
+    # hooks, data.patches.SAMPLINGS, losses._VGG_CFGS, sync_bn); a field missing here would
     # again take any string and fail only inside a Ray worker.
     assert {f"{s}.{k}": allowed for s, k, allowed in _literal_fields()} == {
         "data.patch_sampling": ("slice", "area"),

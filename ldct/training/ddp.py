@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import typing
 from typing import Any
 
 import torch
 
-from ldct.config import Config, SyncBN
+from ldct.config import Config
 from ldct.errors import TrainingError
 
 
@@ -17,9 +16,7 @@ def sync_bn_enabled(cfg: Config, world_size: int, device: torch.device) -> bool:
     "auto": on for CUDA runs with more than one worker, where each rank's BN would otherwise see
     batch / workers samples (64 instead of the paper's 128). PyTorch's SyncBatchNorm needs CUDA.
     """
-    mode = cfg.train.sync_bn
-    if mode not in typing.get_args(SyncBN):
-        raise TrainingError(f"train.sync_bn must be 'auto', 'on' or 'off', got {mode!r}")
+    mode = cfg.train.sync_bn  # one of config.SyncBN: a Config refuses any other at construction
     if mode == "on" and torch.device(device).type != "cuda":
         raise TrainingError(
             "train.sync_bn=on needs CUDA workers (PyTorch's SyncBatchNorm has no CPU kernel): "

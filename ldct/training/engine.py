@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ldct.config import Config, DebugLoss, DebugValue, HUNormalization, Precision, Schedule
+from ldct.config import Config, HUNormalization, Precision
 from ldct.losses import (
     PerceptualLoss,
     critic_wasserstein,
@@ -218,10 +218,6 @@ def _checked(step: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
-DEBUG_LOSSES: tuple[str, ...] = typing.get_args(DebugLoss)
-DEBUG_VALUES: tuple[str, ...] = typing.get_args(DebugValue)
-
-
 def _debug_poison(cfg: Config, step: int, which: str, loss: torch.Tensor) -> torch.Tensor:
     """The test hook of ``train.debug_nan_*``: ``loss`` made NaN/inf at one step on one rank."""
     t = cfg.train
@@ -304,9 +300,6 @@ def generator_step(
     return values
 
 
-SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
-
-
 def lr_factor(cfg: Config, step: int) -> float:
     """Multiplier of ``optim.lr`` at iteration ``step`` (1-based) under ``optim.schedule``.
 
@@ -314,9 +307,7 @@ def lr_factor(cfg: Config, step: int) -> float:
     from 1 down to ``optim.min_lr_ratio`` at ``train.iterations``. A pure function of the step, so
     a resumed run follows the same schedule.
     """
-    o = cfg.optim
-    if o.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+    o = cfg.optim  # o.schedule is one of config.Schedule (checked when the Config was made)
     if o.schedule == "constant":
         return 1.0
     if o.warmup > 0 and step <= o.warmup:
