@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bm3d_eval.py [--repeats 3] [--test 512,512,512,128]
 
-Times ``ldct.evaluate.bm3d_denoise`` (the ``bm3d`` package, both stages) on a real CT slice
+Times ``ldct.evaluation.baselines.bm3d_denoise`` (the ``bm3d`` package, both stages) on a real CT slice
 (pydicom's CT_small, tiled to 512x512) with simulated 30 HU noise: wall time (median) and the
 process's CPU time (all threads), the latter less disturbed by other work on a shared machine.
 Then the BM3D share of one `ldct eval`: tuning (``DEFAULT_BM3D_SIGMAS_HU`` candidates on

@@ -1,4 +1,4 @@
-"""`ldct eval` / ldct.evaluate on the smoke profile's real cache: rows, scikit-image parity, BM3D."""
+"""`ldct eval` / ldct.evaluation on the smoke profile's real cache: rows, scikit-image parity, BM3D."""
 
 from __future__ import annotations
 

@@ -147,15 +147,7 @@ def finish_training_run(
     """Best checkpoint (+ panel) and the test-split table into the run, then end it."""
     mlflow_client = client(tracking_uri)
     if best_dir is not None:
-        mlflow_client.log_artifacts(run_id, str(best_dir), artifact_path="checkpoint")
-        if (Path(best_dir) / PANEL_FILE).is_file():
-            mlflow_client.log_artifact(run_id, str(Path(best_dir) / PANEL_FILE))
-        state = load_state(Path(best_dir) / CHECKPOINT_FILE)
-        log_params(
-            mlflow_client,
-            run_id,
-            {"loss.perceptual_weights_used": state.get("perceptual_weights"), "best_step": state.get("step")},
-        )
+        log_checkpoint_dir(mlflow_client, run_id, Path(best_dir))
     if table:
         log_test_table(mlflow_client, run_id, table)
     if error:
@@ -218,15 +210,21 @@ def log_checkpoint(mlflow_client: Any, run_id: str, checkpoint_path: str) -> Non
     with tempfile.TemporaryDirectory(prefix="ldct-artifact-") as tmp:
         local = Path(tmp) / "checkpoint"
         Checkpoint(checkpoint_path).to_directory(str(local))
-        mlflow_client.log_artifacts(run_id, str(local), artifact_path="checkpoint")
-        if (local / PANEL_FILE).is_file():
-            mlflow_client.log_artifact(run_id, str(local / PANEL_FILE))
-        state = load_state(local / CHECKPOINT_FILE)
-        log_params(
-            mlflow_client,
-            run_id,
-            {"loss.perceptual_weights_used": state.get("perceptual_weights"), "best_step": state.get("step")},
-        )
+        log_checkpoint_dir(mlflow_client, run_id, local)
+
+
+def log_checkpoint_dir(mlflow_client: Any, run_id: str, directory: Path) -> None:
+    """A local checkpoint directory into the run: ``checkpoint/``, ``panel.png`` beside it, and the
+    params it was trained with that the config does not show (perceptual weights used, best step)."""
+    mlflow_client.log_artifacts(run_id, str(directory), artifact_path="checkpoint")
+    if (directory / PANEL_FILE).is_file():
+        mlflow_client.log_artifact(run_id, str(directory / PANEL_FILE))
+    state = load_state(directory / CHECKPOINT_FILE)
+    log_params(
+        mlflow_client,
+        run_id,
+        {"loss.perceptual_weights_used": state.get("perceptual_weights"), "best_step": state.get("step")},
+    )
 
 
 def trial_runs(mlflow_client: Any, study: str, parent_run_id: str | None = None) -> list[Any]:
