@@ -14,7 +14,7 @@ from typing import Any
 from ldct.cluster import join_storage
 from ldct.config import from_flat
 from ldct.study.space import CHOICE_KEY, apply_choice
-from ldct.training.ray_train import build_trainer
+from ldct.training.ray_train import build_trainer, fit
 
 
 def run_trial(
@@ -37,4 +37,4 @@ def run_trial(
         splits=splits,
         callbacks=[TuneReportCallback()],
     )
-    trainer.fit()
+    fit(trainer)

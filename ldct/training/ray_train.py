@@ -119,4 +119,23 @@ def run_with_ray(
         splits=splits,
         callbacks=callbacks,
     )
-    return trainer.fit()
+    return fit(trainer)
+
+
+def fit(trainer: Any) -> Any:
+    """``trainer.fit()``, raising the lowest rank's own exception when workers failed.
+
+    Train V2 wraps worker failures in a ``WorkerGroupError`` whose text keeps only the first and
+    last 500 characters of each worker's traceback, so the line that names the failed loss and
+    step can be cut in the middle (it was, once a module path grew by 12 characters). Its
+    ``worker_failures`` hold the workers' exceptions intact: re-raise the first one, chained.
+    """
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        failures = getattr(exc, "worker_failures", None) or {}
+        if not failures:
+            raise
+        raise failures[min(failures)] from exc

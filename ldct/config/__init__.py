@@ -14,26 +14,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
+from ldct.config.coerce import ConfigError
+from ldct.config.coerce import coerce as _coerce
 
-from ldct.errors import LdctError
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Profiles: studies/*.toml of a source checkout (editable installs read them in place), else the
 # copy a wheel ships as package data in ldct/profiles/ (pyproject.toml maps studies/ there).
 CHECKOUT_PROFILE_DIR = PROJECT_ROOT / "studies"
-PACKAGED_PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+PACKAGED_PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 PROFILE_DIR = CHECKOUT_PROFILE_DIR if CHECKOUT_PROFILE_DIR.is_dir() else PACKAGED_PROFILE_DIR
-
-
-class ConfigError(LdctError, ValueError):
-    """A profile or an override names an unknown key or carries a value of the wrong type."""
 
 
 # Closed sets of values: their consumers (training engine and DDP setup, patch sampler, perceptual
@@ -278,87 +272,6 @@ def _field_types(cls: type) -> tuple[str, tuple[tuple[str, Any], ...]]:
     prefix = f"{names[cls]}." if cls in names else ""
     hints = typing.get_type_hints(cls)
     return prefix, tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
-
-
-def _coerce(value: Any, annotation: Any, where: str, *, strict: bool = False) -> Any:
-    """Check/convert one value against a field annotation; raise ConfigError naming `where`.
-
-    ``strict`` (construction) accepts only values already of the field's type: text is parsed and
-    lists become tuples only on the way in (profiles, overrides, flat dicts, :func:`replace`).
-    """
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        allowed = typing.get_args(annotation)
-        for option in allowed:
-            kind = type(option)
-            try:
-                got = value if kind is str else _coerce(value, kind, where, strict=strict)
-            except ConfigError:
-                continue
-            if type(got) is kind and got == option:  # type() too: True == 1, yet Literal[1] != True
-                return got
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
-    if origin is tuple:
-        if strict and not isinstance(value, tuple):
-            raise ConfigError(f"{where}: expected a tuple, got {value!r}")
-        if isinstance(value, str):
-            value = [v for v in (p.strip() for p in value.strip("()[]").split(",")) if v]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(annotation)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], where, strict=strict) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
-        return tuple(_coerce(v, a, where, strict=strict) for v, a in zip(value, args, strict=True))
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(annotation):
-            try:
-                return _coerce(value, arg, where, strict=strict)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError("; ".join(errors))
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        text = value.lower() if isinstance(value, str) and not strict else None
-        if text in ("true", "false", "1", "0", "yes", "no"):
-            return text in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int | np.integer):
-            return int(value)
-        if not strict and isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        if not strict and isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, int | float | np.integer | np.floating):
-            return float(value)
-        if not strict and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        raise ConfigError(f"{where}: expected a {annotation.__name__}, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {annotation!r}")
 
 
 def _coerce_section(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
