@@ -6,13 +6,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ldct.metrics import WINDOW_RANGE, psnr_window
+from ldct.metrics import SOFT_TISSUE_WINDOW, body_mask, psnr_body
 
 
 def save_panel(
-    low_hu: np.ndarray, denoised_hu: np.ndarray, full_hu: np.ndarray, path: Path | str, title: str = ""
+    low_hu: np.ndarray,
+    denoised_hu: np.ndarray,
+    full_hu: np.ndarray,
+    path: Path | str,
+    title: str = "",
+    window: tuple[float, float] | None = None,
 ) -> Path:
-    """Write a 4-image PNG in the abdomen window; the difference is denoised - full dose (±100 HU)."""
+    """Write a 4-image PNG in ``window`` (the slice's anatomy window; default soft tissue
+    [-160, 240] HU), each title giving PSNR inside the body in that window (``psnr_body``); the
+    difference is denoised - full dose (±100 HU)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,12 +28,17 @@ def save_panel(
     low_hu, denoised_hu, full_hu = (
         np.asarray(a, dtype=np.float32).squeeze() for a in (low_hu, denoised_hu, full_hu)
     )
-    lo, hi = WINDOW_RANGE
+    lo, hi = window or SOFT_TISSUE_WINDOW
+    mask = body_mask(full_hu)
+
+    def psnr(image: np.ndarray) -> float:
+        return float(psnr_body(image, full_hu, (lo, hi), mask)[0])
+
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), constrained_layout=True)
     panels = [
-        (low_hu, f"LDCT  {float(psnr_window(low_hu, full_hu)[0]):.2f} dB", "gray", (lo, hi)),
-        (denoised_hu, f"denoised  {float(psnr_window(denoised_hu, full_hu)[0]):.2f} dB", "gray", (lo, hi)),
-        (full_hu, "full dose (target)", "gray", (lo, hi)),
+        (low_hu, f"LDCT  {psnr(low_hu):.2f} dB (body)", "gray", (lo, hi)),
+        (denoised_hu, f"denoised  {psnr(denoised_hu):.2f} dB (body)", "gray", (lo, hi)),
+        (full_hu, f"full dose (target) [{lo:g}, {hi:g}] HU", "gray", (lo, hi)),
         (denoised_hu - full_hu, "denoised - full dose [HU]", "coolwarm", (-100, 100)),
     ]
     for ax, (image, label, cmap, (vmin, vmax)) in zip(axes, panels, strict=True):

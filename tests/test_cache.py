@@ -24,7 +24,7 @@ from ldct.data.cache import (
 )
 from ldct.data.dicom import DicomError, read_hu
 from ldct.data.manifest import MANIFEST
-from ldct.metrics import all_metrics
+from ldct.metrics import METRIC_NAMES, all_metrics, window_for
 
 
 def _stamps(cache: Path) -> dict[str, int]:
@@ -126,11 +126,11 @@ def test_named_splits_persist_and_are_checked(mayo_tree, tmp_path):
 def test_builtin_cache_has_the_builtin_splits(builtin_cache):
     manifest = load_manifest(builtin_cache)
     assert manifest.source == "builtin"
-    # Test = real anatomy only; the real head validates; the phantoms and two real slices train.
+    # Phantoms validate and test; the real slices train (each is a LOSO test fold when named).
     assert manifest.splits == {
-        "train": ["HEADJ2K", "PH01", "PH02", "SPINE"],
-        "val": ["HEAD693"],
-        "test": ["ABDOMEN", "CTSMALL"],
+        "train": ["ABDOMEN", "CTSMALL", "HEAD693", "HEADJ2K", "SPINE"],
+        "val": ["PH01"],
+        "test": ["PH02"],
     }
     assert manifest.patients["CTSMALL"]["shape"] == [1, 128, 128]
     assert manifest.patients["ABDOMEN"]["shape"] == manifest.patients["HEAD693"]["shape"] == [1, 512, 512]
@@ -138,22 +138,25 @@ def test_builtin_cache_has_the_builtin_splits(builtin_cache):
 
 def test_baseline_table_matches_the_metrics(builtin_cache):
     table = baseline_table(builtin_cache, split="train")
-    low, full = open_patient(builtin_cache, "PH01")
+    low, full = open_patient(builtin_cache, "CTSMALL")  # no BodyPartExamined: soft-tissue window
     expected = {
         k: float(v.mean())
         for k, v in all_metrics(np.asarray(low, np.float32), np.asarray(full, np.float32)).items()
     }
-    patients = ["HEADJ2K", "PH01", "PH02", "SPINE"]
+    patients = ["ABDOMEN", "CTSMALL", "HEAD693", "HEADJ2K", "SPINE"]  # the built-in train split
     assert [r["patient"] for r in table["patients"]] == patients
-    row = next(r for r in table["patients"] if r["patient"] == "PH01")
-    assert row["slices"] == 2
+    row = next(r for r in table["patients"] if r["patient"] == "CTSMALL")
+    assert row["slices"] == 1
     for k, v in expected.items():
         assert row[k] == pytest.approx(v)
-    # The split's mean is over slices (phantom 64² and real 512² slices alike).
+    # The split's mean is over slices (phantom 64² and real 512² slices alike), each patient's
+    # body metrics in the window of its BodyPartExamined (the head slices in the brain window).
     per_slice: dict[str, list[float]] = {}
+    entries = load_manifest(builtin_cache).patients
     for patient in patients:
         lo, fu = open_patient(builtin_cache, patient)
-        for k, v in all_metrics(np.asarray(lo, np.float32), np.asarray(fu, np.float32)).items():
+        window = window_for(entries[patient]["body_part"])
+        for k, v in all_metrics(np.asarray(lo, np.float32), np.asarray(fu, np.float32), window).items():
             per_slice.setdefault(k, []).extend(v.tolist())
     for k, v in per_slice.items():
         assert table["mean"][k] == pytest.approx(float(np.mean(v)))
@@ -180,9 +183,9 @@ def test_ensure_data_builds_the_builtin_set_once_even_when_raced(tmp_path, monke
     assert not errors and len(results) == 2 and results[0] == results[1]
     cache_dir, splits = results[0]
     assert splits == {
-        "train": ["HEADJ2K", "PH01", "PH02", "SPINE"],
-        "val": ["HEAD693"],
-        "test": ["ABDOMEN", "CTSMALL"],
+        "train": ["ABDOMEN", "CTSMALL", "HEAD693", "HEADJ2K", "SPINE"],
+        "val": ["PH01"],
+        "test": ["PH02"],
     }
     assert cache_dir.parent.parent == tmp_path / "home" and cache_dir.parent.name.startswith("builtin-")
     assert len(list((tmp_path / "home").glob("builtin-*"))) == 1
@@ -190,12 +193,12 @@ def test_ensure_data_builds_the_builtin_set_once_even_when_raced(tmp_path, monke
     assert ensure_data(cfg) == results[0] and _stamps(cache_dir) == stamps
     # Config-named held-out patients override the manifest's splits.
     _, splits = ensure_data(
-        DataConfig(builtin_phantoms=2, builtin_slices=1, builtin_size=32, val_patients=("PH01",))
+        DataConfig(builtin_phantoms=2, builtin_slices=1, builtin_size=32, val_patients=("HEAD693",))
     )
     assert splits == {
-        "train": ["HEAD693", "HEADJ2K", "PH02", "SPINE"],
-        "val": ["PH01"],
-        "test": ["ABDOMEN", "CTSMALL"],
+        "train": ["ABDOMEN", "CTSMALL", "HEADJ2K", "PH01", "SPINE"],
+        "val": ["HEAD693"],
+        "test": ["PH02"],
     }
 
 
@@ -215,26 +218,22 @@ def test_cli_builtin_index_baseline(tmp_path, capsys):
     assert main(["data", "builtin", str(out), *args]) == 0
     assert main(["data", "index", str(out), "--cache", str(cache), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "7 patients" in text and "test  ABDOMEN, CTSMALL" in text
-    assert "train HEADJ2K, PH01, PH02, SPINE" in text
+    assert "7 patients" in text and "test  PH02" in text
+    assert "train ABDOMEN, CTSMALL, HEAD693, HEADJ2K, SPINE" in text
     assert main(["data", "baseline", str(cache), "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
-    assert table["split"] == "test" and [r["patient"] for r in table["patients"]] == ["ABDOMEN", "CTSMALL"]
-    assert set(table["patients"][0]) == {
-        "patient",
-        "slices",
-        "psnr_window",
-        "ssim_window",
-        "psnr_full",
-        "ssim_full",
-        "rmse_hu",
-    }
+    assert table["split"] == "test" and [r["patient"] for r in table["patients"]] == ["PH02"]
+    assert set(table["patients"][0]) == {"patient", "slices", "body_part", "window", *METRIC_NAMES}
+    # The built-in set carries BodyPartExamined: the head slices are scored in the brain window.
+    parts = {p: e["body_part"] for p, e in load_manifest(cache).patients.items()}
+    assert parts["HEAD693"] == parts["HEADJ2K"] == "HEAD" and parts["ABDOMEN"] == "PANCREAS"
+    assert parts["PH01"] == "" and table["patients"][0]["window"] == [-160.0, 240.0]
     assert (
         20 < table["mean"]["psnr_window"] < 40 and table["mean"]["psnr_full"] > table["mean"]["psnr_window"]
     )
     assert main(["data", "baseline", str(cache), "--split", "val"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].split()[0] == "HEAD693" and lines[-1].split()[0] == "mean"
+    assert lines[2].split()[0] == "PH01" and lines[-1].split()[0] == "mean"
 
 
 def test_cli_tcia_tree_with_named_splits(tcia_tree, tmp_path, capsys):

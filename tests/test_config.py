@@ -138,6 +138,7 @@ def test_enum_like_fields_are_literals():
     # again take any string and fail only inside a Ray worker.
     assert {f"{s}.{k}": allowed for s, k, allowed in _literal_fields()} == {
         "data.patch_sampling": ("slice", "area"),
+        "data.window": ("auto", "soft_tissue", "brain"),
         "loss.perceptual_net": ("vgg11", "vgg13", "vgg16", "vgg19"),
         "optim.schedule": ("constant", "warmup_cosine"),
         "train.precision": ("auto", "fp16", "fp32"),
@@ -259,3 +260,22 @@ def test_every_shipped_profile_loads():
     for name in profiles:
         cfg = load_config(name)
         assert cfg.profile == name and from_flat(to_flat(cfg)) == cfg
+
+
+def test_the_retired_lambda_l1_range_is_refused_in_a_profile_and_dropped_from_a_stored_config(tmp_path):
+    """λ₂ is no longer searched (issue 22): a profile or override that still sets its range is told
+    what to do instead; a config stored by a former version (a checkpoint's) still loads."""
+    profile = tmp_path / "old.toml"
+    profile.write_text("[study]\nlambda_l1_range = [0.1, 10.0]\n")
+    for load in (
+        lambda: load_config(profile),
+        lambda: load_config("smoke", ["study.lambda_l1_range=[0.1, 10]"]),
+        lambda: replace(Config(), study={"lambda_l1_range": (0.1, 10.0)}),
+    ):
+        with pytest.raises(ConfigError, match=r"study\.lambda_l1_range was removed: .*lambda_adv_range"):
+            load()
+    stored = {**to_flat(load_config("smoke")), "study.lambda_l1_range": [0.1, 10.0]}
+    assert from_flat(stored) == load_config("smoke")
+    # The ratios' ranges and TPE's start-up count are study fields like any other.
+    cfg = load_config("smoke", ["study.lambda_adv_range=[1e-4, 0.1]", "study.startup_trials=3"])
+    assert cfg.study.lambda_adv_range == (1e-4, 0.1) and cfg.study.startup_trials == 3

@@ -14,6 +14,7 @@ from pydicom.pixels import pixel_array
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import MPEG2MPML, JPEG2000Lossless, RLELossless
 
+from ldct.cli import main
 from ldct.data.dicom import DicomError, read_frames, read_hu
 from ldct.data.discovery import default_split, discover, split_patients
 
@@ -76,6 +77,22 @@ def test_mayo_thickness_is_selected(tmp_path):
     assert len(discover(root, mayo_thickness="3mm").patients["L001"]) == 2
     with pytest.raises(DicomError, match="no full_5mm and quarter_5mm"):
         discover(root, mayo_thickness="5mm")
+
+
+def test_each_patient_uses_its_only_thickness(tmp_path, capsys):
+    # What `ldct data simulate` writes keeps each input's SliceThickness: patients at 5 mm and
+    # 1 mm in one tree index without --thickness, which only chooses where a patient has several.
+    root = tmp_path / "m"
+    write_mayo_tree(root, {"A": 2}, thickness="5mm")
+    write_mayo_tree(root, {"B": 3}, thickness="1mm", seed=5)
+    found = discover(root)
+    assert {p: len(v) for p, v in found.patients.items()} == {"A": 2, "B": 3}
+    assert main(["data", "index", str(root), "--cache", str(tmp_path / "c"), "--quiet"]) == 0
+    assert "2 patients, 5 slice pairs" in capsys.readouterr().out
+    write_mayo_tree(root, {"A": 4}, thickness="1mm", seed=9)  # A now has two: the flag decides
+    assert len(discover(root, mayo_thickness="1mm").patients["A"]) == 4
+    with pytest.raises(DicomError, match=r"no full_3mm and quarter_3mm series \(found full_1mm, full_5mm"):
+        discover(root)
 
 
 def test_pairs_by_instance_number_without_positions(tmp_path):
@@ -345,7 +362,9 @@ def test_split_is_by_patient():
 
 def test_default_splits():
     assert default_split(["L3", "L1", "L2"]) == (["L2"], ["L3"])
-    assert default_split(["PH01", "PH02", "PH03", "CTSMALL"], builtin=True) == (["PH03"], ["CTSMALL"])
+    # Built-in: phantoms validate and test, whatever real slices there are (they train).
+    assert default_split(["PH01", "PH02", "PH03", "CTSMALL"], builtin=True) == (["PH01"], ["PH02"])
     real = ["PH01", "PH02", "CTSMALL", "HEAD693", "ABDOMEN", "SPINE", "HEADJ2K"]
-    assert default_split(real, builtin=True) == (["HEAD693"], ["ABDOMEN", "CTSMALL"])
+    assert default_split(real, builtin=True) == (["PH01"], ["PH02"])
+    assert default_split(["PH01", "CTSMALL", "HEAD693"], builtin=True) == ([], ["PH01"])
     assert default_split(["L1"]) == ([], ["L1"])

@@ -6,17 +6,19 @@ import json
 import math
 
 import numpy as np
+import pydicom
 import pytest
+from conftest import write_mayo_tree
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from ldct.cli import main
 from ldct.config import load_config
-from ldct.data.cache import ensure_data, load_manifest
+from ldct.data.cache import baseline_table, build_cache, ensure_data, load_manifest
 from ldct.evaluation import baselines as eval_baselines
 from ldct.evaluation import denoisers as eval_denoisers
 from ldct.evaluation import slices as eval_slices
 from ldct.evaluation import tables as eval_tables
-from ldct.metrics import FULL_RANGE, METRIC_NAMES, WINDOW_RANGE, psnr_window
+from ldct.metrics import FULL_RANGE, METRIC_NAMES, WINDOW_RANGE, body_mask, psnr_window, window_for
 from ldct.registry import load as registry_load
 from ldct.training.loop import run_local
 
@@ -56,7 +58,7 @@ def table(smoke):
 
 
 def test_every_row_present_and_finite(table, smoke):
-    assert table["rows"] == ["ldct", "gaussian", "bm3d", "model"]
+    assert table["rows"] == ["ldct", "gaussian", "bm3d", "bm3d_est", "model"]
     test_patients = load_manifest(smoke["cache"]).splits["test"]
     assert table["patients"] == test_patients
     assert len(table["slices"]) >= 1
@@ -65,6 +67,9 @@ def test_every_row_present_and_finite(table, smoke):
         for row in s["metrics"].values():
             assert set(row) == set(METRIC_NAMES)
         assert math.isfinite(s["noise_std_hu"]) and s["noise_std_hu"] > 1.0
+        # Each slice says which window its body metrics are in, and the σ BM3D was given.
+        assert tuple(s["window"]) == window_for(s["body_part"])
+        assert s["bm3d_estimated"]["sigma_psd"] > 0 and s["bm3d_estimated"]["estimator"]
     assert eval_tables.table_is_finite(table)
     for key in table["rows"]:
         assert all(math.isfinite(v) for v in table["mean"][key].values())
@@ -72,8 +77,10 @@ def test_every_row_present_and_finite(table, smoke):
     # The budget is stated and the choices come from their grids, tuned on val, not on test.
     for method in ("gaussian", "bm3d"):
         tuned = table["tuning"][method]
-        assert tuned["chosen"] in tuned["candidates"]
-        assert len(tuned["val_psnr_window"]) == len(tuned["candidates"])
+        assert tuned["chosen"] in tuned["candidates"] and tuned["criterion"] == "psnr_body"
+        assert len(tuned["val_psnr_body"]) == len(tuned["val_psnr_window"]) == len(tuned["candidates"])
+        assert tuned["chosen"] == tuned["candidates"][int(np.argmax(tuned["val_psnr_body"]))]
+        assert isinstance(tuned["at_grid_edge"], bool) and set(tuned["extended"]) <= set(tuned["candidates"])
         assert tuned["val_slices"] >= 1
     assert table["tuning"]["patients"] == load_manifest(smoke["cache"]).splits["val"]
     assert not set(table["tuning"]["patients"]) & set(test_patients)
@@ -97,6 +104,12 @@ def test_ldct_row_equals_scikit_image_from_the_cache(table, smoke):
             )
             assert row[f"ssim_{name}"] == pytest.approx(expected, abs=1e-4)
         assert row["rmse_hu"] == pytest.approx(np.sqrt(np.mean((low - full) ** 2)), rel=1e-6)
+        # The body metrics: the same formulas over the full dose's body mask, in the slice's window.
+        mask = body_mask(full)
+        lo, hi = s["window"]
+        err = (np.clip(low, lo, hi) - np.clip(full, lo, hi))[mask]
+        assert row["psnr_body"] == pytest.approx(10 * np.log10((hi - lo) ** 2 / np.mean(err**2)), abs=1e-6)
+        assert row["rmse_body_hu"] == pytest.approx(np.sqrt(np.mean((low - full)[mask] ** 2)), rel=1e-6)
 
 
 def test_text_and_markdown_show_every_row_and_the_budget(table):
@@ -104,12 +117,15 @@ def test_text_and_markdown_show_every_row_and_the_budget(table):
     for label in table["labels"].values():
         assert label in text
     assert "noise std" in text and "mean ± std over" in text
-    assert "7 candidates" in text and "11 candidates" in text and "tuned on the val split" in text
+    for method in ("gaussian", "bm3d"):
+        assert f"{len(table['tuning'][method]['candidates'])} candidates" in text
+    assert "tuned on the val split by mean psnr_body" in text and "BM3D (σ estimated): sigma_psd" in text
+    assert text.index("psnr_body") < text.index("psnr_window")  # the body metrics lead
     md = eval_tables.markdown_eval(table)
-    assert md.count("| BM3D") == 1 + len(table["slices"])
+    assert md.count("| BM3D") == 2 * (1 + len(table["slices"]))  # σ tuned and σ estimated rows
     # The legacy mean-rows shape (ldct train --json, report summary) carries the BM3D row too.
     rows = eval_tables.mean_rows(table)
-    assert list(rows) == ["ldct", "classical", "bm3d", "denoised"]
+    assert list(rows) == ["ldct", "classical", "bm3d", "bm3d_est", "denoised"]
     assert rows["bm3d"]["sigma_psd"] == table["tuning"]["bm3d"]["chosen"]
     assert "BM3D" in eval_tables.format_table(rows)
 
@@ -238,9 +254,75 @@ def test_eval_reads_bm3d_from_its_cache_the_second_time_and_says_so(smoke, tmp_p
         second["slices"] == first["slices"]
         and second["tuning"]["bm3d"]["chosen"] == first["tuning"]["bm3d"]["chosen"]
     )
-    n_tune = len(common["bm3d_sigmas"]) * second["tuning"]["bm3d"]["val_slices"]
+    n_tune = len(second["tuning"]["bm3d"]["candidates"]) * second["tuning"]["bm3d"]["val_slices"]
     assert first["tuning"]["bm3d"]["cached"] == 0 and second["tuning"]["bm3d"]["cached"] == n_tune
-    assert second["bm3d_cache"]["misses"] == 0 and second["bm3d_cache"]["hits"] == n_tune + len(
+    # Every test slice twice: BM3D at the tuned σ and at its own estimated σ.
+    assert second["bm3d_cache"]["misses"] == 0 and second["bm3d_cache"]["hits"] == n_tune + 2 * len(
         second["slices"]
     )
     assert f"{n_tune} of {n_tune} from the BM3D cache" in "\n".join(eval_tables.budget_lines(second))
+
+
+def _bump(hu: np.ndarray, v: float, best: float, ref: np.ndarray) -> np.ndarray:
+    """A stand-in method whose output is best at parameter ``best``: ref + its noise x |v-best|/best."""
+    return ref + (hu - ref) * abs(v - best) / best
+
+
+def test_a_choice_on_the_grid_edge_extends_the_grid_or_is_flagged():
+    rng = np.random.default_rng(0)
+    ref = np.where(np.hypot(*np.mgrid[-20:20, -20:20]) < 15, 40.0, -1000.0)
+    pairs = [eval_slices.SlicePair("val", 0, ref + rng.normal(0, 20, ref.shape), ref)]
+
+    def tune(best, grid, **kw):
+        return eval_baselines.tune_parameter(lambda hu, v: _bump(hu, v, best, ref), pairs, grid, "x", **kw)
+
+    inside = tune(2.0, (1.0, 2.0, 3.0))
+    assert inside["chosen"] == 2.0 and inside["extended"] == [] and not inside["at_grid_edge"]
+    # Upper edge: the grid goes on geometrically (x1.5 here) until the best is inside it.
+    up = tune(7.0, (1.0, 2.0, 3.0))
+    assert up["extended"] == pytest.approx([4.5, 6.75, 10.125]) and up["chosen"] == 6.75
+    assert up["candidates"] == pytest.approx([1.0, 2.0, 3.0, 4.5, 6.75, 10.125]) and not up["at_grid_edge"]
+    # Still on the edge after EXTEND_STEPS: flagged, and the table's label says so.
+    far = tune(1000.0, (1.0, 2.0, 3.0))
+    assert len(far["extended"]) == eval_baselines.EXTEND_STEPS and far["at_grid_edge"]
+    low = tune(0.3, (10.0, 20.0), extend_steps=2)
+    assert low["candidates"] == [2.5, 5.0, 10.0, 20.0] and low["chosen"] == 2.5 and low["at_grid_edge"]
+    # 0 is the Gaussian's true end (the input itself): never extended below, never flagged.
+    zero = eval_baselines.tune_parameter(eval_baselines.gaussian_denoise, pairs, (0.0, 0.5), "g")
+    assert zero["candidates"][0] == 0.0 and not (zero["chosen"] == 0.0 and zero["at_grid_edge"])
+    with pytest.raises(ValueError, match="ascending"):
+        tune(2.0, (3.0, 1.0))
+
+
+def test_body_part_from_the_dicom_picks_each_slices_window(tmp_path):
+    files = write_mayo_tree(tmp_path / "tree", {"A1": 1, "B1": 1, "C1": 1}, size=32)
+    for low, full in files["B1"].values():
+        for path in (low, full):
+            ds = pydicom.dcmread(path)
+            ds.BodyPartExamined = "HEAD"
+            ds.save_as(path)
+    cache = tmp_path / "cache"
+    manifest = build_cache(tmp_path / "tree", cache, val=["A1"], test=["B1", "C1"], progress=False)
+    assert {p: e["body_part"] for p, e in manifest.patients.items()} == {"A1": "", "B1": "HEAD", "C1": ""}
+    table = baseline_table(cache, "test")
+    windows = {r["patient"]: tuple(r["window"]) for r in table["patients"]}
+    assert windows == {"B1": (0.0, 80.0), "C1": (-160.0, 240.0)}
+    assert list(table["mean"])[1:4] == ["psnr_body", "ssim_body", "rmse_body_hu"]
+    # The same noise scored in an 80 HU window instead of 400: 20 log10(5) = 14 dB lower.
+    by = {r["patient"]: r for r in table["patients"]}
+    assert by["C1"]["psnr_body"] - by["B1"]["psnr_body"] == pytest.approx(13.98, abs=1.5)
+    forced = baseline_table(cache, "test", window="soft_tissue")
+    assert all(tuple(r["window"]) == (-160.0, 240.0) for r in forced["patients"])
+    result = eval_tables.evaluate_split(cache, ["B1", "C1"], ["A1"], bm3d=False)
+    assert [tuple(s["window"]) for s in result["slices"]] == [(0.0, 80.0), (-160.0, 240.0)]
+    assert result["slices"][0]["metrics"]["ldct"]["psnr_body"] == pytest.approx(by["B1"]["psnr_body"])
+    # A cache from before body_part (manifest version 1) is refused with what to run, and rebuilt.
+    stale = json.loads((cache / "manifest.json").read_text())
+    stale["version"] = 1
+    for entry in stale["patients"].values():
+        del entry["body_part"]
+    (cache / "manifest.json").write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="version 1 is not 2; rebuild the cache with `ldct data index`"):
+        load_manifest(cache)
+    rebuilt = build_cache(tmp_path / "tree", cache, progress=False)
+    assert rebuilt.version == 2 and rebuilt.patients["B1"]["body_part"] == "HEAD"

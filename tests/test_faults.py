@@ -15,12 +15,14 @@ cores) as few times as possible. Its three trials are fixed points (no sampling)
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 
 from ldct.config import load_config
@@ -29,6 +31,7 @@ from ldct.study.report import write_report
 from ldct.study.run import run_study
 from ldct.tracking import runs as tracking_runs
 from ldct.tracking import store as tracking_store
+from ldct.training.loop import VAL_METRIC
 
 pytestmark = pytest.mark.slow
 
@@ -139,11 +142,28 @@ def test_killed_worker_resumes_asha_stops_nan_critic_fails_best_completed_regist
     # (b) ASHA stopped the lr-0.3 trial after its first validation; the report says so.
     stopped = run[0.3]
     assert stopped.data.tags["ldct.status"] == "stopped"
-    assert [s for s, _ in _history(mlflow_client, stopped, "val_psnr_window")] == [2]
+    stopped_history = _history(mlflow_client, stopped, VAL_METRIC)
+    assert [s for s, _ in stopped_history] == [2]
     out = write_report(study, tracking_uri=uri, results_root=tmp_path / "results", test_split=False)
     board = (out / "leaderboard.md").read_text()
     stopped_line = next(ln for ln in board.splitlines() if stopped.data.tags[tracking_store.TAG_TRIAL] in ln)
-    assert "stopped (ASHA)" in stopped_line
+    assert "pruned (ASHA)" in stopped_line
+    # Optuna was told so too: PRUNED with its validation as intermediate value (Ray's OptunaSearch
+    # told it COMPLETE with its cut-short value: ldct.study.searcher), the others as they ended.
+    ot_study = optuna.load_study(
+        study_name=study, storage=f"sqlite:///{tmp_path / 'runs' / f'{study}.optuna.db'}"
+    )
+    ot = {round(t.params["optim.lr"], 12): t for t in ot_study.trials}
+    assert ot[0.3].state == optuna.trial.TrialState.PRUNED
+    assert ot[0.3].intermediate_values == pytest.approx({1: stopped_history[0][1]})
+    assert (
+        ot[1e-5].state == optuna.trial.TrialState.COMPLETE and ot[1e-9].state == optuna.trial.TrialState.FAIL
+    )
+    # fANOVA reads complete trials only: one complete trial is too few, and the report says why.
+    assert (
+        "1 complete trial(s) (1 pruned)"
+        in json.loads((out / "summary.json").read_text())["param_importances"]["error"]
+    )
     assert "paper λ's under profile smoke" in board and "random weights; λ₃ is not the paper's" in board
 
     # (d) The NaN in the critic loss failed its trial, naming the step and the loss.

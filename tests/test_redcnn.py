@@ -16,9 +16,10 @@ from ldct.config import load_config
 from ldct.models import DEFAULT_ARCH, architectures, build_model
 from ldct.models.redcnn import REDCNN
 from ldct.registry import versions as registry_versions
+from ldct.study.space import apply_choice, search_space, study_config
 from ldct.tracking import store as tracking_store
 from ldct.training.checkpoint import generator_from_state, load_state
-from ldct.training.engine import build_networks
+from ldct.training.engine import build_networks, generator_step
 from ldct.training.loop import run_local
 
 # RED-CNN at a width the smoke profile can afford; the baseline's own settings otherwise.
@@ -70,6 +71,41 @@ def test_no_adversarial_term_builds_no_critic():
     assert nets.critic is None and nets.opt_c is None and nets.scaler_c is None
     with_critic = build_networks(load_config("smoke"), "cpu")
     assert with_critic.critic is not None and with_critic.opt_c is not None
+
+
+def test_a_redcnn_study_trial_trains_without_critic_or_perceptual_net(tmp_path, monkeypatch):
+    """A RED-CNN study searches lr only and its trials train with λ₃ = λ_adv = 0 whatever the
+    profile's [loss] says; λ₃ = 0 builds no VGG at all, so even "imagenet" weights that are not on
+    disk (a hard error for a perceptual net) are never asked for."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: no VGG file anywhere
+    profile = load_config(
+        "redcnn",
+        [
+            "model.redcnn_channels=8",
+            "loss.lambda_perceptual=0.2",
+            "loss.lambda_adv=1",
+            "loss.perceptual_weights=imagenet",
+            "loss.allow_random_perceptual=false",
+        ],
+    )
+    assert list(search_space(profile).ranges) == [("optim.lr", 1e-5, 3e-3)]
+    cfg = study_config(profile)
+    assert (cfg.loss.lambda_perceptual, cfg.loss.lambda_adv) == (0.0, 0.0)
+    # The Pareto study's RED-CNN choice sets the same zeros on top of an encoder's λ's.
+    chosen = apply_choice({"loss.lambda_perceptual": 0.1, "loss.lambda_adv": 0.1}, "redcnn")
+    assert (chosen["model.arch"], chosen["loss.lambda_perceptual"], chosen["loss.lambda_adv"]) == (
+        "redcnn",
+        0,
+        0,
+    )
+    nets = build_networks(cfg, "cpu")
+    assert nets.perceptual is None and nets.critic is None
+    with pytest.raises(FileNotFoundError, match="perceptual.weights=imagenet"):
+        build_networks(profile, "cpu")  # λ₃ = 0.2 of the profile would need the VGG file
+    # The generator step computes no perceptual term (and no adversarial one).
+    low, full = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    terms = generator_step(nets, low, full, cfg, step=1)
+    assert "perceptual" not in terms and "adv" not in terms and terms["loss_g"] == pytest.approx(terms["l1"])
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from ldct.cli import main
 from ldct.data.cache import build_cache
 from ldct.data.dicom import DicomError, read_hu
 from ldct.data.discovery import discover
-from ldct.data.simulate import simulate_tree
+from ldct.data.simulate import I0_FULL_DOSE
+from ldct.data.simulate_tree import SIDECAR, simulate_tree
 
 
 def _tree_bytes(root):
@@ -90,7 +91,7 @@ def test_same_seed_same_bytes_new_uids_input_untouched(head_runs):
     assert low.SeriesNumber != pydicom.dcmread(pair.full).SeriesNumber
     assert low.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     sidecar = json.loads((base / "a" / "ldct-simulate.json").read_text())
-    assert (sidecar["dose"], sidecar["seed"], sidecar["i0"]) == (0.25, 3, 1.5e5)
+    assert (sidecar["dose"], sidecar["seed"], sidecar["i0"]) == (0.25, 3, None)  # None: calibrated
     assert sidecar["tool_version"] and len(sidecar["files"]) == 1
 
 
@@ -113,7 +114,7 @@ def test_keep_transfer_syntax_writes_jpeg2000_lossless(tmp_path):
     ds = pydicom.dcmread(plain)
     ds.compress(pydicom.uid.JPEG2000Lossless)
     ds.save_as(plain)
-    simulate_tree(src, tmp_path / "out", keep_transfer_syntax=True, progress=False)
+    simulate_tree(src, tmp_path / "out", keep_transfer_syntax=True, i0=I0_FULL_DOSE, progress=False)
     pair = next(iter(discover(tmp_path / "out").patients.values()))[0]
     assert pydicom.dcmread(pair.full).file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
     np.testing.assert_array_equal(read_hu(pair.full)[0], read_hu(plain)[0])
@@ -124,26 +125,32 @@ def test_bad_files_are_named_and_skip_bad_goes_on(tmp_path, capsys):
     good = write_dicom(src / "good.dcm", spacing=(0.7, 0.7))
     mr = write_dicom(src / "mr.dcm", modality="MR")
     with pytest.raises(DicomError, match="not 'CT'") as info:
-        simulate_tree(src, tmp_path / "o1", progress=False)
+        simulate_tree(src, tmp_path / "o1", i0=I0_FULL_DOSE, progress=False)
     assert str(mr) in str(info.value)
     mr.unlink()
     nospacing = write_dicom(src / "nospacing.dcm")
     ds = pydicom.dcmread(nospacing)
     del ds.PixelSpacing
     ds.save_as(nospacing)
-    assert main(["data", "simulate", str(src), str(tmp_path / "o2"), "--quiet"]) == 1
+    fixed = ["--i0", "1.5e5", "--quiet"]  # 16x16 slices: too small to measure their noise
+    assert main(["data", "simulate", str(src), str(tmp_path / "o2"), *fixed]) == 1
     err = capsys.readouterr().err
     assert str(nospacing) in err and "PixelSpacing" in err
-    assert main(["data", "simulate", str(src), str(tmp_path / "o3"), "--skip-bad", "--quiet"]) == 0
+    assert main(["data", "simulate", str(src), str(tmp_path / "o3"), "--skip-bad", *fixed]) == 0
     out = capsys.readouterr().out
     assert "skipped 1" in out and str(nospacing) in out
     assert not (tmp_path / "o2").exists() and good.is_file()
+    # Calibrated (the default), a slice whose noise cannot be measured is named, with what to do.
+    nospacing.unlink()
+    assert main(["data", "simulate", str(src), str(tmp_path / "o4"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert str(good) in err and "soft tissue" in err and "--i0" in err and not (tmp_path / "o4").exists()
 
 
 @pytest.mark.parametrize("layout", ["mayo_tree", "tcia_tree"])
 def test_known_layouts_simulate_from_their_full_dose_series(layout, request, tmp_path):
     root = request.getfixturevalue(layout)
-    report = simulate_tree(root, tmp_path / "out", dose=0.5, progress=False)
+    report = simulate_tree(root, tmp_path / "out", dose=0.5, i0=I0_FULL_DOSE, progress=False)
     found = discover(tmp_path / "out")
     source = discover(root)
     assert sorted(found.patients) == sorted(source.patients)
@@ -154,3 +161,22 @@ def test_known_layouts_simulate_from_their_full_dose_series(layout, request, tmp
             np.testing.assert_array_equal(read_hu(mine.full)[0], read_hu(theirs.full)[0])
     # Only the full-dose inputs were used (the trees' own low-dose series are not sources).
     assert len(report["files"]) == sum(len(v) for v in source.patients.values())
+
+
+def test_calibration_is_recorded_and_the_effective_dose_is_the_requested_one(head_runs):
+    # 693_UNCR (HEAD693): ~3.6 HU of native noise; the default flux gave it an effective dose of
+    # ~0.01 at "0.25". Calibrated, the measured var(full)/var(low) is the requested dose.
+    base, _, _ = head_runs
+    sidecar = json.loads((base / "a" / SIDECAR).read_text())
+    assert sidecar["i0"] is None and "native noise" in sidecar["calibration"] and sidecar["estimator"]
+    [entry] = sidecar["files"]
+    assert entry["calibration"] == "native" and 2.0 < entry["native_sigma_hu"] < 6.0
+    assert entry["effective_dose"] == pytest.approx(0.25, rel=0.10) and entry["i0"] > 1.5e5
+    half = json.loads((base / "half" / SIDECAR).read_text())["files"][0]
+    assert half["effective_dose"] == pytest.approx(0.5, rel=0.10)
+    pair, _, _ = _pair(base / "a")
+    ds = pydicom.dcmread(pair.low)
+    assert ds.ImageComments.startswith("ldct calibration ")
+    recorded = json.loads(ds.ImageComments.removeprefix("ldct calibration "))
+    assert recorded["i0"] == entry["i0"] and recorded["effective_dose"] == entry["effective_dose"]
+    assert f"I0 {entry['i0']:g}" in ds.DerivationDescription and "native noise" in ds.DerivationDescription

@@ -19,7 +19,7 @@ import torch
 from _ray_fixtures import _free_port
 
 from ldct import hyperparams
-from ldct.config import load_config
+from ldct.config import load_config, to_flat
 from ldct.hyperparams import PAPER_POINT
 from ldct.registry import load as registry_load
 from ldct.registry import versions as registry_versions
@@ -27,6 +27,7 @@ from ldct.study.report import write_report
 from ldct.study.run import run_study
 from ldct.tracking import runs as tracking_runs
 from ldct.tracking import store as tracking_store
+from ldct.training.loop import VAL_METRIC
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -98,7 +99,7 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
         assert set(hyperparams.TUNED_PARAMS) <= set(run.data.params)
         assert run.data.params["data.source"] == "builtin-simulated"
         assert run.data.params["loss.perceptual_weights_used"].startswith("random")
-        history = mlflow_client.get_metric_history(run.info.run_id, "val_psnr_window")
+        history = mlflow_client.get_metric_history(run.info.run_id, VAL_METRIC)
         # Every validation is logged; a trial ASHA stopped after its first one is marked so.
         steps = [m.step for m in history]
         assert steps in ([2], [2, 4])
@@ -108,10 +109,7 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
         artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
         assert {"checkpoint", "panel.png"} <= artifacts
     # The paper's values are the first trial.
-    assert [m.step for m in mlflow_client.get_metric_history(runs[0].info.run_id, "val_psnr_window")] == [
-        2,
-        4,
-    ]
+    assert [m.step for m in mlflow_client.get_metric_history(runs[0].info.run_id, VAL_METRIC)] == [2, 4]
     first = runs[0].data.params
     for key, value in PAPER_POINT.items():
         assert float(first[key]) == pytest.approx(value)
@@ -138,6 +136,9 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     # Quick results are not presented as the paper's: the label is explained, random VGG named.
     notes = "\n".join(lines[5:])
     assert "not evidence about the paper's recipe" in notes
+    # Two trials, TPE's start-up of max(2, 2 // 3) = 2: the report says TPE never ran.
+    assert "Search: TPE never ran: 2 start-up trials ≥ the study's 2 trials." in notes
+    assert parent.data.tags["ldct.tpe_startup"].startswith("TPE never ran")
     assert "perceptual: random weights; λ₃ is not the paper's" in notes
     assert {
         "psnr_vs_hyperparameters.png",
@@ -149,7 +150,7 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     } <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] + summary.get("stopped", 0) == 2
-    assert set(summary["best_test"]) == {"ldct", "classical", "bm3d", "denoised", "study_s1"}
+    assert {"ldct", "classical", "bm3d", "denoised", "study_s1"} <= set(summary["best_test"])
     assert summary["best_test"]["study_s1"] == summary["best_test"]["denoised"]
     best_test = (out / "best_test.md").read_text()
     assert "| BM3D" in best_test and "| s1 study best (encoder_decoder) |" in best_test
@@ -161,15 +162,22 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     storage = f"sqlite:///{tmp_path / 'runs' / 's1.optuna.db'}"
     assert parent.data.tags["ldct.optuna_storage"] == storage
     ot_study = optuna.load_study(study_name="s1", storage=storage)
-    assert [t.state for t in ot_study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    # An ASHA-stopped trial is PRUNED in Optuna (not COMPLETE with its cut-short value), and every
+    # validation of every trial is an intermediate value (step = Tune's training_iteration).
+    state = {"completed": optuna.trial.TrialState.COMPLETE, "stopped": optuna.trial.TrialState.PRUNED}
+    assert [t.state for t in ot_study.trials] == [state[r.data.tags["ldct.status"]] for r in runs]
     assert ot_study.trials[0].params == pytest.approx(PAPER_POINT)
-    assert sorted(t.value for t in ot_study.trials) == pytest.approx(
-        sorted(r.data.metrics["val_psnr_window"] for r in runs)
-    )
+    for trial, run in zip(ot_study.trials, runs, strict=True):
+        history = mlflow_client.get_metric_history(run.info.run_id, VAL_METRIC)
+        assert trial.intermediate_values == pytest.approx({i: m.value for i, m in enumerate(history, 1)})
+        assert trial.value == pytest.approx(run.data.metrics[VAL_METRIC])
     _check_dashboard_reads(storage, "s1", trials=2)
-    importances = summary["param_importances"]["importances"]
-    assert set(importances) == set(PAPER_POINT) and sum(importances.values()) == pytest.approx(1.0)
-    assert (out / "param_importances.png").is_file() and (out / "param_importances.md").is_file()
+    if all(r.data.tags["ldct.status"] == "completed" for r in runs):
+        importances = summary["param_importances"]["importances"]
+        assert set(importances) == set(PAPER_POINT) and sum(importances.values()) == pytest.approx(1.0)
+        assert (out / "param_importances.png").is_file() and (out / "param_importances.md").is_file()
+    else:  # fANOVA reads complete trials only: one is too few
+        assert "1 complete trial(s) (1 pruned)" in summary["param_importances"]["error"]
 
 
 def test_unreachable_server_is_a_clear_error():
@@ -220,7 +228,7 @@ def test_stopped_study_resumes_without_repeating_a_trial(tmp_path, ray_tmpdir):
     first_runs = _trials(mlflow_client, "s3")
     finished = [r for r in first_runs if r.data.tags.get("ldct.status") == "completed"]
     assert len(finished) == 1
-    finished_history = mlflow_client.get_metric_history(finished[0].info.run_id, "val_psnr_window")
+    finished_history = mlflow_client.get_metric_history(finished[0].info.run_id, VAL_METRIC)
 
     resumed = subprocess.run(
         cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
@@ -231,7 +239,7 @@ def test_stopped_study_resumes_without_repeating_a_trial(tmp_path, ray_tmpdir):
     # ASHA may stop the second trial after its first validation; none failed.
     assert all(r.data.tags.get("ldct.status") in ("completed", "stopped") for r in runs)
     # The finished trial was not run again: same run, same metric history.
-    again = mlflow_client.get_metric_history(finished[0].info.run_id, "val_psnr_window")
+    again = mlflow_client.get_metric_history(finished[0].info.run_id, VAL_METRIC)
     assert [(m.step, m.value) for m in again] == [(m.step, m.value) for m in finished_history]
     assert "registered ldct-denoiser version" in resumed.stdout
     # The resumed Tuner continued the same persistent Optuna study: both trials, one study.
@@ -240,25 +248,41 @@ def test_stopped_study_resumes_without_repeating_a_trial(tmp_path, ray_tmpdir):
     storage = f"sqlite:///{tmp_path / 'runs' / 's3.optuna.db'}"
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["s3"]
     trials = optuna.load_study(study_name="s3", storage=storage).trials
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    stopped = sum(r.data.tags["ldct.status"] == "stopped" for r in runs)
+    assert sorted(t.state.name for t in trials) == sorted(["COMPLETE"] * (2 - stopped) + ["PRUNED"] * stopped)
 
 
 def test_extra_points_and_the_paper_label():
-    from ldct.study.space import extra_points, first_point, is_paper_point, paper_deviations, paper_label
+    from ldct.study.space import (
+        extra_points,
+        first_point,
+        first_point_of,
+        is_paper_point,
+        paper_deviations,
+        paper_label,
+    )
 
     cfg = load_config("smoke", ["study.extra_points=optim.lr=0.3,optim.lr=1e-9;loss.lambda_gp=2"])
     first = first_point(cfg)
     points = extra_points(cfg)
     assert points[0] == {**first, "optim.lr": 0.3}  # not clipped to the range
     assert points[1] == {**first, "optim.lr": 1e-9, "loss.lambda_gp": 2.0}
-    for bad in ("optim.lr", "model.encoder=x", "optim.lr=fast"):
+    # λ₂ is not searched (the ratios' unit), and RED-CNN's study has only lr to change.
+    for bad in ("optim.lr", "model.encoder=x", "optim.lr=fast", "loss.lambda_l1=2"):
         with pytest.raises(ValueError, match="study.extra_points"):
             extra_points(load_config("smoke", [f"study.extra_points={bad}"]))
+    with pytest.raises(ValueError, match="study.extra_points.*over \\['optim.lr'\\]"):
+        extra_points(load_config("redcnn", ["study.extra_points=loss.lambda_gp=2"]))
     # Only the first point is the paper's: same λ's with another lr is not.
-    assert is_paper_point(first, first["optim.lr"]) and not is_paper_point(points[0], first["optim.lr"])
-    # The quick profile's first trial is "paper λ's", with everything else that differs named.
+    assert is_paper_point(first, first) and not is_paper_point(points[0], first)
+    # The report rebuilds the first point from the study's logged params (lists logged as JSON).
+    params = {k: tracking_store._param_value(v) for k, v in to_flat(cfg).items()}
+    assert first_point_of(params) == pytest.approx(first)
+    # The quick profile's first trial is "paper λ's" (λ_adv clipped to 0.1 by its range), with
+    # everything else that differs named; λ_adv is searched now, so it is no deviation.
     quick = paper_deviations(load_config("quick"))
-    assert any(d.startswith("loss.lambda_adv 0.001") for d in quick)
+    assert first_point(load_config("quick"))["loss.lambda_adv"] == 0.1
+    assert not any(d.startswith("loss.lambda_adv") for d in quick)
     assert any(d.startswith("model.encoder 'resnet10t'") for d in quick)
     assert paper_deviations(load_config("paper")) == []
     assert paper_label("quick") == "paper λ's under profile quick"

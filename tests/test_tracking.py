@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from ldct.cli import main
+from ldct.metrics import METRIC_NAMES
 from ldct.tracking import runs as tracking_runs
 from ldct.tracking import store as tracking_store
+from ldct.training.loop import VAL_METRIC
 
 
 def test_artifact_root_is_beside_the_sqlite_file(tmp_path, monkeypatch):
@@ -27,11 +29,25 @@ def test_artifact_root_is_beside_the_sqlite_file(tmp_path, monkeypatch):
     assert str(db.parent / "mlartifacts") in text and "workflowType=machine_learning" in text
 
 
+def test_best_metric_names_follow_the_objective():
+    # store.py spells the name out (it stays free of torch); it must be the objective's.
+    assert VAL_METRIC == "val_psnr_body" and tracking_store.BEST_METRIC == f"best_{VAL_METRIC}"
+    assert f"metrics.%60{tracking_store.BEST_METRIC}%60" in tracking_store.ui_url("http://h:5000", "1")
+
+
 def test_trial_run_name_carries_the_lambdas():
+    # The tuned values only: λ₂ is fixed at 1 (the ratios' unit), so it is not in the name.
     name = tracking_runs.trial_run_name(
-        "a1b2", {"loss.lambda_l1": 1.0, "loss.lambda_perceptual": 0.1, "loss.lambda_gp": 10, "optim.lr": 1e-5}
+        "a1b2",
+        {
+            "loss.lambda_l1": 1.0,
+            "loss.lambda_perceptual": 0.1,
+            "loss.lambda_adv": 0.01,
+            "loss.lambda_gp": 10,
+            "optim.lr": 1e-5,
+        },
     )
-    assert name == "a1b2 λ2=1 λ3=0.1 λgp=10 lr=1e-05"
+    assert name == "a1b2 λ3=0.1 λadv=0.01 λgp=10 lr=1e-05"
 
 
 def test_ldct_train_logs_a_run(tmp_path, monkeypatch, capsys):
@@ -55,14 +71,18 @@ def test_ldct_train_logs_a_run(tmp_path, monkeypatch, capsys):
     assert run.data.params["data.source"] == "builtin-simulated"
     assert run.data.params["best_step"] in ("2", "4")
     assert len(run.data.tags["ldct.git_commit"]) >= 40
-    assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val_psnr_window")] == [2, 4]
+    for metric in ("val_psnr_body", "val_ssim_body", "val_rmse_body_hu", "val_psnr_window"):
+        assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, metric)] == [2, 4]
     assert run.data.metrics["test_denoised_psnr_window"] > 0 and "test_ldct_ssim_full" in run.data.metrics
+    assert (
+        run.data.metrics["test_denoised_psnr_body"] > 0 and "test_bm3d_est_rmse_body_hu" in run.data.metrics
+    )
     artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
     assert {"checkpoint", "panel.png", "test_table.json"} <= artifacts
     table = json.loads(
         Path(mlflow_client.download_artifacts(run.info.run_id, "test_table.json", str(tmp_path))).read_text()
     )
-    assert set(table) == {"ldct", "classical", "bm3d", "denoised"}
+    assert set(table) == {"ldct", "classical", "bm3d", "bm3d_est", "denoised"}
     assert list(work.iterdir()) == []
     assert (tmp_path / "mlartifacts" / "ldct_train").is_dir()
 
@@ -92,9 +112,9 @@ def test_ldct_train_under_ray_logs_each_validation(tmp_path, ray_local, monkeypa
     captured = capsys.readouterr()
     assert code == 0, captured.err
     table = json.loads(captured.out.strip().splitlines()[-1])
-    assert set(table) == {"ldct", "classical", "bm3d", "denoised"}
+    assert set(table) == {"ldct", "classical", "bm3d", "bm3d_est", "denoised"}
     for row in table.values():
-        assert {"psnr_window", "ssim_window", "psnr_full", "ssim_full", "rmse_hu"} <= set(row)
+        assert set(METRIC_NAMES) <= set(row)
         assert all(math.isfinite(v) for v in row.values())
     mlflow_client = tracking_store.client(uri)
     (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("ldct/train").experiment_id])

@@ -31,7 +31,14 @@ def test_resume_is_exact(tmp_path):
     assert [r["resumed_from_step"] for r in straight.reports] == [0, 0]
     assert resumed.reports[0]["resumed_from_step"] == 2
     a, b = straight.reports[-1], resumed.reports[0]
-    for key in ("train_loss_g", "train_loss_critic", "train_l1", "val_psnr_window", "val_ssim_full"):
+    for key in (
+        "train_loss_g",
+        "train_loss_critic",
+        "train_l1",
+        "val_psnr_body",
+        "val_psnr_window",
+        "val_ssim_full",
+    ):
         assert a[key] == b[key], key  # bit-identical on CPU, not merely close
     final_a, final_b = load_state(straight.checkpoints[-1]), load_state(resumed.checkpoints[-1])
     for name, tensor in final_a["generator"].items():
@@ -111,7 +118,9 @@ def test_two_worker_ddp_keeps_ranks_identical_and_a_nan_on_rank_1_stops_both(tmp
     state = load_state(checkpoint)
     assert state["step"] == 2
     assert state["metrics"]["weights_spread"] == 0.0
-    assert math.isfinite(state["metrics"]["val_psnr_window"])
+    assert math.isfinite(state["metrics"]["val_psnr_window"]) and math.isfinite(
+        state["metrics"]["val_psnr_body"]
+    )
     assert error is not None
     failures = getattr(error, "worker_failures", None) or getattr(error.__cause__, "worker_failures", {})
     # Both ranks raised the same error at the same step (rank 0 did not wait in an all-reduce

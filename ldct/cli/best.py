@@ -35,6 +35,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         "study",
         "trial",
         "model",
+        "val_psnr_body",
+        "val_ssim_body",
         "val_psnr_window",
         "val_ssim_window",
         "fps",

@@ -9,7 +9,9 @@ from pathlib import Path
 from ldct.cli.common import EXIT_OK
 from ldct.data.builtin import REAL_PATIENTS, write_builtin
 from ldct.data.cache import baseline_table, build_cache
-from ldct.data.simulate import ELECTRONIC_NOISE, I0_FULL_DOSE, simulate_tree
+from ldct.data.simulate import ELECTRONIC_NOISE
+from ldct.data.simulate_tree import simulate_tree
+from ldct.metrics import METRIC_NAMES
 
 
 def cmd_builtin(args: argparse.Namespace) -> int:
@@ -64,7 +66,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         args.output,
         dose=args.dose,
         seed=args.seed,
-        i0=I0_FULL_DOSE if args.i0 is None else args.i0,
+        i0=args.i0,
         electronic_noise=ELECTRONIC_NOISE if args.electronic_noise is None else args.electronic_noise,
         skip_bad=args.skip_bad,
         keep_transfer_syntax=args.keep_transfer_syntax,
@@ -75,36 +77,45 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"simulated dose {args.dose:g} (seed {args.seed}) for {len(report['files'])} slices of "
         f"{len(patients)} patient(s) in {args.output}: {', '.join(patients)}"
     )
+    measured = [f["effective_dose"] for f in report["files"] if f.get("effective_dose") is not None]
+    if measured:
+        print(
+            f"effective dose measured (var(full)/var(low) in soft tissue): median {sorted(measured)[len(measured) // 2]:.3f}, "
+            f"range {min(measured):.3f}-{max(measured):.3f}; per slice in {Path(args.output) / 'ldct-simulate.json'}"
+        )
     for _, note in report["notes"]:
         print(f"note: {note}")
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])}:")
         for path, reason in report["skipped"]:
             print(f"  {path}: {reason}")
-    thicknesses = sorted({Path(f["full"]).parts[1].removeprefix("full_") for f in report["files"]})
-    print(f"index it with: ldct data index {args.output} --cache CACHE --thickness {thicknesses[0]}")
+    print(f"index it with: ldct data index {args.output} --cache CACHE")
     return EXIT_OK
 
 
 def _format_baseline(table: dict) -> str:
-    cols = ("psnr_window", "ssim_window", "psnr_full", "ssim_full", "rmse_hu")
-    head = f"{'patient':12s} {'slices':>6s} " + " ".join(f"{c:>11s}" for c in cols)
+    cols = METRIC_NAMES
+    head = f"{'patient':12s} {'slices':>6s} {'window':>11s} " + " ".join(f"{c:>12s}" for c in cols)
     lines = [
-        f"LDCT vs full dose, split {table['split']!r} (window [-160, 240] HU; full [-1024, 3072] HU)",
+        f"LDCT vs full dose, split {table['split']!r}: *_body inside the body (reference > -500 HU, "
+        "eroded 2 px) in each slice's anatomy window; *_window whole slice in [-160, 240] HU; "
+        "*_full whole slice in [-1024, 3072] HU",
         head,
     ]
 
-    def row(name: str, slices: int, m: dict) -> str:
-        return f"{name:12s} {slices:6d} " + " ".join(
-            f"{m[c]:11.2f}" if c.startswith("psnr") or c == "rmse_hu" else f"{m[c]:11.4f}" for c in cols
+    def row(name: str, slices: int, window: str, m: dict) -> str:
+        return f"{name:12s} {slices:6d} {window:>11s} " + " ".join(
+            f"{m[c]:12.4f}" if c.startswith("ssim") else f"{m[c]:12.2f}" for c in cols
         )
 
-    lines += [row(r["patient"], r["slices"], r) for r in table["patients"]]
-    lines.append(row("mean", table["mean"]["slices"], table["mean"]))
+    for r in table["patients"]:
+        lo, hi = r["window"]
+        lines.append(row(r["patient"], r["slices"], f"[{lo:g},{hi:g}]", r))
+    lines.append(row("mean", table["mean"]["slices"], "", table["mean"]))
     return "\n".join(lines)
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    table = baseline_table(args.cache, split=args.split)
+    table = baseline_table(args.cache, split=args.split, window=args.window)
     print(json.dumps(table, indent=1) if args.json else _format_baseline(table))
     return EXIT_OK

@@ -25,7 +25,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    tune_crop = 0
+    tune_crop, window = 0, "auto"
     if args.data:
         cache = Path(args.data)
         if not (cache / "manifest.json").is_file():
@@ -35,7 +35,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         data_cfg = load_config(args.profile or "quick").data
         cache, _ = ensure_data(data_cfg)
-        tune_crop = data_cfg.tune_crop
+        tune_crop, window = data_cfg.tune_crop, data_cfg.window
     denoiser, label = None, "model"
     if args.model or args.model_version or args.checkpoint or args.onnx:
         denoiser, label = load_denoiser(
@@ -54,6 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         denoiser=denoiser,
         model_label=label,
         bm3d=not args.no_bm3d,
+        window=args.window or window,
         progress=not args.quiet and sys.stderr.isatty(),
         **kwargs,
     )

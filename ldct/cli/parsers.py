@@ -34,7 +34,11 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("index", help="read a DICOM tree once into the per-patient HU cache (incremental)")
     p.add_argument("root", help="DICOM root (Mayo 2016 or TCIA LDCT-and-Projection-data layout)")
     p.add_argument("--cache", required=True, help="cache directory (arrays + manifest.json)")
-    p.add_argument("--thickness", default="3mm", help="Mayo series thickness: 3mm or 1mm (default 3mm)")
+    p.add_argument(
+        "--thickness",
+        default="3mm",
+        help="Mayo series thickness where a patient has several (default 3mm); a patient with one uses it",
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip and list bad files instead of stopping")
     p.add_argument("--val", nargs="+", default=[], metavar="P", help="validation patients")
     p.add_argument("--test", nargs="+", default=[], metavar="P", help="test patients")
@@ -50,13 +54,25 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", metavar="IN", help="input directory (Mayo/TCIA tree or any folder of CT slices)")
     p.add_argument("output", metavar="OUT", help="output directory (missing or empty)")
-    p.add_argument("--dose", type=float, default=0.25, help="dose fraction to simulate (default 0.25)")
+    p.add_argument(
+        "--dose",
+        type=float,
+        default=0.25,
+        help="effective dose to simulate, var(full)/var(low) in soft tissue (default 0.25)",
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives identical files")
     p.add_argument(
-        "--i0", type=float, default=None, help="full-dose flux per ray at 180 views (default 1.5e5)"
+        "--i0",
+        type=float,
+        default=None,
+        help="one full-dose flux per ray at 180 views for every slice, uncalibrated (default: each "
+        "slice's flux calibrated to its own measured noise)",
     )
     p.add_argument(
-        "--electronic-noise", type=float, default=None, help="electronic noise std in counts (default 10)"
+        "--electronic-noise",
+        type=float,
+        default=None,
+        help="electronic noise std in counts per reading at 180 views (default 5)",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip and list bad files instead of stopping")
     p.add_argument(
@@ -70,8 +86,20 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("baseline", help="LDCT-vs-full-dose metrics of a split (per patient and mean)")
     p.add_argument("cache", help="cache directory")
     p.add_argument("--split", default="test", help="train, val or test (default test)")
+    _add_window_option(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler="ldct.cli.data:cmd_baseline")
+
+
+def _add_window_option(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument(
+        "--window",
+        choices=("auto", "soft_tissue", "brain"),
+        default=default,
+        help="window of the body metrics: auto (from each slice's BodyPartExamined: head -> brain "
+        "W80/L40, else soft tissue W400/L40), or one for every slice"
+        + ("" if default else " (default: the profile's data.window, else auto)"),
+    )
 
 
 def _add_train_command(sub: argparse._SubParsersAction) -> None:
@@ -136,6 +164,7 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--onnx", metavar="DIR", help="an export directory (from `ldct-best export`)")
     p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--no-bm3d", action="store_true", help="leave BM3D out (8-14 s of CPU per 512x512 slice)")
+    _add_window_option(p, default=None)
     p.add_argument(
         "--tune-slices",
         type=int,
@@ -159,7 +188,11 @@ def _add_study_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="run (or --resume) the loss-weight study", add_help=False)
     p.set_defaults(handler="ldct.cli.study:cmd_study", passthrough=True)
 
-    p = sub.add_parser("repeat", help="a configuration x N seeds: mean ± std, paired test", add_help=False)
+    p = sub.add_parser(
+        "repeat",
+        help="a configuration x N seeds (mean ± std, paired test) or leave-one-real-slice-out (--protocol loso)",
+        add_help=False,
+    )
     p.set_defaults(handler="ldct.cli.repeat:cmd_repeat", passthrough=True)
 
     p = sub.add_parser("profiles", help="list the named profiles and the files they load from")
@@ -281,3 +314,61 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error too (or set LDCT_DEBUG=1)"
     )
+
+
+def build_repeat_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``ldct repeat`` and ``studies/repeat.py`` (ldct.cli.repeat.main)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--study", help="repeat this study's best trial configuration")
+    src.add_argument(
+        "--model-version",
+        "--version",
+        dest="version",
+        help="repeat this registered ldct-denoiser version's configuration",
+    )
+    src.add_argument("--alias", help="repeat the registered version behind this alias (e.g. candidate)")
+    parser.add_argument(
+        "--protocol",
+        choices=["seeds", "loso"],
+        default="seeds",
+        help="seeds: N seeds on the test split (default); loso: each real built-in slice is the test "
+        "fold once, last checkpoint, K noise realizations, 95 %% t-interval over slices",
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; loso: 1)")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="ARM[,ARM]",
+        help="more arms, all at the tuned lr: paper-matched (the paper's λ's), l1, l1+perceptual, "
+        "l1+adv, all (= the tuned arm), redcnn",
+    )
+    parser.add_argument(
+        "--retune-lr",
+        action="store_true",
+        help="first give every arm its best lr of lr x {1/3, 1, 3} on validation",
+    )
+    parser.add_argument("--redcnn-study", help="the redcnn arm takes this study's best trial's model and lr")
+    parser.add_argument("--folds", help="loso: only these real slices as test folds (e.g. ABDOMEN,SPINE)")
+    parser.add_argument(
+        "--no-bm3d",
+        action="store_true",
+        help="loso: leave the BM3D row out (8-14 s of CPU per 512² realization; no endpoint may name bm3d)",
+    )
+    parser.add_argument(
+        "--realizations",
+        type=int,
+        default=4,
+        help="loso: quarter-dose noise realizations per test slice (default 4)",
+    )
+    parser.add_argument(
+        "--profile", help="budget and data (default: the source's own profile, else quick/paper as the study)"
+    )
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--storage", help="Ray storage for the runs (default ./runs; shared on a cluster)")
+    parser.add_argument("--results", default="results", help="where the report goes (default ./results)")
+    return parser

@@ -1,4 +1,5 @@
-"""The loss-weight study: Optuna (TPE) over λ₂ (L1), λ₃ (perceptual), λ_gp and the learning rate.
+"""The loss-weight study: Optuna (TPE) over λ₃/λ₂ (perceptual), λ_adv/λ₂ (adversarial), λ_gp and the
+learning rate, λ₂ (L1) fixed at 1 (RED-CNN: the learning rate only); ASHA prunes poor trials.
 
     ldct study --profile quick                                                    # one machine
     python studies/loss_weights.py --profile quick                                # the same (thin caller)
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 1
 
     completed = sum(t["status"] == "completed" for t in result.trials)
+    pruned = sum(t["status"] == "stopped" for t in result.trials)
     print(
-        f"\nstudy {result.study}: {completed}/{len(result.trials)} trials completed in "
+        f"\nstudy {result.study}: {completed}/{len(result.trials)} trials completed ({pruned} pruned by ASHA) in "
         f"{result.wall_seconds / 60:.1f} min; training steps took {result.train_seconds / 60:.1f} min "
         f"({100 * result.train_seconds / max(result.wall_seconds, 1e-9):.0f} % of the wall time)"
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CHECKOUT_PROFILE_DIR = PROJECT_ROOT / "studies"
 PACKAGED_PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 PROFILE_DIR = CHECKOUT_PROFILE_DIR if CHECKOUT_PROFILE_DIR.is_dir() else PACKAGED_PROFILE_DIR
+# A study endpoint's shape (ldct.study.endpoints checks the names): metric:arm-reference>=margin.
+_ENDPOINT = re.compile(r"[a-z0-9_]+:[a-z0-9+_.-]+-[a-z0-9+_.-]+(>=|<=)[-+]?\d+(\.\d*)?")
 
 
 # Closed sets of values: their consumers (training engine and DDP setup, patch sampler, perceptual
@@ -36,6 +39,7 @@ Precision = Literal["auto", "fp16", "fp32"]
 SyncBN = Literal["auto", "on", "off"]
 Schedule = Literal["constant", "warmup_cosine"]
 PatchSampling = Literal["slice", "area"]
+WindowMode = Literal["auto", "soft_tissue", "brain"]  # = ldct.metrics.WINDOW_MODES
 PerceptualNet = Literal["vgg11", "vgg13", "vgg16", "vgg19"]
 DebugLoss = Literal["loss_g", "loss_critic"]
 DebugValue = Literal["nan", "inf"]
@@ -103,6 +107,9 @@ class DataConfig(_Checked):
     # (0 = whole slices). Whole slices by default: the central 128² of the real head slice is
     # uniform brain, where σ = 3 px won and then lost 6 dB to the LDCT input on the abdomen.
     tune_crop: int = 0
+    # Window of the body metrics (psnr_body...): "auto" = from each slice's DICOM BodyPartExamined
+    # (head: brain W80/L40, else soft tissue W400/L40; ldct.metrics.window_for), or one for all.
+    window: WindowMode = "auto"
 
 
 @dataclass(frozen=True)
@@ -192,10 +199,15 @@ class StudyConfig(_Checked):
     trials: int = 20
     max_concurrent: int = 1
     seed: int = 0
-    lambda_l1_range: tuple[float, float] = (0.1, 10.0)
+    # Search ranges (log-uniform) of ldct.hyperparams.TUNED. λ₂ (loss.lambda_l1) stays 1, so the
+    # loss weights are the ratios λ₃/λ₂ and λ_adv/λ₂; a pixel-loss arch (redcnn) searches lr only.
     lambda_perceptual_range: tuple[float, float] = (0.01, 1.0)
+    lambda_adv_range: tuple[float, float] = (1e-3, 10.0)
     lambda_gp_range: tuple[float, float] = (1.0, 100.0)
     lr_range: tuple[float, float] = (1e-6, 1e-3)
+    # Trials before TPE models the results (the paper's point and extra_points count among them);
+    # 0 = max(2, trials // 3). Optuna's own default (10) exceeds a small study's whole budget.
+    startup_trials: int = 0
     # Points evaluated right after the paper's λ's, each the paper point changed by
     # "key=value[;key=value]" over the tuned keys (e.g. "optim.lr=0.3"). Not clipped to the ranges.
     extra_points: tuple[str, ...] = ()
@@ -226,6 +238,22 @@ class StudyConfig(_Checked):
     # report scores beside this study's best, on the same test slices (e.g. ["redcnn"]). A study
     # not in the store is named in the report, not an error.
     compare: tuple[str, ...] = ()
+    # The confirmatory repeat's endpoints (`ldct repeat --protocol loso`), named before the run:
+    # "METRIC:ARM-REFERENCE>=MARGIN" (or "<=MARGIN" for a lower-is-better metric), e.g.
+    # "psnr_body:tuned-ldct>=4.0" = mean over test slices of tuned minus the LDCT input's
+    # psnr_body, target met when the mean reaches +4.0 and the 95 % t-interval lies above 0.
+    # Names are checked against the metrics and arms when the repeat starts (ldct.study.endpoints).
+    primary_endpoint: str = "psnr_body:tuned-ldct>=4.0"
+    secondary_endpoints: tuple[str, ...] = ("psnr_body:tuned-bm3d>=1.0",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for text in (self.primary_endpoint, *self.secondary_endpoints):
+            if not _ENDPOINT.fullmatch(text):
+                raise ConfigError(
+                    f"study endpoint {text!r}: expected METRIC:ARM-REFERENCE>=MARGIN (or <=MARGIN), "
+                    "e.g. psnr_body:tuned-ldct>=4.0"
+                )
 
 
 @dataclass(frozen=True)
@@ -274,11 +302,25 @@ def _field_types(cls: type) -> tuple[str, tuple[tuple[str, Any], ...]]:
     return prefix, tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
 
 
+# Keys a former version had, with what to do instead. A profile or override naming one is refused;
+# a stored config (a checkpoint's, a run's params) still loads, without it (from_flat).
+RETIRED_KEYS = {
+    "study.lambda_l1_range": (
+        "λ₂ is no longer searched: a study keeps loss.lambda_l1 = 1 and searches λ₃/λ₂ and λ_adv/λ₂ "
+        "(Adam ignores a global loss scale). Remove study.lambda_l1_range; set "
+        "study.lambda_perceptual_range and study.lambda_adv_range (ratios to λ₂) instead"
+    ),
+}
+
+
 def _coerce_section(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
     """``values`` converted to ``cls``'s field types; an unknown key raises, listing the known."""
     _, fields = _field_types(cls)
     hints = dict(fields)
     unknown = [key for key in values if key not in hints]
+    retired = [key for key in unknown if f"{section}.{key}" in RETIRED_KEYS]
+    if retired:
+        raise ConfigError(f"{section}.{retired[0]} was removed: {RETIRED_KEYS[f'{section}.{retired[0]}']}")
     if unknown:
         known = ", ".join(sorted(hints))
         raise ConfigError(f"unknown key {section}.{unknown[0]}; known keys of [{section}]: {known}")
@@ -370,12 +412,13 @@ def to_flat(config: Config) -> dict[str, Any]:
 
 
 def from_flat(flat: dict[str, Any]) -> Config:
-    """Inverse of :func:`to_flat`. Unknown keys raise."""
+    """Inverse of :func:`to_flat`. Unknown keys raise; retired ones (``RETIRED_KEYS``, in configs
+    stored by a former version) are dropped."""
     tree: dict[str, dict[str, Any]] = {}
     norm = {}
     profile = str(flat.get("profile", "custom"))
     for dotted, value in flat.items():
-        if dotted == "profile":
+        if dotted == "profile" or dotted in RETIRED_KEYS:
             continue
         if "." not in dotted:
             raise ConfigError(f"flat key {dotted!r} has no section")

@@ -38,6 +38,7 @@ import numpy as np
 
 from ldct.data.dicom import read_hu
 from ldct.data.discovery import BUILTIN_MARKER, BUILTIN_TEST_PATIENTS, BUILTIN_VAL_PATIENTS
+from ldct.data.noise import ESTIMATOR
 from ldct.data.phantoms import PHANTOM_PIXEL_MM, phantom_spec, render_phantom
 from ldct.data.simulate import (
     ELECTRONIC_NOISE,
@@ -45,14 +46,14 @@ from ldct.data.simulate import (
     I0_FULL_DOSE,
     INSERTION_METHOD,
     REFERENCE_VIEWS,
-    embed_in_body,
+    insert_calibrated,
     simulate_low_dose,
 )
 from ldct.data.writer import ct_slice, hu_to_stored, save
 
 SLICE_THICKNESS_MM = 3.0
 # Bump for a change the code digest below cannot see (it covers the simulating modules' source).
-BUILTIN_VERSION = 2
+BUILTIN_VERSION = 3
 CTSMALL = "CTSMALL"
 # patient -> (file name, where it is, embed in a body outline?). CT_small is a crop of a larger
 # body: its X-rays crossed the whole body, so it is embedded for the simulation (embed_in_body).
@@ -63,8 +64,15 @@ REAL_PATIENTS: dict[str, tuple[str, bool]] = {
     "SPINE": ("bad_sequence.dcm", False),
     "HEADJ2K": ("J2K_pixelrep_mismatch.dcm", False),
 }
-assert set(BUILTIN_TEST_PATIENTS) | set(BUILTIN_VAL_PATIENTS) <= set(REAL_PATIENTS)
-_CODE_MODULES = ("simulate.py", "phantoms.py", "builtin.py", "writer.py")
+# BodyPartExamined written into each real patient's slices (the metrics' display window follows it,
+# ldct.metrics.window_for): the source files' own values, and HEAD for HEAD693 (a CQ500 head CT
+# whose file carries none). Phantoms and CTSMALL carry none: soft tissue, the default.
+BODY_PARTS = {"HEAD693": "HEAD", "ABDOMEN": "PANCREAS", "SPINE": "NECK", "HEADJ2K": "HEAD"}
+# The real slices are the leave-one-slice-out test folds (`ldct repeat --protocol loso`): no
+# choice may be made on their metrics, so the default validation and test patients are phantoms.
+REAL_PATIENT_IDS: tuple[str, ...] = tuple(sorted(REAL_PATIENTS))
+assert not (set(BUILTIN_TEST_PATIENTS) | set(BUILTIN_VAL_PATIENTS)) & set(REAL_PATIENTS)
+_CODE_MODULES = ("simulate.py", "noise.py", "phantoms.py", "builtin.py", "writer.py")
 
 
 def real_source(patient: str) -> Path:
@@ -119,6 +127,8 @@ def builtin_params(
         "filter": FBP_FILTER,
         "real": sorted(REAL_PATIENTS),
         "method": INSERTION_METHOD,
+        "calibration": "real slices: i0 calibrated to the native noise; phantoms: i0",
+        "estimator": ESTIMATOR,
     }
 
 
@@ -142,6 +152,25 @@ def _tree_intact(out: Path, marker: dict) -> bool:
     return True
 
 
+def calibrated_real_slice(
+    patient: str, full: np.ndarray, pixel_size_mm: float, dose: float, seed: int, index: int
+) -> tuple[np.ndarray, dict]:
+    """The quarter dose of a real built-in slice, its flux calibrated to its native noise
+    (:func:`ldct.data.simulate.insert_calibrated`), and the calibration record."""
+    return insert_calibrated(
+        full,
+        pixel_size_mm,
+        dose,
+        np.random.default_rng([seed, 0, index, 1]),
+        seed=seed,
+        embed=REAL_PATIENTS[patient][1],
+        what=f"built-in patient {patient} ({REAL_PATIENTS[patient][0]})",
+        # CT_small's own noise is that of ~0.1 of the reference dose (docs/DESIGN.md §3): kept,
+        # its pair is dose d relative to its own noise, and its source_dose is recorded.
+        check_source=False,
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _real_slices(patient: str, dose: float, seed: int, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
     # Cached per process: the 512x512 slices cost seconds each and are the same for every
@@ -157,17 +186,16 @@ def _real_slices(patient: str, dose: float, seed: int, index: int) -> tuple[np.n
         full, meta = read_hu(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     spacing = float(np.mean(meta["spacing"]))
-    rng = np.random.default_rng([seed, 0, index, 1])
-    if REAL_PATIENTS[patient][1]:
-        canvas, where = embed_in_body(full, spacing)
-        low = simulate_low_dose(canvas, dose, rng, pixel_size_mm=spacing)[where]
+    if dose < 1:
+        low, calibration = calibrated_real_slice(patient, full, spacing, dose, seed, index)
     else:
-        low = simulate_low_dose(full, dose, rng, pixel_size_mm=spacing)
+        low, calibration = full.copy(), {}
     info = {
         "position": [float(v) for v in ds.ImagePositionPatient],
         "orientation": [float(v) for v in ds.ImageOrientationPatient],
         "spacing": [float(v) for v in meta["spacing"]],
         "thickness": float(meta["thickness"] or SLICE_THICKNESS_MM),
+        "calibration": calibration,
     }
     low.flags.writeable = False
     full.flags.writeable = False
@@ -219,9 +247,11 @@ def write_builtin(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the tree is ordinary data
     try:
-        files = _write_tree(tmp, params, progress, tqdm)
+        files, calibration = _write_tree(tmp, params, progress, tqdm)
         (tmp / BUILTIN_MARKER).write_text(
-            json.dumps({"params": params, "files": files}, indent=1, sort_keys=True)
+            json.dumps(
+                {"params": params, "files": files, "calibration": calibration}, indent=1, sort_keys=True
+            )
         )
         _swap_into_place(tmp, out, params)
     finally:
@@ -230,7 +260,7 @@ def write_builtin(
     return out
 
 
-def _write_tree(tmp: Path, params: dict, progress: bool, tqdm) -> dict[str, int]:
+def _write_tree(tmp: Path, params: dict, progress: bool, tqdm) -> tuple[dict[str, int], dict[str, dict]]:
     dose, seed, size, px = params["dose"], params["seed"], params["size"], params["pixel_size_mm"]
     jobs = [(f"PH{k:02d}", k) for k in range(1, params["phantoms"] + 1)]
     total = params["phantoms"] * params["slices"] + len(REAL_PATIENTS)
@@ -238,7 +268,11 @@ def _write_tree(tmp: Path, params: dict, progress: bool, tqdm) -> dict[str, int]
     bar = tqdm(total=total, desc="built-in set", unit="slice", disable=not progress)
     low_desc = f"Quarter Dose Images (simulated, dose {dose:g})"
 
-    def write_pair(patient, index, low, full, position, spacing, thickness, orientation=(1, 0, 0, 0, 1, 0)):
+    calibration: dict[str, dict] = {}
+
+    def write_pair(
+        patient, index, low, full, position, spacing, thickness, orientation=(1, 0, 0, 0, 1, 0), cal=None
+    ):
         study = _uid(seed, patient, "study")
         frame = _uid(seed, patient, "frame")
         for kind, img, number, desc in (("full", full, 1, "Full Dose Images"), ("quarter", low, 2, low_desc)):
@@ -262,11 +296,21 @@ def _write_tree(tmp: Path, params: dict, progress: bool, tqdm) -> dict[str, int]
                 patient=patient,
             )
             ds.Manufacturer = "ldct built-in set"
+            if patient in BODY_PARTS:
+                ds.BodyPartExamined = BODY_PARTS[patient]
             if kind == "quarter":
+                flux = (
+                    f"effective dose {cal['effective_dose']:.3f} measured, I0 {cal['i0']:g} calibrated to the "
+                    f"native noise {cal['native_sigma_hu']:.2f} HU"
+                    if cal
+                    else f"I0 {I0_FULL_DOSE:g} (noise-free phantom)"
+                )
                 ds.DerivationDescription = (
-                    f"ldct built-in set: dose {dose:g}, I0 {I0_FULL_DOSE:g}, electronic noise "
-                    f"{ELECTRONIC_NOISE:g}, seed {seed}; {INSERTION_METHOD}"
+                    f"ldct built-in set: dose {dose:g}, {flux}, electronic noise {ELECTRONIC_NOISE:g}, seed "
+                    f"{seed}; {INSERTION_METHOD}"
                 )[:1024]
+                if cal:
+                    ds.ImageComments = "ldct calibration " + json.dumps(cal, sort_keys=True)
             save(ds, path)
             files[str(path.relative_to(tmp))] = path.stat().st_size
 
@@ -286,12 +330,23 @@ def _write_tree(tmp: Path, params: dict, progress: bool, tqdm) -> dict[str, int]
             bar.update()
     for index, patient in enumerate(sorted(REAL_PATIENTS)):
         low, full, info = _real_slices(patient, dose, seed, index)
+        cal = info["calibration"]
         write_pair(
-            patient, 1, low, full, info["position"], info["spacing"], info["thickness"], info["orientation"]
+            patient,
+            1,
+            low,
+            full,
+            info["position"],
+            info["spacing"],
+            info["thickness"],
+            info["orientation"],
+            cal,
         )
+        if cal:
+            calibration[patient] = dict(cal)
         bar.update()
     bar.close()
-    return files
+    return files, calibration
 
 
 def _swap_into_place(tmp: Path, out: Path, params: dict) -> None:

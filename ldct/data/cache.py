@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 
 from ldct.config import DataConfig
 from ldct.data.builtin import builtin_params, write_builtin
@@ -29,13 +30,14 @@ from ldct.data.manifest import (
     CacheError,
     Manifest,
     atomic_save_npy,
+    body_parts,
     load_manifest,
     open_patient,
     resolve_splits,
     write_manifest,
 )
 from ldct.data.phantoms import PHANTOM_PIXEL_MM
-from ldct.metrics import METRIC_NAMES, MetricAccumulator
+from ldct.metrics import METRIC_NAMES, MetricAccumulator, resolve_window
 
 
 def _fingerprint(root: Path, files: list[Path]) -> str:
@@ -110,7 +112,7 @@ def build_cache(
     """Index ``root`` into ``cache_dir`` (incremental, idempotent; see the module docstring).
 
     ``val``/``test`` name held-out patients; when empty, the splits of an existing manifest are
-    kept, else the defaults (built-in: val = HEAD693, test = ABDOMEN + CTSMALL; otherwise test =
+    kept, else the defaults (built-in: val = PH01, test = PH02, the real slices train; otherwise test =
     last patient, val = second-to-last).
     """
     root = Path(root).resolve()
@@ -279,6 +281,9 @@ def _read_patient(
         bar.update()
     h, w = pairs[0].shape
     arrays = {"low": f"{patient}_low.npy", "full": f"{patient}_full.npy"}
+    # One value per patient, from its first cached full-dose slice: it picks the window the
+    # patient's slices are scored in (ldct.metrics.window_for).
+    body_part = _body_part(root / slices[0]["full"]) if slices else ""
     if slices:
         writing.append(patient)
         atomic_save_npy(cache_dir / arrays["low"], np.stack(lows))
@@ -288,10 +293,21 @@ def _read_patient(
         "shape": [len(slices), h, w],
         "spacing": [float(v) for v in pairs[0].spacing],
         "thickness": pairs[0].thickness,
+        "body_part": body_part,
         "fingerprint": fingerprint,
         "slices": slices,
         "skipped": skipped,
     }
+
+
+def _body_part(path: Path) -> str:
+    """BodyPartExamined of one DICOM file, upper-case, "" if absent or unreadable (the file's
+    pixels were just read, so a failure here can only be the header tag itself)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["BodyPartExamined"])
+    except Exception:  # noqa: BLE001 - a missing tag and an odd header mean the same: no body part
+        return ""
+    return str(ds.get("BodyPartExamined", "") or "").strip().upper()
 
 
 # --------------------------------------------------------------------------- ensure_data
@@ -371,28 +387,45 @@ def ensure_data(data_cfg: DataConfig) -> tuple[Path, dict[str, list[str]]]:
 # --------------------------------------------------------------------------- baseline
 
 
-def baseline_table(cache_dir: Path | str, split: str = "test", batch: int = 16) -> dict[str, Any]:
-    """LDCT-vs-full-dose metrics of a split: per patient and the mean over all its slices."""
+def baseline_table(
+    cache_dir: Path | str, split: str = "test", batch: int = 16, window: str = "auto"
+) -> dict[str, Any]:
+    """LDCT-vs-full-dose metrics of a split: per patient and the mean over all its slices.
+
+    Each patient's body metrics are in its anatomy window (``window``: "auto" = from its
+    BodyPartExamined, or "soft_tissue" / "brain" for all; ``ldct.metrics.resolve_window``).
+    """
     manifest = load_manifest(cache_dir)
     if split not in manifest.splits:
         raise CacheError(f"unknown split {split!r}; the cache has {sorted(manifest.splits)}")
     patients = manifest.splits[split]
     if not patients:
         raise CacheError(f"split {split!r} of {cache_dir} has no patients; splits: {manifest.splits}")
+    parts = body_parts(cache_dir, patients)
     rows = []
     overall = MetricAccumulator()
     for patient in patients:
         low, full = open_patient(cache_dir, patient)
+        hu_window = resolve_window(window, parts[patient])
         acc = MetricAccumulator()
         for start in range(0, low.shape[0], batch):
             lo = np.asarray(low[start : start + batch], dtype=np.float32)
             fu = np.asarray(full[start : start + batch], dtype=np.float32)
-            acc.update(lo, fu)
-            overall.update(lo, fu)
-        rows.append({"patient": patient, "slices": int(low.shape[0]), **acc.mean()})
+            acc.update(lo, fu, hu_window)
+            overall.update(lo, fu, hu_window)
+        rows.append(
+            {
+                "patient": patient,
+                "slices": int(low.shape[0]),
+                "body_part": parts[patient],
+                "window": list(hu_window),
+                **acc.mean(),
+            }
+        )
     mean = overall.mean()
     return {
         "split": split,
+        "window_mode": window,
         "patients": rows,
         "mean": {"slices": overall.count, **{k: mean[k] for k in METRIC_NAMES}},
     }

@@ -33,9 +33,11 @@ TCIA_LAYOUT = (
 )
 EXPECTED_LAYOUTS = f"expected {MAYO_LAYOUT} or {TCIA_LAYOUT}"
 BUILTIN_MARKER = ".ldct-builtin.json"
-# Held-out real patients of the built-in set (ldct.data.builtin): test is real anatomy only.
-BUILTIN_TEST_PATIENTS = ("ABDOMEN", "CTSMALL")
-BUILTIN_VAL_PATIENTS = ("HEAD693",)
+# Held-out patients of the built-in set (ldct.data.builtin): phantoms. The real slices train by
+# default and are the leave-one-slice-out test folds (`ldct repeat --protocol loso` names one as
+# data.test_patients), so no choice is ever made on a real slice's metrics.
+BUILTIN_VAL_PATIENTS = ("PH01",)
+BUILTIN_TEST_PATIENTS = ("PH02",)
 
 _MAYO_SERIES = re.compile(r"^(full|quarter)_(\d+(?:\.\d+)?)mm$", re.IGNORECASE)
 _DICOM_SUFFIXES = {"", ".ima", ".dcm", ".dicom"}
@@ -121,6 +123,16 @@ def _mayo_series_dirs(patient_dir: Path) -> dict[tuple[str, str], Path]:
     return found
 
 
+def mayo_thickness_of(series: dict[tuple[str, str], Path], preferred: str) -> str:
+    """The thickness of a Mayo patient's pair to use: ``preferred`` if it has both doses there,
+    else its only thickness with both doses (a tree of 5 mm and 1 mm patients indexes without a
+    flag); ``preferred`` otherwise (several and none preferred: the caller names them)."""
+    paired = sorted({t for k, t in series if k == "full" and ("quarter", t) in series})
+    if preferred in paired or len(paired) != 1:
+        return preferred
+    return paired[0]
+
+
 def detect_layout(root: Path | str) -> str:
     """``"mayo"`` or ``"tcia"``; a missing, empty or unrecognised root raises DicomError."""
     root = Path(root)
@@ -152,17 +164,19 @@ def detect_layout(root: Path | str) -> str:
 def patient_files(root: Path | str, layout: str, mayo_thickness: str = "3mm") -> dict[str, list[Path]]:
     """Candidate DICOM files per patient, without opening them (cheap: used to fingerprint a patient).
 
-    Mayo: the files of ``full_<t>`` and ``quarter_<t>``; TCIA: every file under the patient.
+    Mayo: the files of ``full_<t>`` and ``quarter_<t>`` (``t`` by :func:`mayo_thickness_of`);
+    TCIA: every file under the patient.
     """
     root = Path(root)
     out: dict[str, list[Path]] = {}
     for patient_dir in _subdirs(root):
         if layout == "mayo":
             series = _mayo_series_dirs(patient_dir)
+            thickness = mayo_thickness_of(series, mayo_thickness)
             files = []
             for kind in ("full", "quarter"):
-                if (kind, mayo_thickness) in series:
-                    files += _files_in(series[(kind, mayo_thickness)])
+                if (kind, thickness) in series:
+                    files += _files_in(series[(kind, thickness)])
         else:
             files = [f for study in _subdirs(patient_dir) for s in _subdirs(study) for f in _files_in(s)]
         out[patient_dir.name] = files
@@ -339,6 +353,7 @@ def _one_grid(patient: str, pairs: list[SlicePair], bad: _Collector) -> list[Sli
 
 def _discover_mayo_patient(patient_dir: Path, thickness: str, bad: _Collector) -> list[SlicePair]:
     series = _mayo_series_dirs(patient_dir)
+    thickness = mayo_thickness_of(series, thickness)
     full_dir, low_dir = series.get(("full", thickness)), series.get(("quarter", thickness))
     if full_dir is None or low_dir is None:
         have = ", ".join(sorted(f"{k}_{t}" for k, t in series)) or "nothing"
@@ -450,14 +465,15 @@ def discover(
 
 
 def default_split(patients: Sequence[str], builtin: bool = False) -> tuple[list[str], list[str]]:
-    """(val, test) when none are named: built-in -> val = HEAD693, test = ABDOMEN + CTSMALL (real
-    anatomy only); otherwise test = last patient (sorted), val = second-to-last."""
+    """(val, test) when none are named: built-in -> val = PH01, test = PH02 (phantoms; the real
+    slices train, and are test folds only when named); otherwise test = last patient (sorted),
+    val = second-to-last."""
     names = sorted(patients)
     if builtin and set(BUILTIN_TEST_PATIENTS) <= set(names):
         return [p for p in BUILTIN_VAL_PATIENTS if p in names], list(BUILTIN_TEST_PATIENTS)
-    if builtin and "CTSMALL" in names:  # a tree from before the real panel
-        phantoms = [p for p in names if p != "CTSMALL"]
-        return (phantoms[-1:] if len(phantoms) > 1 else []), ["CTSMALL"]
+    if builtin:  # a single phantom: it is the test patient, nothing validates
+        phantoms = [p for p in names if p.startswith("PH")]
+        return [], phantoms[:1] or names[-1:]
     if len(names) == 1:
         return [], names
     return names[-2:-1] if len(names) > 2 else [], names[-1:]

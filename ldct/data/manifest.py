@@ -26,7 +26,9 @@ from ldct.data.discovery import default_split, split_patients
 from ldct.errors import LdctError
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+# 2: each patient entry carries "body_part" (DICOM BodyPartExamined, "" if absent), which picks
+# the window of its metrics; a version-1 cache is rebuilt (ldct.data.cache reads it as stale).
+MANIFEST_VERSION = 2
 SPLITS = ("train", "val", "test")
 
 
@@ -203,6 +205,17 @@ def open_patient(cache_dir: Path | str, patient: str) -> tuple[np.ndarray, np.nd
         np.load(cache_dir / arrays["low"], mmap_mode="r"),
         np.load(cache_dir / arrays["full"], mmap_mode="r"),
     )
+
+
+def body_parts(cache_dir: Path | str, patients: Sequence[str]) -> dict[str, str]:
+    """Each cached patient's DICOM BodyPartExamined ("" where its full-dose series has none)."""
+    manifest = load_manifest(cache_dir)
+    missing = [p for p in patients if p not in manifest.patients]
+    if missing:
+        raise CacheError(
+            f"patients {missing} are not in the cache {cache_dir}; cached: {manifest.all_patients}"
+        )
+    return {p: str(manifest.patients[p].get("body_part") or "") for p in patients}
 
 
 def resolve_splits(

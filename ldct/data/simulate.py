@@ -1,4 +1,4 @@
-"""Projection-domain low-dose simulation and ``ldct data simulate``.
+"""Projection-domain low-dose simulation, calibrated to each slice's own noise.
 
 Low dose (docs/DESIGN.md §3): the image is converted to linear attenuation and forward projected
 (parallel beam); photon counts with Poisson statistics plus Gaussian electronic noise are drawn
@@ -13,52 +13,66 @@ holds the noise of dose 1, with line-integral variance ``(I + s^2) / I^2`` for `
 counts and electronic noise ``s``. Dose ``d`` has ``(d I + s^2) / (d I)^2``. The difference is the
 variance of counts at flux ``I0 d / (1 - d)`` with electronic noise ``s sqrt((1 + d) / (1 - d))``,
 so that is what is inserted (:func:`insertion_flux`): the total noise is then that of dose ``d``.
-Inserting at ``I0 d`` instead would give ``1 + 1/d`` times the dose-1 variance (an effective dose
-of 0.2 for d = 0.25). A noise-free input (a phantom's true anatomy) is simulated directly
-(``noise_free=True``) at flux ``I0 d`` with electronic noise ``s``.
+A noise-free input (a phantom's true anatomy) is simulated directly (``noise_free=True``) at flux
+``I0 d`` with electronic noise ``s``.
+
+Calibration (:func:`calibrate_flux`). The formula holds only if the source's noise *is* the
+simulator's dose-1 noise at ``I0``. A real slice has its own: ``I0`` is therefore chosen per slice
+so that the simulator's dose-1 noise in its soft tissue equals the slice's native noise σ
+(:func:`ldct.data.noise.estimate_noise_sigma`); then "dose d" is the effective dose d,
+var(full) / var(low) = d in soft tissue. Phantoms (noise-free truth) keep ``I0_FULL_DOSE``.
 
 Exposure control: like a scanner's tube-current modulation, the flux of a slice is scaled by
 ``exp(0.5 (p90 - 2.7))`` (``p90`` the 90th percentile of its line integrals through the body):
 the small phantoms and CT_small keep their calibrated noise, and a 35 cm abdomen is not
-photon-starved (without it, its quarter dose would be at 15 dB in the window convention).
+photon-starved. A calibrated ``i0`` is the argument that, with this factor, gives the native noise.
 
 Angular sampling: ``ceil(pi N / 2)`` views over 180 degrees for an N-pixel image (the Nyquist
 rate of parallel-beam CT), so the noise has no view-aliasing streaks. ``i0`` is the flux per ray
-at the reference sampling of 180 views; with V views each view gets ``i0 * 180 / V`` photons, so
-the dose, and the image noise level, do not depend on the angular sampling.
+at the reference sampling of 180 views; with V views each view gets ``i0 * 180 / V`` photons and
+an electronic noise σ of ``s sqrt(180 / V)`` per reading (the reading integrates 180 / V of the
+reference time), so the dose and both noise terms do not depend on the angular sampling.
+
+Texture: the noise image is reconstructed with a ramp times a Hann window that reaches zero at
+``FBP_CUTOFF_PER_MM`` cycles/mm (or the pixel Nyquist if lower), like a soft-tissue kernel, so its
+noise power spectrum peaks at the same spatial frequency (~0.31 x the cut-off) for any pixel size.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pydicom
-from pydicom.uid import generate_uid
 
-import ldct
-from ldct.data.dicom import DicomError, FrameGeometry, _dcmread, read_frames
-from ldct.data.sources import Source, find_sources
-from ldct.data.writer import ct_slice, derived_series_number, hu_to_stored, mark_derived, output_syntax, save
+from ldct.data.noise import (
+    ESTIMATOR,
+    NoiseEstimateError,
+    added_noise_sigma,
+    estimate_noise_sigma,
+    noise_sigma_in,
+    quiet_windows,
+    soft_tissue_mask,
+)
+from ldct.errors import LdctError
 
 # Linear attenuation of water at the ~70 keV effective energy of a 120 kVp spectrum [1/mm].
 MU_WATER_PER_MM = 0.0192
 I0_FULL_DOSE = 1.5e5
-# Standard deviation of the detector's electronic noise, in photon counts per reading.
-ELECTRONIC_NOISE = 10.0
+# Standard deviation of the detector's electronic noise, in photon counts per reading at the
+# reference sampling (per reading at V views: times sqrt(180 / V)). 5, not the 10 used before:
+# at 10 a noise-free 30 cm water disk's quarter/full noise ratio was 2.12 (2.00 without
+# electronic noise), at 5 it is ~2.03 (benchmarks/calibration.py), i.e. electronic noise is a
+# few percent of the quarter-dose variance behind 30 cm of water.
+ELECTRONIC_NOISE = 5.0
 # The view count at which i0 is defined (see the module docstring).
 REFERENCE_VIEWS = 180
-# Reconstruction filter of the noise image. At 0.7 mm pixels a soft-tissue kernel such as the
-# Mayo data's B30 has little response left at Nyquist, which a Hann-windowed ramp mimics.
-FBP_FILTER = "hann"
+# Reconstruction filter of the noise image: a ramp times a Hann window reaching zero at 0.6
+# cycles/mm (or the pixel Nyquist if lower). A soft-tissue kernel such as the Mayo data's B30 has
+# little response left at ~0.6-0.7 mm⁻¹; 0.6 sits just above the 0.58 mm⁻¹ Nyquist of the coarsest
+# built-in slice (0.86 mm), so every slice gets the same texture in mm (its NPS peak ~0.18 mm⁻¹).
+FBP_CUTOFF_PER_MM = 0.6
+FBP_FILTER = "hann-0.6/mm"
 # Exposure control: the flux of a slice scales with exp(AEC_STRENGTH (p90 - AEC_REFERENCE_P)), p90
 # the 90th percentile of its line integrals through the body; the reference is the phantoms' (and
 # CT_small's) ~2.7, so their calibrated noise stays. Strength 0.5: like clinical exposure control,
@@ -69,8 +83,9 @@ AEC_STRENGTH = 0.5
 INSERTION_METHOD = (
     "projection-domain noise insertion for a full-dose input (Yu et al. 2012): Poisson counts at "
     "flux I0*d/(1-d) per ray, electronic noise E*sqrt((1+d)/(1-d)), FBP of the noisy minus clean "
-    "line integrals added to the input; ceil(pi*N/2) views, flux per view I0*180/views; exposure "
-    "control flux x exp(0.5 (p90 - 2.7))"
+    "line integrals added to the input; ceil(pi*N/2) views, flux per view I0*180/views, electronic "
+    "noise per reading E*sqrt(180/views); ramp x Hann to 0 at 0.6/mm; exposure control flux x "
+    "exp(0.5 (p90 - 2.7)); I0 calibrated per real slice to its native noise"
 )
 
 
@@ -144,6 +159,38 @@ def exposure_factor(line_integrals: np.ndarray) -> float:
     return float(np.exp(AEC_STRENGTH * (np.percentile(body, 90) - AEC_REFERENCE_P)))
 
 
+def reconstruction_filter(
+    size: int, pixel_size_mm: float, cutoff_per_mm: float = FBP_CUTOFF_PER_MM
+) -> np.ndarray:
+    """The frequency response [size] of :data:`FBP_FILTER` on a detector of ``pixel_size_mm`` bins:
+    skimage's discrete ramp (Kak & Slaney eq. 61, no DC bias) times a Hann window reaching zero at
+    ``min(cutoff_per_mm, Nyquist)`` cycles/mm."""
+    n = np.concatenate((np.arange(1, size / 2 + 1, 2, dtype=int), np.arange(size / 2 - 1, 0, -2, dtype=int)))
+    f = np.zeros(size)
+    f[0] = 0.25
+    f[1::2] = -1 / (np.pi * n) ** 2
+    ramp = 2 * np.real(np.fft.fft(f))
+    freq = np.abs(np.fft.fftfreq(size, d=pixel_size_mm))
+    cutoff = min(cutoff_per_mm, 0.5 / pixel_size_mm)
+    window = np.where(freq < cutoff, 0.5 * (1.0 + np.cos(np.pi * freq / cutoff)), 0.0)
+    return ramp * window
+
+
+def _fbp(sino: np.ndarray, theta: np.ndarray, n: int, pixel_size_mm: float, filter_name: str) -> np.ndarray:
+    from skimage.transform import iradon
+
+    if filter_name != FBP_FILTER:
+        return iradon(sino, theta, output_size=n, filter_name=filter_name, circle=False)
+    # skimage's own padding, then our filter in cycles/mm, then its unfiltered back-projection.
+    d = sino.shape[0]
+    size = max(64, int(2 ** np.ceil(np.log2(2 * d))))
+    spectrum = np.fft.fft(np.pad(sino, ((0, size - d), (0, 0))), axis=0)
+    filtered = np.real(np.fft.ifft(spectrum * reconstruction_filter(size, pixel_size_mm)[:, None], axis=0))[
+        :d
+    ]
+    return iradon(filtered, theta, output_size=n, filter_name=None, circle=False)
+
+
 def simulate_low_dose(
     image_hu: np.ndarray,
     dose: float,
@@ -160,11 +207,10 @@ def simulate_low_dose(
     By default ``image_hu`` is a full-dose scan that already holds dose-1 noise, and only the
     missing noise is inserted (dose 1 returns the image unchanged). ``noise_free=True``: the image
     is the true anatomy, simulated directly at dose ``dose``. ``i0`` is the full-dose flux per ray
-    at 180 views; ``views`` defaults to ceil(pi N / 2). The image may be non-square; it is padded
+    at 180 views (for a real slice: :func:`calibrate_flux`, so that dose means effective dose);
+    ``views`` defaults to ceil(pi N / 2). The image may be non-square; it is padded
     with air for the projection.
     """
-    from skimage.transform import iradon
-
     image_hu = np.asarray(image_hu, dtype=np.float32)
     if image_hu.ndim != 2:
         raise ValueError(f"simulate_low_dose expects one [H, W] slice, got shape {image_hu.shape}")
@@ -183,6 +229,7 @@ def simulate_low_dose(
     theta = np.linspace(0.0, 180.0, views, endpoint=False)
     p = _line_integrals(mu_px, theta)
     flux *= REFERENCE_VIEWS / views * exposure_factor(p)
+    sigma_e *= math.sqrt(REFERENCE_VIEWS / views)
 
     expected = flux * np.exp(-p)
     counts = rng.poisson(expected).astype(np.float64)
@@ -192,7 +239,7 @@ def simulate_low_dose(
     counts = np.maximum(counts, 1.0)
     delta_p = np.log(expected / counts)  # noisy minus clean line integral
 
-    noise_px = iradon(delta_p, theta, output_size=n, filter_name=filter_name, circle=False)
+    noise_px = _fbp(delta_p, theta, n, pixel_size_mm, filter_name)
     noise_hu = noise_px[:h, :w] / pixel_size_mm / MU_WATER_PER_MM * 1000.0
     return (image_hu + noise_hu).astype(np.float32)
 
@@ -223,249 +270,170 @@ def embed_in_body(
     return canvas, where
 
 
-# --------------------------------------------------------------------------- ldct data simulate
-
-SIDECAR = "ldct-simulate.json"
+# --------------------------------------------------------------------------- calibration
 
 
 @dataclass(frozen=True)
-class _Run:
-    """The settings of one :func:`simulate_tree` run."""
+class Calibration:
+    """The flux of one real slice (:func:`flux_calibration`)."""
 
-    src: Path
-    tmp: Path  # the output tree while it is written
-    dose: float
-    seed: int
-    i0: float
-    electronic_noise: float
-    skip_bad: bool
-    keep_transfer_syntax: bool
+    native_sigma_hu: float  # the slice's own noise in its soft tissue
+    i0: float  # the flux at which the simulator's dose-1 noise equals it
+    reference_sigma_hu: float  # the simulator's dose-1 noise at the reference flux
+    reference_i0: float
 
-    def uid(self, *parts: Any) -> str:
-        # Same seed and source -> same UID; never one of the input's UIDs.
-        return generate_uid(
-            entropy_srcs=["ldct-simulate", str(self.seed), f"{self.dose:g}", *map(str, parts)]
-        )
+    @property
+    def source_dose(self) -> float:
+        """The slice's own dose relative to the reference flux: (σ_ref / σ_native)²."""
+        return (self.reference_sigma_hu / self.native_sigma_hu) ** 2
 
 
-@dataclass(frozen=True)
-class _Series:
-    """The new identity of one output series pair."""
-
-    key: str  # patient directory
-    thickness: str  # "<t>mm"
-    study_uid: str
-    frame_uid: str
-    series_uid: dict[str, str]  # "full" | "quarter" -> SeriesInstanceUID
-
-
-def simulate_tree(
-    in_dir: Path | str,
-    out_dir: Path | str,
-    dose: float = 0.25,
-    seed: int = 0,
-    i0: float = I0_FULL_DOSE,
+def flux_calibration(
+    full_hu: np.ndarray,
+    pixel_size_mm: float,
+    native_sigma_hu: float,
     electronic_noise: float = ELECTRONIC_NOISE,
-    skip_bad: bool = False,
-    keep_transfer_syntax: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """``ldct data simulate``: routine-dose CT under ``in_dir`` -> Mayo-layout pairs in ``out_dir``.
-
-    ``in_dir``: a Mayo or TCIA tree (its full-dose series are used) or any folder of CT slices
-    (single-frame or Enhanced CT, compressed or not). Each series becomes
-    ``OUT/<PatientID>[-S<SeriesNumber>]/{full,quarter}_<thickness>mm/<n>.IMA``: full = the input
-    HU exactly, quarter = the dose-corrected noise insertion at ``dose`` with the slice's own
-    pixel spacing. Every output UID is new (deterministic per seed); provenance goes into the
-    quarter files' DerivationDescription and ``OUT/ldct-simulate.json``. Nothing under
-    ``in_dir`` is written; ``out_dir`` must be missing or empty and is filled atomically.
-    Returns the sidecar's content.
-    """
-    from tqdm import tqdm
-
-    src, dst = Path(in_dir), Path(out_dir)
-    _check_arguments(src, dst, dose, i0, electronic_noise)
-    sources, skipped, notes = find_sources(src, skip_bad)
-    provenance = {
-        "tool": "ldct data simulate",
-        "tool_version": ldct.__version__,
-        "dose": float(dose),
-        "i0": float(i0),
-        "electronic_noise": float(electronic_noise),
-        "seed": int(seed),
-        "method": INSERTION_METHOD,
-    }
-    files: list[dict[str, Any]] = []
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    run = _Run(src, tmp, dose, seed, i0, electronic_noise, skip_bad, keep_transfer_syntax)
-    try:
-        by_series: dict[tuple[str, str], list[Source]] = {}
-        for s_ in sources:
-            by_series.setdefault((s_.key, s_.thickness), []).append(s_)
-        bar = tqdm(total=len(sources), desc="simulate", unit="slice", disable=not progress)
-        for (key, thickness), members in sorted(by_series.items()):
-            _simulate_series(run, key, thickness, members, files, skipped, notes, bar)
-        bar.close()
-        if not files:
-            raise DicomError(
-                f"{src}: no slice could be simulated; first problem: {skipped[0][1] if skipped else '-'}"
-            )
-        sidecar = {
-            **provenance,
-            "input": str(src.resolve()),
-            "files": files,
-            "skipped": skipped,
-            "notes": notes,
+    reference_i0: float = I0_FULL_DOSE,
+    mask: np.ndarray | None = None,
+    seed: int = 0,
+    dose: float | None = None,
+    iterations: int = 2,
+) -> Calibration:
+    """:func:`calibrate_flux` with the reference noise it measured on the way."""
+    full_hu = np.asarray(full_hu, dtype=np.float32)
+    if not native_sigma_hu > 0:
+        raise NoiseEstimateError(f"native noise must be > 0 HU to calibrate the flux, got {native_sigma_hu}")
+    if dose is not None and not 0 < dose < 1:
+        raise ValueError(f"dose must be in (0, 1) to calibrate an insertion, got {dose}")
+    mask = soft_tissue_mask(full_hu, pixel_size_mm) if mask is None else mask
+    noise_sigma_in(full_hu, mask, pixel_size_mm, "the slice")  # enough soft tissue, or a clear error
+    windows = quiet_windows(full_hu, mask, pixel_size_mm)
+    # What the simulator must produce at the right flux: dose-1 noise equal to the native noise,
+    # or (a dose given) the inserted noise that brings the native noise to dose d.
+    gain = 1.0 if dose is None else math.sqrt((1.0 - dose) / dose)
+    target = native_sigma_hu * gain
+    i0, sigma_ref = float(reference_i0), 0.0
+    # A third of the views: the noise level does not depend on the angular sampling (flux and
+    # electronic noise per view scale with it; HEAD693 and ABDOMEN: within 1 % of all views),
+    # and each calibration draw costs a third of a full one.
+    views = max(16, views_for(max(full_hu.shape)) // 3)
+    for k in range(iterations):
+        # Measured exactly as the native noise was (same estimator, same pixels). sigma^2 ~ 1/i0
+        # (+ an electronic term ~ 1/i0^2 and the log's curvature at low counts), so one rescaling
+        # gets close and a second one absorbs the rest.
+        rng = np.random.default_rng([seed, 0xCA1B, k])
+        kwargs = {
+            "i0": i0,
+            "electronic_noise": electronic_noise,
+            "pixel_size_mm": pixel_size_mm,
+            "views": views,
         }
-        (tmp / SIDECAR).write_text(
-            json.dumps({k: v for k, v in sidecar.items() if k != "input"}, indent=1, sort_keys=True) + "\n"
-        )
-        if dst.exists():
-            dst.rmdir()
-        os.rename(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return sidecar
+        if dose is None:
+            noise = simulate_low_dose(full_hu, 1.0, rng, noise_free=True, **kwargs) - full_hu
+        else:
+            noise = simulate_low_dose(full_hu, dose, rng, **kwargs) - full_hu
+        sigma = added_noise_sigma(noise, windows, pixel_size_mm)
+        if k == 0:
+            sigma_ref = sigma / gain
+        i0 *= (sigma / target) ** 2
+    return Calibration(float(native_sigma_hu), float(i0), float(sigma_ref), float(reference_i0))
 
 
-def _check_arguments(src: Path, dst: Path, dose: float, i0: float, electronic_noise: float) -> None:
+def calibrate_flux(
+    full_hu: np.ndarray,
+    pixel_size_mm: float,
+    native_sigma_hu: float,
+    electronic_noise: float = ELECTRONIC_NOISE,
+    reference_i0: float = I0_FULL_DOSE,
+    mask: np.ndarray | None = None,
+    seed: int = 0,
+    dose: float | None = None,
+) -> float:
+    """The ``i0`` (per ray at 180 views, before exposure control) at which the simulator's dose-1
+    noise in this slice's soft tissue equals ``native_sigma_hu`` (from
+    :func:`ldct.data.noise.estimate_noise_sigma`). ``simulate_low_dose(full_hu, d, rng, i0=...)``
+    then gives effective dose d: var(full) / var(low) = d in soft tissue. With ``dose`` the
+    insertion at that dose is calibrated instead (its noise sqrt(1/d - 1) x native): the same
+    flux up to the log's curvature at low counts, which it absorbs (the effective dose of a
+    large body comes out ~0.21 instead of 0.25 otherwise). ``mask``: the pixels to measure on
+    (default: the soft tissue of ``full_hu``; an embedded crop passes its own)."""
+    return flux_calibration(
+        full_hu, pixel_size_mm, native_sigma_hu, electronic_noise, reference_i0, mask, seed, dose
+    ).i0
+
+
+def effective_dose(
+    full_hu: np.ndarray, low_hu: np.ndarray, pixel_size_mm: float, mask: np.ndarray | None = None
+) -> float:
+    """Measured effective dose of a pair: var(full) / var(low) = σ_full² / (σ_full² + σ_ins²) in the
+    full dose's soft tissue, σ_full its native noise and σ_ins that of the inserted noise
+    ``low - full``: σ_full by the native-noise estimator, σ_ins as the root mean local variance
+    over the windows that estimator settled on (:func:`ldct.data.noise.quiet_windows`). The
+    inserted noise is measured on its own because it is independent of the native noise (the
+    variances add), while a mode over windows of ``low`` would pick other windows than over
+    ``full`` (anatomy and the inserted noise's spatial variation do not line up)."""
+    full_hu = np.asarray(full_hu, dtype=np.float64)
+    mask = soft_tissue_mask(full_hu, pixel_size_mm) if mask is None else mask
+    full = noise_sigma_in(full_hu, mask, pixel_size_mm, "the full dose")
+    windows = quiet_windows(full_hu, mask, pixel_size_mm)
+    inserted = added_noise_sigma(np.asarray(low_hu, dtype=np.float64) - full_hu, windows, pixel_size_mm)
+    return float(full**2 / (full**2 + inserted**2))
+
+
+class SourceTooNoisy(LdctError, ValueError):
+    """A source slice already noisier than the requested dose allows."""
+
+
+def insert_calibrated(
+    full_hu: np.ndarray,
+    pixel_size_mm: float,
+    dose: float,
+    rng: np.random.Generator,
+    electronic_noise: float = ELECTRONIC_NOISE,
+    seed: int = 0,
+    embed: bool = False,
+    what: str = "slice",
+    check_source: bool = True,
+) -> tuple[np.ndarray, dict[str, float | str]]:
+    """Effective-dose ``dose`` version of a real full-dose slice and its calibration record.
+
+    Native σ estimated, ``i0`` calibrated to it (:func:`flux_calibration`), the noise inserted at
+    that flux, the effective dose measured on the result. ``embed``: the slice is a crop of a
+    larger body (CT_small), simulated inside :func:`embed_in_body`'s outline and measured on the
+    crop. A source whose own dose relative to the reference flux, (σ_ref / σ_native)², is not
+    above ``dose`` raises :class:`SourceTooNoisy` (``what`` names it): it is no routine-dose
+    image, and its "dose d" copy would be far below d of a routine dose (``check_source=False``
+    makes it anyway and records ``source_dose``: the built-in set's CT_small)."""
+    full_hu = np.asarray(full_hu, dtype=np.float32)
     if not 0 < dose < 1:
-        raise ValueError(f"--dose must be a fraction of the full dose in (0, 1), got {dose}")
-    if not i0 > 0 or electronic_noise < 0:
-        raise ValueError(f"--i0 must be > 0 and --electronic-noise >= 0, got {i0} and {electronic_noise}")
-    if not src.is_dir():
-        raise DicomError(f"{src}: no such input directory; give a folder of routine-dose CT slices")
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents or d in s.parents:
-        raise ValueError(
-            f"output {dst} and input {src} overlap; choose an output outside the input (it is never written)"
+        raise ValueError(f"dose must be a fraction of the full dose in (0, 1), got {dose}")
+    native = estimate_noise_sigma(full_hu, pixel_size_mm, what)
+    crop_mask = soft_tissue_mask(full_hu, pixel_size_mm)
+    if embed:
+        image, where = embed_in_body(full_hu, pixel_size_mm)
+        mask = np.zeros(image.shape, bool)
+        mask[where] = crop_mask
+    else:
+        image, where, mask = full_hu, (slice(None), slice(None)), crop_mask
+    cal = flux_calibration(image, pixel_size_mm, native, electronic_noise, mask=mask, seed=seed, dose=dose)
+    if check_source and cal.source_dose <= dose:
+        raise SourceTooNoisy(
+            f"{what}: its native noise ({native:.1f} HU in soft tissue) is that of dose {cal.source_dose:.2f} "
+            f"of the reference full dose ({cal.reference_sigma_hu:.1f} HU at I0 {cal.reference_i0:g}), not "
+            f"above the requested dose {dose:g}; ask for a dose below {cal.source_dose:.2f} or use a "
+            f"routine-dose series"
         )
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} exists and is not empty; give a new or empty output directory")
-
-
-def _simulate_series(
-    run: _Run,
-    key: str,
-    thickness: str,
-    members: list[Source],
-    files: list[dict[str, Any]],
-    skipped: list[tuple[str, str]],
-    notes: list[tuple[str, str]],
-    bar: Any,
-) -> None:
-    """Simulate and write one output series pair; its slices are numbered along the slice normal."""
-    members.sort(key=lambda m: (m.position, str(m.path), m.frame or 0))
-    first = _dcmread(members[0].path, header_only=True)
-    series = _Series(
-        key=key,
-        thickness=thickness,
-        study_uid=run.uid(first.get("StudyInstanceUID", ""), key, "study"),
-        frame_uid=run.uid(first.get("FrameOfReferenceUID", ""), key, thickness, "frame"),
-        series_uid={kind: run.uid(key, thickness, kind, "series") for kind in ("full", "quarter")},
-    )
-    for n, m in enumerate(members, start=1):
-        try:
-            ds, [(hu, stored, g)] = read_frames(m.path, None if m.frame is None else [m.frame])
-        except DicomError as exc:
-            if not run.skip_bad:
-                raise
-            skipped.append((str(m.path), str(exc)))
-            bar.update()
-            continue
-        files.append(_simulate_slice(run, series, m, n, ds, hu, stored, g, notes))
-        bar.update()
-
-
-def _simulate_slice(
-    run: _Run,
-    series: _Series,
-    m: Source,
-    n: int,
-    ds: pydicom.Dataset,
-    hu: np.ndarray,
-    stored: np.ndarray,
-    g: FrameGeometry,
-    notes: list[tuple[str, str]],
-) -> dict[str, Any]:
-    """Write the full/quarter pair of one source slice (instance ``n``); its sidecar entry."""
-    source_sop = str(ds.get("SOPInstanceUID", ""))
-    digest = hashlib.sha256(f"{source_sop}\0{m.frame}\0{m.path.name}".encode()).digest()
-    rng = np.random.default_rng([run.seed, int.from_bytes(digest[:8], "little")])
-    spacing = float(np.mean(g.spacing))
     low = simulate_low_dose(
-        hu, run.dose, rng, i0=run.i0, electronic_noise=run.electronic_noise, pixel_size_mm=spacing
+        image, dose, rng, i0=cal.i0, electronic_noise=electronic_noise, pixel_size_mm=pixel_size_mm
     )
-    signed = stored.dtype.kind == "i"
-    if stored.dtype.itemsize > 2 or stored.dtype.kind not in "iu":
-        raise DicomError(f"{m.path}: {stored.dtype} pixels; only 16-bit CT is supported")
-    ts_in = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    ts_out, ts_note = output_syntax(ts_in, run.keep_transfer_syntax)
-    if ts_note:
-        notes.append((str(m.path), ts_note))
-    entry = {"source": str(m.path.relative_to(run.src)), "source_sop": source_sop, "frame": m.frame}
-    for kind, pixels in (
-        ("full", stored.astype(np.int16 if signed else np.uint16)),
-        ("quarter", hu_to_stored(low, g.slope, g.intercept, signed)),
-    ):
-        sop = run.uid(source_sop, m.frame, kind, "sop")
-        out = _derived_slice(run, series, kind, pixels, sop, ds, g, n, m.series_number)
-        rel = Path(series.key) / f"{kind}_{series.thickness}" / f"{n}.IMA"
-        save(out, run.tmp / rel, ts_out)
-        entry[kind] = str(rel)
-        entry[f"{kind}_sop"] = sop
-    return entry
-
-
-def _derived_slice(
-    run: _Run,
-    series: _Series,
-    kind: str,
-    pixels: np.ndarray,
-    sop: str,
-    ds: pydicom.Dataset,
-    g: FrameGeometry,
-    n: int,
-    number_in: int,
-) -> pydicom.Dataset:
-    """The ``kind`` ("full" | "quarter") dataset of one source slice, marked as derived."""
-    source_sop = str(ds.get("SOPInstanceUID", ""))
-    out = ct_slice(
-        pixels,
-        slope=g.slope,
-        intercept=g.intercept,
-        sop_uid=sop,
-        series_uid=series.series_uid[kind],
-        study_uid=series.study_uid,
-        frame_uid=series.frame_uid,
-        series_description=(
-            "Full Dose Images" if kind == "full" else f"Quarter Dose Images (simulated, dose {run.dose:g})"
-        ),
-        series_number=number_in,
-        instance=n,
-        spacing=g.spacing,
-        position=g.position,
-        orientation=g.orientation,
-        thickness=g.thickness,
-        template=ds,
-        image_type=[str(v) for v in (ds.get("ImageType") or ["ORIGINAL", "PRIMARY", "AXIAL"])],
-    )
-    derivation = f"ldct {ldct.__version__} data simulate: " + (
-        "full dose, the source image's HU re-encoded"
-        if kind == "full"
-        else f"simulated dose {run.dose:g}, I0 {run.i0:g}, electronic noise {run.electronic_noise:g}, "
-        f"seed {run.seed}; {INSERTION_METHOD}"
-    )
-    mark_derived(
-        out,
-        derivation=derivation,
-        series_number=number_in if kind == "full" else derived_series_number(number_in),
-        sources=[(str(ds.SOPClassUID), source_sop)],
-        contribution="ldct data simulate",
-    )
-    if kind == "full":
-        # Same pixels as the source: keep its ImageType (ORIGINAL stays ORIGINAL).
-        out.ImageType = [str(v) for v in (ds.get("ImageType") or ["ORIGINAL", "PRIMARY", "AXIAL"])]
-    return out
+    low = low[where]
+    record: dict[str, float | str] = {
+        "native_sigma_hu": round(native, 3),
+        "i0": float(f"{cal.i0:.4g}"),
+        "reference_sigma_hu": round(cal.reference_sigma_hu, 3),
+        "source_dose": round(cal.source_dose, 4),
+        "effective_dose": round(effective_dose(full_hu, low, pixel_size_mm, crop_mask), 4),
+        "pixel_size_mm": float(f"{pixel_size_mm:.6g}"),
+        "estimator": ESTIMATOR,
+    }
+    return low, record

@@ -3,7 +3,7 @@ and which output patient directory and series number each one's pair goes to.
 
 A Mayo or TCIA tree gives its full-dose series (its own low-dose series is never a source); any
 other folder gives every CT file in it, single-frame or Enhanced CT. Headers only: the pixels are
-read by :mod:`ldct.data.simulate`, one slice at a time.
+read by :mod:`ldct.data.simulate_tree`, one slice at a time.
 """
 
 from __future__ import annotations

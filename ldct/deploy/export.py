@@ -321,6 +321,9 @@ def _architecture(generator: nn.Module, config: dict[str, Any], multiple: int) -
 
 def _metric_conventions() -> dict[str, str]:
     return {
+        "body": "*_body: inside the full dose's body mask (> -500 HU, largest component, holes filled, "
+        "eroded 2 px), HU clipped to the slice's anatomy window (brain [0, 80] for a head, else soft "
+        "tissue [-160, 240]), data range = window width; rmse_body_hu unclipped",
         "full": "HU clipped to [-1024, 3072], data range 4096",
         "window": "HU clipped to [-160, 240] (abdomen window), data range 400",
         "ssim": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, population covariance",

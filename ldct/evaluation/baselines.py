@@ -1,8 +1,13 @@
-"""The classical baselines of every table: Gaussian smoothing and BM3D, each tuned on validation.
+"""The classical baselines of every table: Gaussian smoothing and BM3D.
 
-Each has one parameter, picked on the validation split from a small fixed grid by mean window
-PSNR, never on the split being scored (docs/DESIGN.md §3): the Gaussian's sigma
-in pixels and BM3D's ``sigma_psd`` in HU.
+Tuned rows have one parameter, picked on the validation split from a fixed grid by mean
+``psnr_body`` (each slice in its anatomy window), never on the split being scored
+(docs/DESIGN.md §3): the Gaussian's sigma in pixels and BM3D's ``sigma_psd`` in HU. A choice on
+the grid's edge extends the grid (up to ``EXTEND_STEPS`` steps, geometric with the grid's own
+last ratio); one still on the edge is flagged (``at_grid_edge``), since the grid then decided the
+value. An untuned row beside them: BM3D given each LDCT slice's own noise level, measured by
+:func:`ldct.data.noise.estimate_noise_sigma` on the input alone (what a user without a tuning set
+would do).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import torch
 
 from ldct.config import HUNormalization
 from ldct.data.cache import ldct_home
+from ldct.data.noise import ESTIMATOR, NoiseEstimateError, estimate_noise_sigma
 from ldct.evaluation.slices import SlicePair, hu_pairs
-from ldct.metrics import MetricAccumulator, psnr_window
+from ldct.metrics import MetricAccumulator, body_mask, psnr_body, psnr_window
 
 # Gaussian baseline: sigmas (pixels) tried on the validation slices; 0 = the LDCT input itself.
 DEFAULT_SIGMAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
@@ -44,6 +50,9 @@ DEFAULT_TUNE_SLICES = 4
 
 
 DEFAULT_TUNE_CROP = 0
+
+# A tuned value on its grid's edge adds up to this many candidates beyond that edge.
+EXTEND_STEPS = 3
 
 
 def gaussian_denoise(hu: np.ndarray | torch.Tensor, sigma: float) -> np.ndarray | torch.Tensor:
@@ -143,33 +152,120 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False)
 
 
+def _score_candidate(
+    method: Callable[[np.ndarray, float], np.ndarray], pairs: Sequence[SlicePair], value: float, bar: Any
+) -> tuple[float, float]:
+    """(mean psnr_body, mean psnr_window) of ``method`` at ``value`` over ``pairs``."""
+    body, window = [], []
+    for pair in pairs:
+        out = method(pair.low, value)
+        body.append(float(psnr_body(out, pair.full, pair.window)[0]))
+        window.append(float(psnr_window(out, pair.full)[0]))
+        bar.update(1)
+    return sum(body) / len(body), sum(window) / len(window)
+
+
+def _beyond(candidates: list[float], upper: bool, lower_bound: float) -> float | None:
+    """The next candidate past the grid's upper or lower end (geometric, the grid's end ratio)."""
+    if len(candidates) < 2:
+        return None
+    if upper:
+        a, b = candidates[-2], candidates[-1]
+        return b * (b / a) if a > 0 else b + (b - a)
+    a, b = candidates[0], candidates[1]
+    nxt = a * (a / b) if a > 0 else a - (b - a)
+    return nxt if nxt > lower_bound else None
+
+
 def tune_parameter(
     method: Callable[[np.ndarray, float], np.ndarray],
     pairs: Sequence[SlicePair],
     candidates: Sequence[float],
     name: str,
     progress: bool = False,
+    extend_steps: int = EXTEND_STEPS,
+    lower_bound: float = 0.0,
 ) -> dict[str, Any]:
-    """Grid search of ``method``'s one parameter by mean window PSNR over ``pairs`` (validation)."""
+    """Grid search of ``method``'s one parameter by mean ``psnr_body`` over ``pairs`` (validation).
+
+    ``candidates`` ascending. A best value at the grid's end extends it (up to ``extend_steps``
+    candidates, never to ``lower_bound`` or below: the Gaussian's σ = 0 is the input itself, a
+    true end); ``at_grid_edge`` says the chosen value is still the grid's end, ``extended`` lists
+    the candidates added.
+    """
     if not pairs:
         raise ValueError(f"no validation slices to tune {name} on")
+    grid = [float(c) for c in candidates]
+    if grid != sorted(set(grid)):
+        raise ValueError(f"{name}: the candidates must be ascending and distinct, got {list(candidates)}")
     started = time.perf_counter()
-    scores = []
-    with progress_bar(len(candidates) * len(pairs), f"tuning {name} on val", progress) as bar:
-        for value in candidates:
-            values = []
-            for pair in pairs:
-                values.append(float(psnr_window(method(pair.low, value), pair.full)[0]))
-                bar.update(1)
-            scores.append(sum(values) / len(values))
-    best = int(np.argmax(scores))
+    scores: list[tuple[float, float]] = []
+    extended: list[float] = []
+    with progress_bar(len(grid) * len(pairs), f"tuning {name} on val", progress) as bar:
+        scores = [_score_candidate(method, pairs, v, bar) for v in grid]
+        while True:
+            best = int(np.argmax([b for b, _ in scores]))
+            upper = best == len(grid) - 1
+            if not (upper or best == 0) or len(extended) >= extend_steps:
+                break
+            nxt = _beyond(grid, upper, lower_bound)
+            if nxt is None:
+                break
+            bar.total += len(pairs)
+            score = _score_candidate(method, pairs, nxt, bar)
+            grid, scores = ([*grid, nxt], [*scores, score]) if upper else ([nxt, *grid], [score, *scores])
+            extended.append(nxt)
+    best = int(np.argmax([b for b, _ in scores]))
+    edge = (best == len(grid) - 1) or (best == 0 and _beyond(grid, False, lower_bound) is not None)
     return {
-        "candidates": [float(c) for c in candidates],
-        "val_psnr_window": scores,
-        "chosen": float(candidates[best]),
+        "candidates": grid,
+        "criterion": "psnr_body",
+        "val_psnr_body": [b for b, _ in scores],
+        "val_psnr_window": [w for _, w in scores],
+        "chosen": grid[best],
+        "extended": extended,
+        "at_grid_edge": bool(edge),
         "val_slices": len(pairs),
         "seconds": time.perf_counter() - started,
     }
+
+
+def _haar_sigma(hu: np.ndarray) -> float:
+    """Noise σ from the median absolute finest diagonal Haar coefficient inside the body (Donoho's
+    MAD rule): the fallback where a slice has too little soft tissue for the main estimator."""
+    x = np.asarray(hu, dtype=np.float64)
+    h, w = (x.shape[0] // 2) * 2, (x.shape[1] // 2) * 2
+    x = x[:h, :w]
+    diag = (x[0::2, 0::2] - x[0::2, 1::2] - x[1::2, 0::2] + x[1::2, 1::2]) / 2.0
+    inside = body_mask(x)
+    inside = inside[0::2, 0::2] & inside[0::2, 1::2] & inside[1::2, 0::2] & inside[1::2, 1::2]
+    values = diag[inside] if inside.any() else diag.ravel()
+    return float(np.median(np.abs(values)) / 0.6745)
+
+
+class EstimatedSigmaBM3D:
+    """BM3D whose ``sigma_psd`` is each LDCT slice's own noise σ, measured on the input alone.
+
+    :func:`ldct.data.noise.estimate_noise_sigma` (soft-tissue local-std mode) where the slice has
+    enough soft tissue, else :func:`_haar_sigma`; σ rounded to 0.1 HU (the BM3D cache keys on it).
+    ``last`` holds the σ and the estimator of the latest call (the table records them per slice).
+    """
+
+    def __init__(self, bm3d: Callable[[np.ndarray, float], np.ndarray]) -> None:
+        self.bm3d = bm3d
+        self.last: dict[str, Any] = {}
+
+    def sigma(self, hu: np.ndarray, pixel_size_mm: float) -> tuple[float, str]:
+        try:
+            return estimate_noise_sigma(hu, pixel_size_mm), ESTIMATOR
+        except NoiseEstimateError:
+            return _haar_sigma(hu), "MAD of the finest diagonal Haar coefficients inside the body"
+
+    def __call__(self, hu: np.ndarray, pixel_size_mm: float = 1.0) -> np.ndarray:
+        sigma, how = self.sigma(hu, pixel_size_mm)
+        sigma = max(0.1, round(sigma, 1))
+        self.last = {"sigma_psd": sigma, "estimator": how}
+        return self.bm3d(hu, sigma)
 
 
 def tune_gaussian_sigma(
@@ -178,11 +274,12 @@ def tune_gaussian_sigma(
     sigmas: tuple[float, ...] = DEFAULT_SIGMAS,
     max_slices: int = 0,
 ) -> float:
-    """The sigma from ``sigmas`` with the best mean PSNR (window) on ``slices`` (unit-range dataset items)."""
+    """The sigma from ``sigmas`` with the best mean ``psnr_body`` (soft tissue) on ``slices``
+    (unit-range dataset items)."""
     pairs = hu_pairs(slices, normalization, max_slices)
     scores = []
     for sigma in sigmas:
-        values = [float(psnr_window(gaussian_denoise(low, sigma), full).mean()) for low, full in pairs]
+        values = [float(psnr_body(gaussian_denoise(low, sigma), full).mean()) for low, full in pairs]
         scores.append(sum(values) / len(values))
     return float(sigmas[int(np.argmax(scores))])
 

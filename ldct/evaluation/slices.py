@@ -1,7 +1,9 @@
-"""The slices every table scores: cached pairs in HU, their body mask and noise figure.
+"""The slices every table scores: cached pairs in HU, their anatomy window and noise figure.
 
 Images are read from the cache in HU (int16 -> float32), exactly what the metrics get; only the
-model sees the normalised [0, 1] input (``ldct.evaluation.denoisers``).
+model sees the normalised [0, 1] input (``ldct.evaluation.denoisers``). Each slice carries its
+patient's BodyPartExamined and the window its body metrics are computed in
+(``ldct.metrics.resolve_window``).
 """
 
 from __future__ import annotations
@@ -16,11 +18,8 @@ import torch
 
 from ldct.config import HUNormalization
 from ldct.data.cache import open_patient
-from ldct.metrics import all_metrics
-
-# Pixels of the full-dose image above this HU count as "in the body" for the noise figure: the
-# air around the patient is clipped by every display window and would dilute the estimate.
-BODY_HU = -900.0
+from ldct.data.manifest import load_manifest
+from ldct.metrics import SOFT_TISSUE_WINDOW, all_metrics, body_mask, resolve_window
 
 
 @dataclass(frozen=True)
@@ -31,13 +30,18 @@ class SlicePair:
     index: int
     low: np.ndarray
     full: np.ndarray
+    body_part: str = ""
+    window: tuple[float, float] = SOFT_TISSUE_WINDOW  # of the body metrics
+    pixel_size_mm: float = 1.0
 
 
 def load_slices(
-    cache_dir: Path | str, patients: Sequence[str], max_slices: int = 0, crop: int = 0
+    cache_dir: Path | str, patients: Sequence[str], max_slices: int = 0, crop: int = 0, window: str = "auto"
 ) -> list[SlicePair]:
     """The patients' slice pairs in HU; ``max_slices > 0`` keeps that many spread evenly;
-    ``crop > 0`` keeps each slice's central crop x crop pixels (all of a smaller slice)."""
+    ``crop > 0`` keeps each slice's central crop x crop pixels (all of a smaller slice);
+    ``window``: "auto" (each patient's BodyPartExamined), "soft_tissue" or "brain"."""
+    entries = load_manifest(cache_dir).patients
     items = []
     for patient in patients:
         low, full = open_patient(cache_dir, patient)
@@ -46,13 +50,17 @@ def load_slices(
         items = [items[i] for i in np.linspace(0, len(items) - 1, max_slices).round().astype(int)]
     pairs = []
     for p, s, lo, fu in items:
-        window = _centre(lo.shape[1:], crop)
+        crop_window = _centre(lo.shape[1:], crop)
+        part = str(entries[p].get("body_part") or "")
         pairs.append(
             SlicePair(
                 p,
                 int(s),
-                np.asarray(lo[s][window], dtype=np.float32),
-                np.asarray(fu[s][window], dtype=np.float32),
+                np.asarray(lo[s][crop_window], dtype=np.float32),
+                np.asarray(fu[s][crop_window], dtype=np.float32),
+                part,
+                resolve_window(window, part),
+                float(np.mean(entries[p].get("spacing") or [1.0])),
             )
         )
     return pairs
@@ -67,14 +75,16 @@ def _centre(shape: Sequence[int], crop: int) -> tuple[slice, slice]:
 
 
 def noise_std_hu(low: np.ndarray, full: np.ndarray) -> float:
-    """Std of (low - full) in HU over the body (full-dose HU > BODY_HU; all pixels if none are)."""
+    """Std of (low - full) in HU over the body (:func:`ldct.metrics.body_mask` of the full dose)."""
     diff = np.asarray(low, dtype=np.float64) - np.asarray(full, dtype=np.float64)
-    body = np.asarray(full) > BODY_HU
-    return float(diff[body].std() if body.any() else diff.std())
+    return float(diff[body_mask(np.asarray(full))].std())
 
 
-def slice_metrics(pred_hu: np.ndarray, full_hu: np.ndarray) -> dict[str, float]:
-    return {k: float(v[0]) for k, v in all_metrics(pred_hu, full_hu).items()}
+def slice_metrics(
+    pred_hu: np.ndarray, full_hu: np.ndarray, window: tuple[float, float] | None = None
+) -> dict[str, float]:
+    """Every metric of one slice; ``window``: its body metrics' anatomy window (default soft tissue)."""
+    return {k: float(v[0]) for k, v in all_metrics(pred_hu, full_hu, window).items()}
 
 
 def hu_pairs(slices: Iterable[Any], normalization: HUNormalization, max_slices: int) -> list:

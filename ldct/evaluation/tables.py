@@ -1,10 +1,11 @@
 """``ldct eval``: every method on one split in one table (LDCT input, Gaussian, BM3D, a model).
 
-Each slice of the split is scored against its full-dose twin in both metric conventions of
-docs/DESIGN.md §3 (``window`` and ``full``, plus RMSE in HU), and the table
-gives every slice's own rows and the mean ± std over slices. The classical baselines come tuned
-on validation (``ldct.evaluation.baselines``); the table states their grid and the number of
-validation slices.
+Each slice of the split is scored against its full-dose twin (docs/DESIGN.md §3): first inside
+the body in the slice's anatomy window (``psnr_body``, ``ssim_body``, ``rmse_body_hu``), then the
+paper's whole-slice conventions (``window``, ``full``, RMSE in HU). The table gives every slice's
+own rows and the mean ± std over slices. The classical baselines come tuned on validation
+(``ldct.evaluation.baselines``), beside BM3D given each slice's estimated noise; the table states
+the grids, the number of validation slices and any choice left on its grid's edge.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ldct.evaluation.baselines import (
     DEFAULT_TUNE_CROP,
     DEFAULT_TUNE_SLICES,
     BM3DCache,
+    EstimatedSigmaBM3D,
     gaussian_denoise,
     progress_bar,
     tune_parameter,
@@ -35,7 +37,8 @@ from ldct.evaluation.slices import SlicePair, load_slices, noise_std_hu, slice_m
 from ldct.metrics import METRIC_NAMES
 from ldct.training.loop import prepare_data
 
-ROWS = ("ldct", "gaussian", "bm3d", "model")
+ROWS = ("ldct", "gaussian", "bm3d", "bm3d_est", "model")
+EDGE_MARK = "†edge of grid"
 
 
 def evaluate_split(
@@ -53,15 +56,20 @@ def evaluate_split(
     tune_crop: int = DEFAULT_TUNE_CROP,
     progress: bool = False,
     extra: Sequence[tuple[str, str, Denoiser]] = (),
+    window: str = "auto",
+    bm3d_estimated: bool = True,
 ) -> dict[str, Any]:
     """Score every method on ``patients``' slices; classical parameters tuned on ``val_patients``.
 
     Returns a JSON-able dict: ``rows`` (row keys), ``labels``, ``tuning`` (grid, chosen value,
-    validation slices, seconds per method), ``slices`` (per slice: patient, index, shape,
-    ``noise_std_hu`` and each row's metrics), ``mean`` and ``std`` (over slices, ddof=1; 0 for
-    a single slice). ``bm3d``: True (outputs cached in ``$LDCT_HOME/bm3d``, see
-    :class:`BM3DCache`), a :class:`BM3DCache`, or False (no BM3D row). ``extra``: more
-    (row key, label, denoiser) rows after the model's, scored on the same slices.
+    ``at_grid_edge``, validation slices, seconds per method), ``slices`` (per slice: patient,
+    index, shape, ``body_part``, ``window``, ``noise_std_hu``, the estimated BM3D σ and each
+    row's metrics), ``mean`` and ``std`` (over slices, ddof=1; 0 for a single slice). ``bm3d``:
+    True (outputs cached in ``$LDCT_HOME/bm3d``, see :class:`BM3DCache`), a :class:`BM3DCache`,
+    or False (no BM3D rows); ``bm3d_estimated``: the "BM3D (σ estimated)" row beside the tuned
+    one. ``window``: the body metrics' window ("auto" = each patient's BodyPartExamined,
+    "soft_tissue", "brain"). ``extra``: more (row key, label, denoiser) rows after the model's,
+    scored on the same slices.
     """
     if not patients:
         raise ValueError(f"split {split!r} of {cache_dir} has no patients to evaluate")
@@ -70,10 +78,11 @@ def evaluate_split(
             f"the validation split of {cache_dir} is empty: the classical baselines are tuned on it "
             "(name validation patients with `ldct data index --val ...`)"
         )
-    test = load_slices(cache_dir, patients)
-    val = load_slices(cache_dir, val_patients, max_slices=tune_slices, crop=tune_crop)
+    test = load_slices(cache_dir, patients, window=window)
+    val = load_slices(cache_dir, val_patients, max_slices=tune_slices, crop=tune_crop, window=window)
     tuning: dict[str, Any] = {
         "split": "val",
+        "window_mode": window,
         "patients": list(val_patients),
         "crop": [int(v) for v in val[0].low.shape] if val else [],
         "crop_px": int(tune_crop),
@@ -82,6 +91,9 @@ def evaluate_split(
         tuning["warning"] = "the scored split overlaps the tuning split: the classical rows are optimistic"
     cache = BM3DCache() if bm3d is True else bm3d if bm3d else None
     methods, labels = _classical_rows(val, tuning, gaussian_sigmas, cache, bm3d_sigmas, progress)
+    if cache is not None and bm3d_estimated:
+        methods["bm3d_est"] = EstimatedSigmaBM3D(cache)
+        labels["bm3d_est"] = "BM3D (σ estimated)"
     if denoiser is not None:
         methods["model"] = denoiser
         labels["model"] = model_label
@@ -136,7 +148,10 @@ def _classical_rows(
             "cached": cache.hits,
         }
         methods["bm3d"] = lambda hu, s=tuning["bm3d"]["chosen"]: cache(hu, s)
-        labels["bm3d"] = f"BM3D σ_psd={tuning['bm3d']['chosen']:g}HU"
+        labels["bm3d"] = f"BM3D (σ tuned) σ_psd={tuning['bm3d']['chosen']:g}HU"
+    for key in ("gaussian", "bm3d"):
+        if key in labels and tuning[key]["at_grid_edge"]:
+            labels[key] += f" {EDGE_MARK}"
     return methods, labels
 
 
@@ -149,18 +164,26 @@ def _score(
     with progress_bar(len(test) * len(methods), f"scoring {split}", progress) as bar:
         for pair in test:
             row: dict[str, dict[str, float]] = {}
+            record: dict[str, Any] = {}
             for key, method in methods.items():
                 tick = time.perf_counter()
-                out = method(pair.low)
+                if isinstance(method, EstimatedSigmaBM3D):
+                    out = method(pair.low, pair.pixel_size_mm)
+                    record["bm3d_estimated"] = dict(method.last)
+                else:
+                    out = method(pair.low)
                 seconds[key] += time.perf_counter() - tick
-                row[key] = slice_metrics(out, pair.full)
+                row[key] = slice_metrics(out, pair.full, pair.window)
                 bar.update(1)
             slices.append(
                 {
                     "patient": pair.patient,
                     "index": pair.index,
                     "shape": list(pair.low.shape),
+                    "body_part": pair.body_part,
+                    "window": list(pair.window),
                     "noise_std_hu": noise_std_hu(pair.low, pair.full),
+                    **record,
                     "metrics": row,
                 }
             )
@@ -211,6 +234,7 @@ def evaluate_generator(
         tune_crop=cfg.data.tune_crop,
         progress=progress,
         extra=extra,
+        window=cfg.data.window,
     )
 
 
@@ -224,6 +248,8 @@ def mean_rows(table: dict[str, Any]) -> dict[str, dict[str, float]]:
             row["sigma"] = table["tuning"]["gaussian"]["chosen"]
         if key == "bm3d":
             row["sigma_psd"] = table["tuning"]["bm3d"]["chosen"]
+        if key in ("gaussian", "bm3d"):
+            row["at_grid_edge"] = float(table["tuning"][key]["at_grid_edge"])
         out[names.get(key, key)] = row
     return out
 
@@ -236,7 +262,20 @@ def score_test_split(
 
 
 def _cell(metric: str, value: float) -> str:
-    return f"{value:.2f}" if metric.startswith("psnr") or metric == "rmse_hu" else f"{value:.4f}"
+    return f"{value:.4f}" if metric.startswith("ssim") else f"{value:.2f}"
+
+
+METRICS_NOTE = (
+    "*_body: inside the body (reference > -500 HU, holes filled, eroded 2 px) in each slice's "
+    "anatomy window, range = its width; *_window: whole slice in [-160, 240] HU, range 400; "
+    "*_full: whole slice in [-1024, 3072] HU, range 4096"
+)
+
+
+def _where(s: dict[str, Any]) -> str:
+    """A slice's body part and the window of its body metrics, e.g. "HEAD, window [0, 80] HU"."""
+    lo, hi = s.get("window") or (-160.0, 240.0)
+    return f"{s.get('body_part') or 'body part n/a'}, window [{lo:g}, {hi:g}] HU"
 
 
 def _count(n: int, noun: str) -> str:
@@ -260,8 +299,10 @@ def budget_lines(table: dict[str, Any]) -> list[str]:
             grid = ", ".join(f"{c:g}" for c in t["candidates"])
             crop = tuning.get("crop_px") or 0
             where = f"central {crop}x{crop} px" if crop else "whole slices"
+            extended = t.get("extended") or []
             lines.append(
-                f"{name}: {t['parameter']} tuned on the {tuning['split']} split "
+                f"{name}: {t['parameter']} tuned on the {tuning['split']} split by mean "
+                f"{t.get('criterion', 'psnr_window')} "
                 f"({_count(t['val_slices'], 'slice')}, {where}), {len(t['candidates'])} candidates "
                 f"[{grid}] -> {t['chosen']:g} ({t['seconds']:.1f} s"
                 + (
@@ -269,6 +310,16 @@ def budget_lines(table: dict[str, Any]) -> list[str]:
                     if t.get("cached")
                     else ")"
                 )
+                + (f"; grid extended by [{', '.join(f'{c:g}' for c in extended)}]" if extended else "")
+                + (f"; {EDGE_MARK}: the best value is the grid's end" if t.get("at_grid_edge") else "")
+            )
+    if "bm3d_est" in table.get("rows", []):
+        sigmas = [s["bm3d_estimated"]["sigma_psd"] for s in table["slices"] if "bm3d_estimated" in s]
+        how = {s["bm3d_estimated"]["estimator"] for s in table["slices"] if "bm3d_estimated" in s}
+        if sigmas:
+            lines.append(
+                f"BM3D (σ estimated): sigma_psd = each LDCT slice's own noise σ, "
+                f"{min(sigmas):g}-{max(sigmas):g} HU, no tuning ({'; '.join(sorted(how))})"
             )
     if "warning" in tuning:
         lines.append(f"warning: {tuning['warning']}")
@@ -283,12 +334,12 @@ def format_eval(table: dict[str, Any]) -> str:
     head = f"{'':<{width}}" + "".join(f"{m:>13}" for m in METRIC_NAMES)
     out = [
         f"split {table['split']!r} of {table['cache']}: {_count(len(table['slices']), 'slice')} "
-        f"(window [-160, 240] HU, range 400; full [-1024, 3072] HU, range 4096)"
+        f"({METRICS_NOTE})"
     ]
     for s in table["slices"]:
         out += [
             "",
-            f"{s['patient']} slice {s['index']} ({s['shape'][0]}x{s['shape'][1]}), "
+            f"{s['patient']} slice {s['index']} ({s['shape'][0]}x{s['shape'][1]}, {_where(s)}), "
             f"noise std {s['noise_std_hu']:.1f} HU",
             head,
         ]
@@ -318,14 +369,21 @@ def markdown_eval(table: dict[str, Any], model_label: str | None = None) -> str:
     head = "| " + " | ".join(["method", *METRIC_NAMES]) + " |"
     rule = "|---" * (len(METRIC_NAMES) + 1) + "|"
     n = len(table["slices"])
-    lines = [f"## {table['split']} split: mean ± std over {_count(n, 'slice')}", "", head, rule]
+    lines = [
+        f"## {table['split']} split: mean ± std over {_count(n, 'slice')}",
+        "",
+        METRICS_NOTE,
+        "",
+        head,
+        rule,
+    ]
     for k in keys:
         cells = [_mean_std(m, table["mean"][k][m], table["std"][k][m], n, " ") for m in METRIC_NAMES]
         lines.append(f"| {labels[k]} | " + " | ".join(cells) + " |")
     for s in table["slices"]:
         lines += [
             "",
-            f"### {s['patient']} slice {s['index']} ({s['shape'][0]}x{s['shape'][1]}, "
+            f"### {s['patient']} slice {s['index']} ({s['shape'][0]}x{s['shape'][1]}, {_where(s)}, "
             f"noise std {s['noise_std_hu']:.1f} HU)",
             "",
             head,
@@ -347,7 +405,8 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     labels = {
         "ldct": "LDCT input",
         "classical": "Gaussian filter",
-        "bm3d": "BM3D",
+        "bm3d": "BM3D (σ tuned)",
+        "bm3d_est": "BM3D (σ estimated)",
         "denoised": "denoised (ldct)",
     }
     for key, label in labels.items():
@@ -358,6 +417,8 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
             label = f"Gaussian σ={row['sigma']:.2f}px"
         if key == "bm3d" and "sigma_psd" in row:
             label = f"BM3D σ_psd={row['sigma_psd']:g}HU"
+        if row.get("at_grid_edge"):
+            label += " †"
         rows.append(f"{label:<24}" + "".join(f"{row[m]:>13.4f}" for m in METRIC_NAMES))
     return "\n".join(rows)
 

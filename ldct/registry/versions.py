@@ -141,16 +141,24 @@ def _version_description(cfg: Any, metrics: dict[str, float], tags: dict[str, st
         f"study {tags.get('study') or '-'}, trial {tags.get('trial_id') or '-'} (run {tags['trial_run_id']})",
         f"profile {cfg.profile}, encoder {cfg.model.encoder}; {tuned}",
     ]
-    if "val_psnr_window" in metrics:
-        parts.append(
-            f"validation at step {int(metrics.get('step', 0))}: PSNR(window) {metrics['val_psnr_window']:.2f} dB"
-            + (
-                f" vs LDCT input {metrics['val_ldct_psnr_window']:.2f} dB"
-                if "val_ldct_psnr_window" in metrics
-                else ""
+    # The body metrics lead (inside the body, anatomy window), the whole-slice window figures
+    # after them (a version trained before the body metrics has only these).
+    for kind in ("body", "window"):
+        if f"val_psnr_{kind}" in metrics:
+            parts.append(
+                f"validation at step {int(metrics.get('step', 0))}: "
+                f"PSNR({kind}) {metrics[f'val_psnr_{kind}']:.2f} dB"
+                + (
+                    f" vs LDCT input {metrics[f'val_ldct_psnr_{kind}']:.2f} dB"
+                    if f"val_ldct_psnr_{kind}" in metrics
+                    else ""
+                )
+                + (
+                    f", SSIM({kind}) {metrics[f'val_ssim_{kind}']:.4f}"
+                    if f"val_ssim_{kind}" in metrics
+                    else ""
+                )
             )
-            + (f", SSIM(window) {metrics['val_ssim_window']:.4f}" if "val_ssim_window" in metrics else "")
-        )
     parts.append(
         "files: weights.safetensors + ldct_model.json (safe to load), "
         + ("model.onnx (pad/crop inside, [N,1,H,W] in [0, 1]), " if onnx else "")
@@ -232,6 +240,8 @@ def list_versions(tracking_uri: str | None = None) -> list[dict[str, Any]]:
                 # What the version is: its timm encoder, or its architecture where it has none
                 # (a RED-CNN version carries model.encoder's unused default in its tags).
                 "model": _model_label(v.tags),
+                "val_psnr_body": v.tags.get("val_psnr_body", ""),
+                "val_ssim_body": v.tags.get("val_ssim_body", ""),
                 "val_psnr_window": v.tags.get("val_psnr_window", ""),
                 "val_ssim_window": v.tags.get("val_ssim_window", ""),
                 "fps": v.tags.get("fps", ""),

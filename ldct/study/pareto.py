@@ -2,7 +2,7 @@
 
 The study's search space gains a categorical ``arch_choice`` over ``study.arch_choices`` (a timm
 encoder name for the default architecture, or ``redcnn``); Optuna (multi-objective TPE) then
-maximises the last validation's window PSNR and the generator's 512×512 batch-1 FPS, measured
+maximises the last validation's objective (``VAL_METRIC``) and the generator's 512×512 batch-1 FPS, measured
 by the trial's rank-0 worker on its own device after its last training step
 (``ldct.deploy.throughput``; batch 1 is the gated latency figure, docs/DESIGN.md §5). ASHA is off:
 stopping a fast, still-improving trial on quality alone would bias the front towards slow models.
@@ -20,6 +20,9 @@ from ldct.registry.versions import MODEL_NAME, register_best
 from ldct.study.space import CHOICE_KEY
 from ldct.tracking.runs import study_run, trial_runs
 from ldct.tracking.store import client
+from ldct.training.loop import VAL_METRIC
+
+SECONDARY = "val_psnr_window"  # shown beside the objective
 
 
 def pareto_ranks(points: list[tuple[float, float]]) -> list[int]:
@@ -52,14 +55,14 @@ def scored_runs(mlflow_client: Any, study: str) -> list[Any]:
         for r in trial_runs(mlflow_client, study)
         if r.data.tags.get("ldct.status") == "completed"
         and "fps" in r.data.metrics
-        and "val_psnr_window" in r.data.metrics
+        and VAL_METRIC in r.data.metrics
     ]
 
 
 def log_ranks(mlflow_client: Any, study: str) -> list[dict[str, Any]]:
     """Log ``pareto_rank`` on every scored trial run; returns rows (run, psnr, fps, rank, device)."""
     runs = scored_runs(mlflow_client, study)
-    ranks = pareto_ranks([(r.data.metrics["val_psnr_window"], r.data.metrics["fps"]) for r in runs])
+    ranks = pareto_ranks([(r.data.metrics[VAL_METRIC], r.data.metrics["fps"]) for r in runs])
     rows = []
     for run, rank in zip(runs, ranks, strict=True):
         mlflow_client.log_metric(run.info.run_id, "pareto_rank", rank)
@@ -68,7 +71,8 @@ def log_ranks(mlflow_client: Any, study: str) -> list[dict[str, Any]]:
                 "run_id": run.info.run_id,
                 "trial_id": run.data.tags.get("ldct.trial_id", ""),
                 "arch_choice": run.data.params.get(CHOICE_KEY, run.data.params.get("model.encoder", "")),
-                "val_psnr_window": run.data.metrics["val_psnr_window"],
+                VAL_METRIC: run.data.metrics[VAL_METRIC],
+                SECONDARY: run.data.metrics.get(SECONDARY, math.nan),
                 "fps": run.data.metrics["fps"],
                 "device": run.data.tags.get("ldct.fps_device", ""),
                 "rank": rank,
@@ -80,7 +84,7 @@ def log_ranks(mlflow_client: Any, study: str) -> list[dict[str, Any]]:
 def select_candidate(rows: list[dict[str, Any]], min_fps: float) -> dict[str, Any] | None:
     """The best-quality row whose FPS meets ``min_fps``; None when no row does."""
     meeting = [r for r in rows if r["fps"] >= min_fps]
-    return max(meeting, key=lambda r: r["val_psnr_window"]) if meeting else None
+    return max(meeting, key=lambda r: r[VAL_METRIC]) if meeting else None
 
 
 def register_candidate(
@@ -108,7 +112,7 @@ def register_candidate(
         mlflow_client.set_model_version_tag(MODEL_NAME, version, "fps_device", chosen["device"])
         message = (
             f"registered version {version} as candidate: trial {chosen['trial_id']} "
-            f"({chosen['arch_choice']}), val PSNR {chosen['val_psnr_window']:.2f} dB at "
+            f"({chosen['arch_choice']}), {VAL_METRIC} {chosen[VAL_METRIC]:.2f} dB at "
             f"{chosen['fps']:.3g} FPS >= {min_fps:g} on {chosen['device']}"
         )
     parent = study_run(mlflow_client, study)
@@ -130,36 +134,36 @@ def write_front(rows: list[dict[str, Any]], min_fps: float, message: str, out_di
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for choice in sorted({r["arch_choice"] for r in rows}):
         mine = [r for r in rows if r["arch_choice"] == choice]
-        ax.scatter([r["fps"] for r in mine], [r["val_psnr_window"] for r in mine], label=choice, s=36)
+        ax.scatter([r["fps"] for r in mine], [r[VAL_METRIC] for r in mine], label=choice, s=36)
     front = sorted((r for r in rows if r["rank"] == 1), key=lambda r: r["fps"])
     if front:
         ax.plot(
             [r["fps"] for r in front],
-            [r["val_psnr_window"] for r in front],
+            [r[VAL_METRIC] for r in front],
             "k--",
             lw=1,
             label="Pareto front",
         )
     ax.axvline(min_fps, color="tab:red", lw=1.2, label=f"min_fps {min_fps:g}")
     ax.set_xlabel("FPS at 512×512, batch 1 (trial's device)")
-    ax.set_ylabel("val PSNR, window [dB]")
+    ax.set_ylabel(f"{VAL_METRIC} [dB]")
     ax.set_title("quality × throughput")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=120)
     plt.close(fig)
     lines = [
-        "# Pareto front: val PSNR (window) × 512² FPS",
+        f"# Pareto front: {VAL_METRIC} × 512² FPS",
         "",
         message,
         "",
-        "| trial | arch | val PSNR window [dB] | FPS | device | Pareto rank |",
-        "|---|---|---|---|---|---|",
+        f"| trial | arch | {VAL_METRIC} [dB] | {SECONDARY} [dB] | FPS | device | Pareto rank |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["rank"], -r["val_psnr_window"])):
+    for r in sorted(rows, key=lambda r: (r["rank"], -r[VAL_METRIC])):
         lines.append(
-            f"| {r['trial_id']} | {r['arch_choice']} | {r['val_psnr_window']:.2f} | {r['fps']:.3g} | "
-            f"{r['device']} | {r['rank']} |"
+            f"| {r['trial_id']} | {r['arch_choice']} | {r[VAL_METRIC]:.2f} | "
+            f"{r.get(SECONDARY, math.nan):.2f} | {r['fps']:.3g} | {r['device']} | {r['rank']} |"
         )
     (out / "pareto.md").write_text("\n".join(lines) + "\n")
     return out

@@ -1,19 +1,21 @@
 """Seed repeats: one configuration trained with N seeds, mean ± std on the real test panel.
 
-    ldct repeat --study quick --seeds 3 --also paper    # after `ldct study --profile quick`
-    python studies/repeat.py --alias candidate           # the same (a thin caller of this)
+    ldct repeat --study quick --seeds 3 --also paper-matched   # after `ldct study --profile quick`
+    ldct repeat --study quick --protocol loso --realizations 4 # the confirmatory protocol (ldct.study.loso)
+    python studies/repeat.py --alias candidate                  # the same (a thin caller of this)
 
 The configuration comes from a study's best trial (``--study``) or a registered version
 (``--version`` / ``--alias``): its ``model.*``, ``loss.*`` and ``optim.*`` values. The budget and
 the data (``data.*``, ``train.*``) come from ``--profile`` (default: the source's own profile), so
 every arm of a repeat gets the same iterations. ``train.seed`` varies the network initialisation
-and the patch stream together. ``--also paper`` adds the paper's λ's and lr (clipped into the
-profile's ranges, exactly as the study's first trial) with the *same* seeds, so that each seed
-gives one paired difference.
+and the patch stream together. ``--also`` adds arms (``ldct.study.arms``: the paper's λ's at the
+tuned lr, loss-term ablations, RED-CNN) with the *same* seeds, so that each seed gives one paired
+difference; ``--retune-lr`` first gives every arm its own lr from a small grid, chosen on the
+validation split (:func:`retune_lrs`).
 
-The N (or 2N) runs are a Ray Tune grid of Ray Train runs (``max_concurrent`` from the profile),
-written by the study's MLflow callback: parent run ``repeat-<source>``, one nested run per seed
-with ``train.seed`` and ``repeat_arm`` as params. After training each run's best-validation
+The runs are a Ray Tune grid of Ray Train runs (``max_concurrent`` from the profile), written by
+the study's MLflow callback: parent run ``repeat-<source>``, one nested run per (arm, seed) with
+``train.seed`` and ``repeat_arm`` as params. After training each run's best-validation
 checkpoint is scored on the test split (``test_denoised_*`` metrics on its run); LDCT, Gaussian
 and BM3D (tuned on validation) are scored once, on the parent run. The report
 ``results/<name>/repeat.md`` (+ ``repeat.json``) gives mean ± sample std (ddof=1) over seeds.
@@ -41,16 +43,15 @@ from ldct.evaluation.denoisers import torch_denoiser
 from ldct.evaluation.tables import budget_lines, evaluate_split
 from ldct.registry.load import load_registered
 from ldct.study import scaffold
-from ldct.study.space import first_point
+from ldct.study.arms import LR_FACTORS, TUNED_ARM, build_arms, lr_grid, with_lrs
 from ldct.tracking.runs import best_trial_run, download_state, log_params, log_test_table, trial_runs
 from ldct.tracking.store import PARENT_TAG, client
 from ldct.training.checkpoint import generator_from_state
 from ldct.training.loop import VAL_METRIC
 
-PAPER_ARM = "paper"
-SOURCE_ARM = "source"
-# Source keys that define "the configuration"; everything else is the profile's budget and data.
-CONFIG_SECTIONS = ("model.", "loss.", "optim.")
+# The trial-config key (no dot: not a config key) that marks the runs of --retune-lr.
+PHASE_KEY = "repeat_phase"
+RETUNE_PHASE = "retune"
 
 
 class RepeatError(LdctError, ValueError):
@@ -68,6 +69,7 @@ class RepeatResult:
     labels: dict[str, str]
     classical_budget: list[str]  # how the classical rows were tuned (ldct.evaluation.tables.budget_lines)
     wall_seconds: float
+    retune: dict[str, Any] | None = None  # --retune-lr: grid, validation values, chosen lr per arm
 
 
 def source_config(
@@ -86,19 +88,79 @@ def source_config(
     return (alias or f"v{meta['version']}"), dict(meta["config"])
 
 
-def arms_for(base: Any, source: dict[str, Any], also_paper: bool) -> dict[str, dict[str, Any]]:
-    """Arm name -> the flat config values it sets on top of the profile ``base``."""
-    chosen = {k: v for k, v in source.items() if k.startswith(CONFIG_SECTIONS)}
-    arms = {SOURCE_ARM: chosen}
-    if also_paper:
-        # The study's first trial: the paper's λ's and lr clipped into this profile's ranges.
-        arms[PAPER_ARM] = {**chosen, **first_point(base)}
-    return arms
+def arm_value(arms: dict[str, dict[str, Any]], key: str, spec: Any) -> Any:
+    """A ``tune.sample_from`` body: ``key``'s value in the arm Tune's grid chose for this trial."""
+    return arms[spec.config["repeat_arm"]].get(key)
 
 
-def _arm_value(arms: dict[str, dict[str, Any]], key: str, spec: Any) -> Any:
-    # Tune resolves the grid (arm, seed) first, then this sample_from with the arm it chose.
-    return arms[spec.config["repeat_arm"]][key]
+def arm_params(tune: Any, arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every key any arm sets, resolved per trial from its ``repeat_arm`` (Tune resolves the grid first)."""
+    return {
+        key: tune.sample_from(functools.partial(arm_value, arms, key))
+        for key in sorted({k for values in arms.values() for k in values})
+    }
+
+
+def _retune_lr_value(arms: dict[str, dict[str, Any]], spec: Any) -> float:
+    return float(arms[spec.config["repeat_arm"]]["optim.lr"]) * float(spec.config["retune_factor"])
+
+
+def retune_lrs(
+    cfg: Config,
+    name: str,
+    outputs: scaffold.Outputs,
+    opened: scaffold.Opened,
+    arms: dict[str, dict[str, Any]],
+    callback: Any,
+    seed: int,
+    trainable: Any,
+) -> dict[str, Any]:
+    """``--retune-lr``: every arm at its lr x :data:`LR_FACTORS` (one seed, the profile's budget,
+    the validation split of ``opened``), each arm's lr chosen by its LAST validation
+    :data:`VAL_METRIC` (the fixed budget: no step is chosen). Returns the grid, values and choices."""
+    from ray import tune
+
+    param_space: dict[str, Any] = {
+        **arm_params(tune, arms),
+        PHASE_KEY: RETUNE_PHASE,
+        "repeat_arm": tune.grid_search(list(arms)),
+        "retune_factor": tune.grid_search(list(LR_FACTORS)),
+        "train.seed": seed,
+        "optim.lr": tune.sample_from(functools.partial(_retune_lr_value, arms)),
+    }
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=VAL_METRIC, mode="max", num_samples=1, max_concurrent_trials=cfg.study.max_concurrent
+        ),
+        run_config=scaffold.run_config(f"{name}-retune", outputs, callback),
+    )
+    rows = []
+    for result in tuner.fit():
+        value = (result.metrics or {}).get(VAL_METRIC)
+        rows.append(
+            {
+                "arm": result.config["repeat_arm"],
+                "factor": float(result.config["retune_factor"]),
+                "lr": float(result.config["optim.lr"]),
+                "val": float(value) if value is not None and result.error is None else None,
+            }
+        )
+    chosen = {}
+    for arm in arms:
+        done = [r for r in rows if r["arm"] == arm and r["val"] is not None]
+        if done:
+            chosen[arm] = max(done, key=lambda r: r["val"])["lr"]
+    return {
+        "metric": VAL_METRIC,
+        "factors": list(LR_FACTORS),
+        "seed": seed,
+        "grid": lr_grid(arms),
+        "rows": sorted(rows, key=lambda r: (r["arm"], r["lr"])),
+        "chosen": chosen,
+        "validation_patients": list(opened.splits.get("val", [])),
+    }
 
 
 def run_repeat(
@@ -107,7 +169,9 @@ def run_repeat(
     source: dict[str, Any],
     *,
     seeds: int = 5,
-    also_paper: bool = False,
+    also: list[str] | tuple[str, ...] = (),
+    retune_lr: bool = False,
+    redcnn_source: dict[str, Any] | None = None,
     tracking_uri: str | None = None,
     storage: str | None = None,
 ) -> RepeatResult:
@@ -119,9 +183,10 @@ def run_repeat(
     started = time.perf_counter()
     name = f"repeat-{source_label}"
     base_flat = {**to_flat(cfg), "study.name": name}
-    arms = arms_for(cfg, source, also_paper)
-    base_flat.update(arms[SOURCE_ARM])
-    base = from_flat(base_flat)  # checks every source value against this version's config
+    arms = build_arms(cfg, source, also, redcnn_source)
+    for values in arms.values():
+        from_flat({**base_flat, **values})  # checks every arm's values against this version's config
+    base = from_flat({**base_flat, **arms[TUNED_ARM]})
     seed_list = [int(cfg.train.seed) + i for i in range(seeds)]
 
     outputs = scaffold.resolve_outputs(cfg, tracking_uri, storage)
@@ -134,18 +199,26 @@ def run_repeat(
     cache_dir, splits = opened.cache_dir, opened.splits
     mlflow_client.set_tag(parent, "ldct.role_detail", "repeat")
     mlflow_client.set_tag(parent, "ldct.repeat_source", source_label)
-    log_params(mlflow_client, parent, {"repeat.seeds": seeds, "repeat.also_paper": also_paper})
+    log_params(
+        mlflow_client,
+        parent,
+        {"repeat.seeds": seeds, "repeat.arms": ",".join(arms), "repeat.retune_lr": retune_lr},
+    )
     # The per-run values (seed, arm, the arm's λ's) come from the trial config instead.
     varied = {k for values in arms.values() for k in values} | {"train.seed"}
     callback = scaffold.study_callback(name, outputs, opened, varied)
+    trainable = scaffold.trainable(cfg, outputs, opened)
+    retune = None
+    if retune_lr:
+        retune = retune_lrs(cfg, name, outputs, opened, arms, callback, seed_list[0], trainable)
+        arms = with_lrs(arms, retune["chosen"])
     param_space: dict[str, Any] = {
+        **arm_params(tune, arms),
         "repeat_arm": tune.grid_search(list(arms)),
         "train.seed": tune.grid_search(seed_list),
     }
-    for key in sorted({k for values in arms.values() for k in values}):
-        param_space[key] = tune.sample_from(functools.partial(_arm_value, arms, key))
     tuner = tune.Tuner(
-        scaffold.trainable(cfg, outputs, opened),
+        trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=VAL_METRIC, mode="max", num_samples=1, max_concurrent_trials=cfg.study.max_concurrent
@@ -157,15 +230,10 @@ def run_repeat(
     classical, labels, budget = score_classical(base, cache_dir, splits)
     log_test_table(mlflow_client, parent, classical)
     runs = []
-    # Only this parent's runs: an earlier repeat of the same name (its Ray dir removed) stays apart.
-    mine = [r for r in trial_runs(mlflow_client, name) if r.data.tags.get(PARENT_TAG) == parent]
-    for run in sorted(
-        mine,
-        key=lambda r: (r.data.params.get("repeat_arm", ""), int(r.data.params.get("train.seed", 0))),
-    ):
+    for run in repeat_runs(mlflow_client, name, parent):
         row = {
             "run_id": run.info.run_id,
-            "arm": run.data.params.get("repeat_arm", SOURCE_ARM),
+            "arm": run.data.params.get("repeat_arm", TUNED_ARM),
             "seed": int(run.data.params["train.seed"]),
             "status": run.data.tags.get("ldct.status", "unknown"),
             "test": None,
@@ -177,7 +245,22 @@ def run_repeat(
     wall = time.perf_counter() - started
     mlflow_client.log_metric(parent, "repeat_wall_seconds", wall)
     mlflow_client.set_terminated(parent, status="FINISHED")
-    return RepeatResult(name, outputs.tracking_uri, parent, seed_list, runs, classical, labels, budget, wall)
+    return RepeatResult(
+        name, outputs.tracking_uri, parent, seed_list, runs, classical, labels, budget, wall, retune
+    )
+
+
+def repeat_runs(mlflow_client: Any, name: str, parent: str) -> list[Any]:
+    """The repeat's own runs (not --retune-lr's) under this parent, by arm then seed."""
+    # Only this parent's runs: an earlier repeat of the same name (its Ray dir removed) stays apart.
+    mine = [
+        r
+        for r in trial_runs(mlflow_client, name)
+        if r.data.tags.get(PARENT_TAG) == parent and r.data.params.get(PHASE_KEY) != RETUNE_PHASE
+    ]
+    return sorted(
+        mine, key=lambda r: (r.data.params.get("repeat_arm", ""), int(r.data.params.get("train.seed", 0)))
+    )
 
 
 def score_classical(

@@ -17,7 +17,8 @@ import numpy as np
 from scipy import stats
 
 from ldct.metrics import METRIC_NAMES
-from ldct.study.repeat import PAPER_ARM, SOURCE_ARM, RepeatResult
+from ldct.study.arms import PAPER_MATCHED_ARM, TUNED_ARM
+from ldct.study.repeat import RepeatResult
 from ldct.tracking.store import client
 
 
@@ -58,9 +59,9 @@ def summary_of(result: RepeatResult) -> dict[str, Any]:
             "per_seed": {str(r["seed"]): r["test"] for r in done},
         }
     paired = None
-    if SOURCE_ARM in arms and PAPER_ARM in arms:
-        common = sorted(set(arms[SOURCE_ARM]["seeds"]) & set(arms[PAPER_ARM]["seeds"]))
-        src, pap = arms[SOURCE_ARM]["per_seed"], arms[PAPER_ARM]["per_seed"]
+    if TUNED_ARM in arms and PAPER_MATCHED_ARM in arms:
+        common = sorted(set(arms[TUNED_ARM]["seeds"]) & set(arms[PAPER_MATCHED_ARM]["seeds"]))
+        src, pap = arms[TUNED_ARM]["per_seed"], arms[PAPER_MATCHED_ARM]["per_seed"]
         paired = {
             "seeds": common,
             "metrics": {
@@ -78,6 +79,7 @@ def summary_of(result: RepeatResult) -> dict[str, Any]:
         "paired": paired,
         "wall_seconds": result.wall_seconds,
         "parent_run_id": result.parent_run_id,
+        "retune": result.retune,
     }
 
 
@@ -130,7 +132,7 @@ def markdown(summary: dict[str, Any], cfg: Any, arm_labels: dict[str, str]) -> s
         n = len(paired["seeds"])
         lines += [
             "",
-            f"## {arm_labels.get(SOURCE_ARM)} − {arm_labels.get(PAPER_ARM)}, paired by seed (n={n})",
+            f"## {arm_labels.get(TUNED_ARM)} − {arm_labels.get(PAPER_MATCHED_ARM)}, paired by seed (n={n})",
             "",
             "| metric | mean diff | std diff | paired t-test p | Wilcoxon exact p (smallest possible) |",
             "|---|---|---|---|---|",
@@ -147,6 +149,12 @@ def markdown(summary: dict[str, Any], cfg: Any, arm_labels: dict[str, str]) -> s
             "signed-rank test cannot go below the p in brackets, so it cannot reject at 0.05; it is "
             "shown to check the t-test's normality assumption once n grows.",
         ]
+    retune = summary.get("retune")
+    if retune:
+        lines += ["", f"--retune-lr (seed {retune['seed']}, last {retune['metric']} on validation "
+                  f"{retune['validation_patients']}): " + "; ".join(
+                      f"{r['arm']} lr {r['lr']:.3g} → " + ("failed" if r["val"] is None else f"{r['val']:.3f}")
+                      for r in retune["rows"]) + f". Chosen: {retune['chosen']}."]  # fmt: skip
     lines += [
         "",
         f"Wall time {summary['wall_seconds'] / 60:.1f} min; MLflow parent run {summary['parent_run_id']}.",

@@ -13,31 +13,33 @@ from typing import Any
 from ldct.config import Config
 from ldct.evaluation.denoisers import torch_denoiser
 from ldct.evaluation.tables import evaluate_generator, markdown_eval, mean_rows
-from ldct.hyperparams import PAPER_POINT, TUNED
+from ldct.hyperparams import TUNED
 from ldct.losses import RANDOM_PERCEPTUAL_NOTE
-from ldct.study.space import is_paper_point, paper_label
+from ldct.study.space import first_point_of, is_paper_point, paper_label
 from ldct.tracking.runs import best_trial_run, download_state, log_report, study_run, trial_runs
-from ldct.tracking.store import TAG_TRIAL, TrackingError, client
+from ldct.tracking.store import BEST_METRIC, TAG_TRIAL, TrackingError, client
 from ldct.training.checkpoint import generator_from_state
+from ldct.training.loop import VAL_METRIC
 
-COLUMNS = [
-    "rank",
-    "trial_id",
-    "label",
-    "status",
-    "best_step",
-    "lambda_l1",
-    "lambda_perceptual",
-    "lambda_gp",
-    "lr",
-    "lambda_adv",
-    "val_psnr_window",
-    "val_ssim_window",
-    "val_psnr_full",
-    "val_ssim_full",
-    "val_rmse_hu",
-    "run_id",
-]
+# The validation figures of a row, the objective first (its best value; the others are the last
+# validation's); the window PSNR stays as a secondary column. A metric a run lacks reads NaN.
+METRICS = tuple(
+    dict.fromkeys(
+        (
+            VAL_METRIC,
+            "val_ssim_body",
+            "val_rmse_body_hu",
+            "val_psnr_window",
+            "val_ssim_window",
+            "val_psnr_full",
+        )
+    )
+)
+# Each tuned value's column (and the fixed λ₂ beside them).
+TUNED_COLUMNS = {t.key: t.key.split(".", 1)[1] for t in TUNED} | {"loss.lambda_l1": "lambda_l1"}
+COLUMNS = ["rank", "trial_id", "label", "status", "best_step", *TUNED_COLUMNS.values(), *METRICS, "run_id"]
+# How a trial's status reads in the report: ASHA's stops are Optuna's pruned trials.
+STATUS_TEXT = {"stopped": "pruned (ASHA)"}
 
 
 def _float(value: Any) -> float:
@@ -47,18 +49,12 @@ def _float(value: Any) -> float:
         return math.nan
 
 
-def _first_point_lr(parent: Any) -> tuple[str, float | None]:
-    """The study's profile and its first point's learning rate, from the parent run's params."""
+def _first_point(parent: Any) -> tuple[str, dict[str, float]]:
+    """The study's profile and its first point (the paper's values clipped into its ranges),
+    from the parent run's params."""
     if parent is None:
-        return "?", None
-    params = parent.data.params
-    lr = PAPER_POINT["optim.lr"]
-    try:
-        low, high = (float(v) for v in json.loads(params["study.lr_range"]))
-        lr = min(max(lr, low), high)
-    except (KeyError, TypeError, ValueError):
-        return params.get("profile", "?"), None
-    return params.get("profile", "?"), lr
+        return "?", {}
+    return parent.data.params.get("profile", "?"), first_point_of(parent.data.params)
 
 
 def leaderboard_rows(
@@ -67,38 +63,28 @@ def leaderboard_rows(
     """One row per trial of one study invocation (its parent run; default the latest): best
     validation first, stopped, then failed trials last, and the LDCT input's row. The trial with
     the paper's λ's is labelled "paper λ's under profile P"."""
-    profile, first_lr = _first_point_lr(study_run(mlflow_client, study, parent_run_id))
+    profile, first = _first_point(study_run(mlflow_client, study, parent_run_id))
     rows, ldct_row = [], {}
     for run in sorted(trial_runs(mlflow_client, study, parent_run_id), key=lambda r: r.info.start_time):
         p, m = run.data.params, run.data.metrics
         row = {
             "trial_id": run.data.tags.get(TAG_TRIAL, ""),
-            "label": paper_label(profile) if is_paper_point(p, first_lr) else "",
+            "label": paper_label(profile) if is_paper_point(p, first) else "",
             "perceptual_random": run.data.tags.get("ldct.perceptual", "") != ""
             or str(p.get("loss.perceptual_weights_used", "")).startswith("random"),
             "status": run.data.tags.get("ldct.status", "running"),
             "best_step": p.get("best_step", ""),
-            "lambda_l1": _float(p.get("loss.lambda_l1")),
-            "lambda_perceptual": _float(p.get("loss.lambda_perceptual")),
-            "lambda_gp": _float(p.get("loss.lambda_gp")),
-            "lr": _float(p.get("optim.lr")),
-            "lambda_adv": _float(p.get("loss.lambda_adv")),
-            "val_psnr_window": m.get("best_val_psnr_window", math.nan),
-            "val_ssim_window": m.get("val_ssim_window", math.nan),
-            "val_psnr_full": m.get("val_psnr_full", math.nan),
-            "val_ssim_full": m.get("val_ssim_full", math.nan),
-            "val_rmse_hu": m.get("val_rmse_hu", math.nan),
+            **{column: _float(p.get(key)) for key, column in TUNED_COLUMNS.items()},
+            **{k: m.get(k, math.nan) for k in METRICS},
+            VAL_METRIC: m.get(BEST_METRIC, math.nan),
             "run_id": run.info.run_id,
             "start_time": run.info.start_time,
         }
         rows.append(row)
-        if "val_ldct_psnr_window" in m and not ldct_row:
-            ldct_row = {
-                k: m.get(f"val_ldct_{k}", math.nan)
-                for k in ("psnr_window", "ssim_window", "psnr_full", "ssim_full", "rmse_hu")
-            }
+        if _ldct(VAL_METRIC) in m and not ldct_row:
+            ldct_row = {k: m.get(_ldct(k), math.nan) for k in METRICS}
     order = {"completed": 0, "stopped": 1, "running": 2, "failed": 3}
-    ranked = sorted(rows, key=lambda r: (order.get(r["status"], 2), -_nan_low(r["val_psnr_window"])))
+    ranked = sorted(rows, key=lambda r: (order.get(r["status"], 2), -_nan_low(r[VAL_METRIC])))
     for i, row in enumerate(ranked, 1):
         row["rank"] = i
     return ranked, ldct_row
@@ -108,30 +94,62 @@ def _nan_low(value: float) -> float:
     return -math.inf if value is None or math.isnan(value) else value
 
 
-def _markdown(rows: list[dict[str, Any]], ldct_row: dict[str, float]) -> str:
-    head = "| rank | trial | status | λ₂ | λ₃ | λ_gp | lr | val PSNR win [dB] | val SSIM win | val PSNR full [dB] | val RMSE [HU] |"
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+def _ldct(metric: str) -> str:
+    """The LDCT input's figure beside a validation metric: val_psnr_body -> val_ldct_psnr_body."""
+    return f"val_ldct_{metric.removeprefix('val_')}"
+
+
+def _title(metric: str) -> str:
+    """A metric's column title: val_psnr_body -> "val PSNR body [dB]"."""
+    words = metric.removeprefix("val_").split("_")
+    unit = " [dB]" if words[0] == "psnr" else " [HU]" if "hu" in words else ""
+    words = [w.upper() if w in ("psnr", "ssim", "rmse") else w for w in words if w != "hu"]
+    return f"val {' '.join(words)}{unit}"
+
+
+def _tuned_cell(key: str, value: float) -> str:
+    # NaN: a value the trial's architecture has no use for (RED-CNN's λ_gp in a Pareto study).
+    return "–" if math.isnan(value) else f"{value:.2e}" if key == "optim.lr" else f"{value:.3g}"
+
+
+def _cell(metric: str, value: float) -> str:
+    return f"{value:.4f}" if "ssim" in metric else f"{value:.2f}" if "psnr" in metric else f"{value:.1f}"
+
+
+def _markdown(rows: list[dict[str, Any]], ldct_row: dict[str, float], tpe: str = "") -> str:
+    tuned = [t for t in TUNED if any(not math.isnan(r[TUNED_COLUMNS[t.key]]) for r in rows)]
+    titles = [t.label for t in tuned] + [
+        f"best {_title(k)}" if k == VAL_METRIC else _title(k) for k in METRICS
+    ]
+    lines = [
+        "| rank | trial | status | " + " | ".join(titles) + " |",
+        "|" + "|".join(["---"] * (3 + len(titles))) + "|",
+    ]
     if ldct_row:
-        lines.append(
-            f"| – | LDCT input | – | – | – | – | – | {ldct_row['psnr_window']:.2f} | "
-            f"{ldct_row['ssim_window']:.4f} | {ldct_row['psnr_full']:.2f} | {ldct_row['rmse_hu']:.1f} |"
-        )
+        cells = ["–"] * len(tuned) + [_cell(k, ldct_row[k]) for k in METRICS]
+        lines.append("| – | LDCT input | – | " + " | ".join(cells) + " |")
     for r in rows:
         trial = f"{r['trial_id']} ({r['label']})" if r.get("label") else r["trial_id"]
-        status = "stopped (ASHA)" if r["status"] == "stopped" else r["status"]
-        lines.append(
-            f"| {r['rank']} | {trial} | {status} | {r['lambda_l1']:.3g} | {r['lambda_perceptual']:.3g} "
-            f"| {r['lambda_gp']:.3g} | {r['lr']:.2e} | {r['val_psnr_window']:.2f} | {r['val_ssim_window']:.4f} | "
-            f"{r['val_psnr_full']:.2f} | {r['val_rmse_hu']:.1f} |"
-        )
+        status = STATUS_TEXT.get(r["status"], r["status"])
+        cells = [_tuned_cell(t.key, r[TUNED_COLUMNS[t.key]]) for t in tuned] + [
+            _cell(k, r[k]) for k in METRICS
+        ]
+        lines.append(f"| {r['rank']} | {trial} | {status} | " + " | ".join(cells) + " |")
     notes = []
     labelled = next((r for r in rows if r.get("label")), None)
     if labelled is not None:
         notes.append(
-            f"\n\"{labelled['label']}\": the paper's λ₂, λ₃, λ_gp and lr, with this profile's "
-            f"λ_adv ({labelled.get('lambda_adv', math.nan):g}), encoder, n_critic, batch and iterations; "
-            "not evidence about the paper's recipe."
+            f'\n"{labelled["label"]}": the paper\'s {", ".join(t.label for t in tuned)} (λ₂ = 1), '
+            "clipped into this profile's ranges, with this profile's encoder, n_critic, batch and "
+            "iterations; not evidence about the paper's recipe."
         )
+    if any(r["status"] == "stopped" for r in rows):
+        notes.append(
+            "\npruned (ASHA): stopped by ASHA before the last iteration; its figures are those of a "
+            "shorter training (told to Optuna as pruned, not complete)."
+        )
+    if tpe:
+        notes.append(f"\nSearch: {tpe}.")
     if any(r.get("perceptual_random") for r in rows):
         notes.append(f"\n{RANDOM_PERCEPTUAL_NOTE}.")
     return "\n".join(lines) + "\n" + "".join(n + "\n" for n in notes)
@@ -145,54 +163,60 @@ def _plots(rows: list[dict[str, Any]], ldct_row: dict[str, float], out: Path) ->
     import matplotlib.ticker
     import numpy as np
 
-    done = [r for r in rows if r["status"] == "completed" and not math.isnan(r["val_psnr_window"])]
+    done = [r for r in rows if r["status"] == "completed" and not math.isnan(r[VAL_METRIC])]
+    # Log axes: a value a trial did not search (RED-CNN's λ₃ = 0, λ_gp absent) is left out.
+    tuned = [t for t in TUNED if any(r[TUNED_COLUMNS[t.key]] > 0 for r in done)] or [TUNED[-1]]
+    y_label = _title(VAL_METRIC)
     written = []
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), constrained_layout=True)
-    for ax, (key, label) in zip(axes, [(p.key, p.label) for p in TUNED], strict=True):
-        column = key.split(".")[1]
-        ax.scatter([r[column] for r in done], [r["val_psnr_window"] for r in done], c="tab:blue")
+    fig, axes = plt.subplots(
+        1, len(tuned), figsize=(3.8 * len(tuned), 3.6), constrained_layout=True, squeeze=False
+    )
+    for ax, t in zip(axes[0], tuned, strict=True):
+        mine = [r for r in done if r[TUNED_COLUMNS[t.key]] > 0]
+        ax.scatter([r[TUNED_COLUMNS[t.key]] for r in mine], [r[VAL_METRIC] for r in mine], c="tab:blue")
         if ldct_row:
-            ax.axhline(ldct_row["psnr_window"], color="gray", ls="--", label="LDCT input")
+            ax.axhline(ldct_row[VAL_METRIC], color="gray", ls="--", label="LDCT input")
         ax.set_xscale("log")
         # Minor log ticks get labels on short ranges and overlap; decades are enough.
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel(label)
-        ax.set_ylabel("val PSNR (window) [dB]")
-    axes[0].legend(fontsize=8)
+        ax.set_xlabel(t.label)
+        ax.set_ylabel(y_label)
+    axes[0][0].legend(fontsize=8)
     written.append(out / "psnr_vs_hyperparameters.png")
     fig.savefig(written[-1], dpi=90)
     plt.close(fig)
 
     history = sorted(done, key=lambda r: r["start_time"])
     fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
-    values = [r["val_psnr_window"] for r in history]
+    values = [r[VAL_METRIC] for r in history]
     ax.plot(range(1, len(values) + 1), values, "o", label="trial")
     ax.plot(
         range(1, len(values) + 1), np.maximum.accumulate(values) if values else [], "-", label="best so far"
     )
     if ldct_row:
-        ax.axhline(ldct_row["psnr_window"], color="gray", ls="--", label="LDCT input")
+        ax.axhline(ldct_row[VAL_METRIC], color="gray", ls="--", label="LDCT input")
     ax.set_xlabel("trial (in start order)")
-    ax.set_ylabel("val PSNR (window) [dB]")
+    ax.set_ylabel(y_label)
     ax.legend(fontsize=8)
     written.append(out / "optimization_history.png")
     fig.savefig(written[-1], dpi=90)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
-    if done:
-        columns = [p.key.split(".")[1] for p in TUNED]
-        logs = np.log10(np.array([[r[c] for c in columns] for r in done], dtype=float))
+    both = [r for r in done if all(r[TUNED_COLUMNS[t.key]] > 0 for t in tuned)]
+    if both:
+        columns = [TUNED_COLUMNS[t.key] for t in tuned]
+        logs = np.log10(np.array([[r[c] for c in columns] for r in both], dtype=float))
         span = np.ptp(logs, axis=0)
         scaled = (logs - logs.min(axis=0)) / np.where(span > 0, span, 1.0)
-        scores = np.array([r["val_psnr_window"] for r in done])
+        scores = np.array([r[VAL_METRIC] for r in both])
         cmap = plt.get_cmap("viridis")
         norm = plt.Normalize(scores.min(), scores.max() if scores.max() > scores.min() else scores.min() + 1)
         for line, score in zip(scaled, scores, strict=True):
             ax.plot(range(len(columns)), line, color=cmap(norm(score)), alpha=0.8)
-        ax.set_xticks(range(len(columns)), [p.label for p in TUNED])
+        ax.set_xticks(range(len(columns)), [t.label for t in tuned])
         ax.set_ylabel("log-scaled position in the sampled range")
-        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="val PSNR (window) [dB]")
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=y_label)
     written.append(out / "parallel_coordinates.png")
     fig.savefig(written[-1], dpi=90)
     plt.close(fig)
@@ -224,11 +248,13 @@ def write_report(
                     "rank": "",
                     "trial_id": "LDCT input",
                     "status": "",
-                    **{f"val_{k}": v for k, v in ldct_row.items()},
+                    **ldct_row,
                 }
             )
-        writer.writerows(rows)
-    (out / "leaderboard.md").write_text(_markdown(rows, ldct_row))
+        writer.writerows({**r, "status": STATUS_TEXT.get(r["status"], r["status"])} for r in rows)
+    parent = study_run(mlflow_client, study, parent_id)
+    tpe = parent.data.tags.get("ldct.tpe_startup", "") if parent is not None else ""
+    (out / "leaderboard.md").write_text(_markdown(rows, ldct_row, tpe))
     _plots(rows, ldct_row, out)
 
     summary: dict[str, Any] = {
@@ -238,9 +264,11 @@ def write_report(
         "completed": sum(r["status"] == "completed" for r in rows),
         "failed": sum(r["status"] == "failed" for r in rows),
         "stopped": sum(r["status"] == "stopped" for r in rows),
+        "objective": VAL_METRIC,
         "ldct_val": ldct_row,
     }
-    parent = study_run(mlflow_client, study, parent_id)
+    if tpe:
+        summary["tpe"] = tpe
     if parent is not None:
         summary.update(
             {
@@ -313,8 +341,8 @@ def _test_markdown(table: dict[str, Any]) -> str:
     budget = table.get("learned_budget")
     learned = (
         f"- best trial: the best of {budget['trials']} trials of up to {budget['iterations']} iterations "
-        f"each (ASHA stops poor ones early), checkpoint of step {budget['step']}, selected on "
-        "validation PSNR (window)\n"
+        f"each (ASHA prunes poor ones early), checkpoint of step {budget['step']}, selected on "
+        f"{VAL_METRIC} (the validation split, never the test slices)\n"
         if budget
         else ""
     )
@@ -325,7 +353,7 @@ def _test_markdown(table: dict[str, Any]) -> str:
             learned += (
                 f"- {c['label']}: trial {c['trial']}, the best of {c['trials']} trials of up to "
                 f"{c['iterations']} iterations each, checkpoint of step {c['step']}, selected on "
-                "validation PSNR (window) of its own study\n"
+                f"{VAL_METRIC} of its own study\n"
             )
     header = "# Held-out test split: the study's best trial against LDCT, Gaussian and BM3D\n\n"
     return header + markdown_eval(table) + learned
@@ -334,22 +362,31 @@ def _test_markdown(table: dict[str, Any]) -> str:
 def write_importances(study: str, storage_url: str, out: Path) -> dict[str, Any]:
     """Optuna's parameter importances (fANOVA) of the study: param_importances.md/.png.
 
-    Returns {"importances": {param: share}} or {"error": why} (fewer than two finished trials,
-    say): a report without importances still helps.
+    Computed over the complete trials only (Optuna's default): a pruned trial's value is that of
+    a shorter training, not a point of the objective. Returns {"importances": {param: share},
+    "complete_trials", "pruned_left_out"} or {"error": why} (fewer than two complete trials, say):
+    a report without importances still helps.
     """
     import optuna
 
     try:
         ot_study = optuna.load_study(study_name=study, storage=storage_url)
+        states = [t.state for t in ot_study.trials]
+        complete = states.count(optuna.trial.TrialState.COMPLETE)
+        pruned = states.count(optuna.trial.TrialState.PRUNED)
+        if complete < 2:
+            # fANOVA over one trial splits the importance evenly: a number that says nothing.
+            raise ValueError(f"{complete} complete trial(s) ({pruned} pruned): importances need at least 2")
         # fANOVA named and seeded on purpose: Optuna 5's default evaluator is PED-ANOVA.
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         raw = optuna.importance.get_param_importances(ot_study, evaluator=evaluator)
     except (KeyError, ValueError, RuntimeError) as exc:
         return {"storage": storage_url, "error": str(exc)}
     importances = {name: float(value) for name, value in raw.items()}
-    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in ot_study.trials)
     lines = [
-        f"# Parameter importances (Optuna fANOVA over {complete} complete trials, objective val_psnr_window)",
+        f"# Parameter importances (Optuna fANOVA over {complete} complete trials, objective {VAL_METRIC})",
+        "",
+        f"{pruned} pruned (ASHA) trial(s) left out: a pruned trial's value is that of a shorter training.",
         "",
         "| parameter | importance |",
         "|---|---|",
@@ -368,4 +405,9 @@ def write_importances(study: str, storage_url: str, out: Path) -> dict[str, Any]
     ax.set_xlabel("importance (fANOVA, share of the objective's variance)")
     fig.savefig(out / "param_importances.png", dpi=90)
     plt.close(fig)
-    return {"storage": storage_url, "complete_trials": complete, "importances": importances}
+    return {
+        "storage": storage_url,
+        "complete_trials": complete,
+        "pruned_left_out": pruned,
+        "importances": importances,
+    }

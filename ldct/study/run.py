@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from ldct.cluster import join_storage
-from ldct.config import Config, replace
+from ldct.config import Config, replace, to_flat
 from ldct.data.cache import ldct_home
 from ldct.errors import TrainingError
 from ldct.hyperparams import TUNED_PARAMS
 from ldct.registry.versions import register_best
 from ldct.study import scaffold
 from ldct.study.pareto import register_candidate
+from ldct.study.searcher import PruningOptunaSearch
 from ldct.study.space import (
     CHOICE_KEY,
     default_choice,
@@ -31,10 +32,21 @@ from ldct.study.space import (
     paper_deviations,
     paper_label,
     search_space,
+    startup_sentence,
+    startup_trials,
+    study_config,
+    tpe_sampler,
 )
 from ldct.tracking.runs import best_trial_run, trial_status
-from ldct.tracking.store import TAG_TRIAL, TrackingError
+from ldct.tracking.store import BEST_METRIC, TAG_TRIAL, TrackingError
 from ldct.training.loop import VAL_METRIC
+
+# A study row's validation figures: the objective, its LDCT input's value, the window PSNR/SSIM.
+ROW_METRICS = tuple(
+    dict.fromkeys(
+        (VAL_METRIC, f"val_ldct_{VAL_METRIC.removeprefix('val_')}", "val_psnr_window", "val_ssim_window")
+    )
+)
 
 
 @dataclass
@@ -94,6 +106,7 @@ def run_study(
     """Run (or resume) the study of ``cfg.study`` and register its best trial as ``candidate``."""
     if trials is not None:
         cfg = replace(cfg, study={"trials": trials})
+    cfg = study_config(cfg)
     started = time.perf_counter()
     study = cfg.study.name
     deviations = paper_deviations(cfg)
@@ -105,13 +118,15 @@ def run_study(
     outputs = scaffold.resolve_outputs(cfg, tracking_uri, storage)
     experiment_dir = _check_resume(study, outputs, resume)
     opened = scaffold.open_study(cfg, study, outputs, resume)
-    # Set per trial by arch_choice (logged as its own param) in a Pareto study.
-    per_trial = set(TUNED_PARAMS) | (
-        {"model.arch", "model.encoder", "loss.lambda_adv"} if cfg.study.arch_choices else set()
-    )
-    callback = scaffold.study_callback(study, outputs, opened, per_trial)
+    # Set per trial by the search space (the tuned values, RED-CNN's zeros, arch_choice's
+    # model.arch and model.encoder), so logged from the trial's config, not the study's.
+    callback = scaffold.study_callback(study, outputs, opened, search_space(cfg).config_keys())
     optuna_url = optuna_storage_url(cfg, outputs.storage)
     opened.mlflow_client.set_tag(opened.parent_run_id, "ldct.optuna_storage", optuna_url)
+    points = 1 + len(cfg.study.extra_points)
+    tpe = startup_sentence(startup_trials(cfg), points, cfg.study.trials)
+    opened.mlflow_client.set_tag(opened.parent_run_id, "ldct.tpe_startup", tpe)
+    print(f"[ldct] {tpe}", flush=True)
     print(f"[ldct] Optuna study {study!r} in {optuna_url} (optuna-dashboard {optuna_url})", flush=True)
     tuner = _tuner(cfg, outputs, opened, callback, optuna_url, experiment_dir, resume)
     grid = tuner.fit()
@@ -162,10 +177,8 @@ def _tuner(
     resume: bool,
 ) -> Any:
     """A new Tuner (TPE from the paper's point, ASHA), or the stopped study's Tuner restored."""
-    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     study = cfg.study.name
     trainable = scaffold.trainable(cfg, outputs, opened)
@@ -178,13 +191,17 @@ def _tuner(
         points = [{**p, CHOICE_KEY: default_choice(cfg)} for p in points]
     # Pareto: both objectives to Optuna (multi-objective TPE), Tune's own metric unset, no ASHA.
     pareto = cfg.study.pareto
-    searcher = OptunaSearch(
+    # ASHA-stopped trials are told PRUNED (ldct.study.searcher), and TPE starts after a start-up
+    # sized to the budget (Optuna's default of 10 exceeds a 6-trial study: TPE never ran).
+    searcher = PruningOptunaSearch(
+        space=search_space(cfg),
         metric=[VAL_METRIC, "fps"] if pareto else VAL_METRIC,
         mode=["max", "max"] if pareto else "max",
         points_to_evaluate=points,
-        sampler=optuna.samplers.TPESampler(seed=cfg.study.seed),
+        sampler=tpe_sampler(cfg),
         study_name=study,
         storage=optuna_storage(optuna_url, study, fresh=True),
+        iterations=cfg.train.iterations,
     )
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
@@ -194,7 +211,6 @@ def _tuner(
     )
     return tune.Tuner(
         trainable,
-        param_space=search_space(cfg),
         tune_config=tune.TuneConfig(
             metric=None if pareto else VAL_METRIC,
             mode=None if pareto else "max",
@@ -211,22 +227,20 @@ def _trial_rows(cfg: Config, grid: Any) -> tuple[list[dict[str, Any]], float]:
     """One row per trial (tuned values, status, last validation) and the summed training seconds."""
     rows = []
     train_seconds = 0.0
-    first_lr = first_point(cfg)["optim.lr"]
+    first = first_point(cfg)
+    flat = to_flat(cfg)
     for result in grid:
         metrics = result.metrics or {}
-        row = {k: (result.config or {}).get(k) for k in TUNED_PARAMS}
-        # Recorded beside the tuned values: it decides whether "paper λ's" is the paper's recipe.
-        row["loss.lambda_adv"] = cfg.loss.lambda_adv
+        # A value the space does not set (RED-CNN's λ_gp) is the study's, as the trial trained.
+        row = {k: (result.config or {}).get(k, flat[k]) for k in TUNED_PARAMS}
         row.update(
             {
                 "trial_id": metrics.get("trial_id", ""),
-                "label": paper_label(cfg.profile) if is_paper_point(row, first_lr) else "",
+                "label": paper_label(cfg.profile) if is_paper_point(row, first) else "",
                 "status": trial_status(bool(result.error), metrics.get("step"), cfg.train.iterations),
                 "validations": metrics.get("training_iteration", 0),
                 "step": metrics.get("step"),
-                VAL_METRIC: metrics.get(VAL_METRIC),
-                "val_ssim_window": metrics.get("val_ssim_window"),
-                "val_ldct_psnr_window": metrics.get("val_ldct_psnr_window"),
+                **{k: metrics.get(k) for k in ROW_METRICS},
             }
         )
         train_seconds += float(metrics.get("train_seconds", 0.0) or 0.0)
@@ -259,9 +273,10 @@ def _register(
         best = {
             "run_id": best_run.info.run_id,
             "trial_id": best_run.data.tags.get(TAG_TRIAL),
-            VAL_METRIC: best_run.data.metrics["best_val_psnr_window"],
+            VAL_METRIC: best_run.data.metrics.get(BEST_METRIC, math.nan),
         }
-        mlflow_client.log_metric(parent, "best_val_psnr_window", best[VAL_METRIC])
+        if math.isfinite(best[VAL_METRIC]):
+            mlflow_client.log_metric(parent, BEST_METRIC, best[VAL_METRIC])
         if cfg.study.pareto:
             version, pareto_rows, message = (
                 register_candidate(study, outputs.tracking_uri, cfg.study.min_fps, profile=cfg.profile)

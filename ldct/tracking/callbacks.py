@@ -23,6 +23,8 @@ from ldct.tracking.runs import (
     trial_status,
 )
 from ldct.tracking.store import (
+    BEST_METRIC,
+    LEGACY_BEST_METRIC,
     PARENT_TAG,
     TAG_ROLE,
     TAG_STUDY,
@@ -59,6 +61,7 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         self.extra_params = extra_params
         self._runs: dict[str, str] = {}
         self._best: dict[str, tuple[float, str | None]] = {}
+        self._best_legacy: dict[str, float] = {}
         self._last_step: dict[str, int] = {}
         self._client: Any = None
 
@@ -114,17 +117,27 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         if result.get("resumed_from_step"):
             # A Ray Train retry restored a checkpoint inside this trial (same run, same trial id).
             self._mlflow().set_tag(run_id, "ldct.resumed_from_step", str(int(result["resumed_from_step"])))
-        value = result.get("val_psnr_window")
+        # The trial's best checkpoint by the objective (VAL_METRIC = val_psnr_body), and the best
+        # whole-slice window PSNR beside it (the metric's old meaning, kept for older readers).
+        value = result.get(BEST_METRIC.removeprefix("best_"))
         if value is not None and value > self._best.get(trial.trial_id, (-math.inf, None))[0]:
             path = result.get("checkpoint_path")
             self._best[trial.trial_id] = (float(value), checkpoint_uri(path, self.storage) if path else None)
+        legacy = result.get(LEGACY_BEST_METRIC.removeprefix("best_"))
+        if legacy is not None:
+            self._best_legacy[trial.trial_id] = max(
+                float(legacy), self._best_legacy.get(trial.trial_id, -math.inf)
+            )
 
     def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
         mlflow_client = self._mlflow()
         run_id = self.run_id_for(trial)
         best_value, checkpoint_path = self._best.get(trial.trial_id, (-math.inf, None))
         if math.isfinite(best_value):
-            mlflow_client.log_metric(run_id, "best_val_psnr_window", best_value)
+            mlflow_client.log_metric(run_id, BEST_METRIC, best_value)
+        legacy = self._best_legacy.get(trial.trial_id, -math.inf)
+        if math.isfinite(legacy):
+            mlflow_client.log_metric(run_id, LEGACY_BEST_METRIC, legacy)
         if checkpoint_path:
             try:
                 log_checkpoint(mlflow_client, run_id, checkpoint_path)
@@ -146,6 +159,10 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment; an MLflow client must not travel along.
         return {**self.__dict__, "_client": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A study pickled before _best_legacy existed resumes with it empty.
+        self.__dict__.update({"_best_legacy": {}, **state})
 
 
 def _train_callback_base() -> type:

@@ -16,6 +16,8 @@ from typing import Any
 import ldct
 from ldct.hyperparams import TUNED
 from ldct.tracking.store import (
+    BEST_METRIC,
+    LEGACY_BEST_METRIC,
     PARENT_TAG,
     TAG_ROLE,
     TAG_STUDY,
@@ -49,7 +51,7 @@ def start_study_run(mlflow_client: Any, study: str, flat_config: dict[str, Any],
 
 
 def trial_run_name(trial_id: str, config: dict[str, Any]) -> str:
-    """``<trial id> λ2=.. λ3=.. λgp=.. lr=..``: the runs table then reads as the comparison."""
+    """``<trial id> λ3=.. λadv=.. λgp=.. lr=..``: the runs table then reads as the comparison."""
     parts = [f"{t.short}={float(config[t.key]):.3g}" for t in TUNED if t.key in config]
     return " ".join([trial_id, *parts])
 
@@ -261,18 +263,22 @@ def study_run(mlflow_client: Any, study: str, parent_run_id: str | None = None) 
 
 
 def best_trial_run(mlflow_client: Any, study: str, parent_run_id: str | None = None) -> Any:
-    """The best completed trial of one study invocation (see :func:`trial_runs`)."""
+    """The best completed trial of one study invocation (see :func:`trial_runs`), by
+    :data:`BEST_METRIC` (psnr_body); a study logged before the body metrics, by its
+    :data:`LEGACY_BEST_METRIC`."""
     runs = [
         r
         for r in trial_runs(mlflow_client, study, parent_run_id)
-        if r.data.tags.get("ldct.status") == "completed" and "best_val_psnr_window" in r.data.metrics
+        if r.data.tags.get("ldct.status") == "completed"
+        and (BEST_METRIC in r.data.metrics or LEGACY_BEST_METRIC in r.data.metrics)
     ]
     if not runs:
         where = f" under parent run {parent_run_id}" if parent_run_id else ""
         raise TrackingError(
             f"study {study!r} has no completed trial with a validation metric{where} in MLflow"
         )
-    return max(runs, key=lambda r: r.data.metrics["best_val_psnr_window"])
+    key = BEST_METRIC if all(BEST_METRIC in r.data.metrics for r in runs) else LEGACY_BEST_METRIC
+    return max(runs, key=lambda r: r.data.metrics.get(key, -math.inf))
 
 
 def trial_status(failed: bool, last_step: int | float | None, iterations: int) -> str:

@@ -19,6 +19,11 @@ TAG_STUDY = "ldct.study"
 TAG_ROLE = "ldct.role"
 TAG_TRIAL = "ldct.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
+# A trial run's best validation objective: "best_" + ldct.training.loop.VAL_METRIC (spelt out so
+# that this module stays free of torch; tests/test_tracking.py checks the two agree). Runs from
+# before the body metrics carry only LEGACY_BEST_METRIC, which every trial still logs.
+BEST_METRIC = "best_val_psnr_body"
+LEGACY_BEST_METRIC = "best_val_psnr_window"
 # MLflow 3's UI opens an experiment of this kind on its runs table, not on the GenAI overview.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -123,7 +128,7 @@ def ui_url(tracking_uri: str, experiment_id: str, base: str | None = None) -> st
         [
             "workflowType=machine_learning",
             "searchFilter=" + quote(f"tags.`{TAG_ROLE}` = 'trial'"),
-            "orderByKey=" + quote("metrics.`best_val_psnr_window`"),
+            "orderByKey=" + quote(f"metrics.`{BEST_METRIC}`"),
             "orderByAsc=false",
         ]
     )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from ldct.losses import (
     gradient_penalty,
     l1_loss,
 )
-from ldct.metrics import MetricAccumulator
+from ldct.metrics import SOFT_TISSUE_WINDOW, MetricAccumulator
 from ldct.models import build_model
 from ldct.models.critic import build_critic
 
@@ -101,7 +101,7 @@ class Networks:
 
     generator: nn.Module
     critic: nn.Module | None
-    perceptual: PerceptualLoss
+    perceptual: PerceptualLoss | None  # None when λ₃ = 0: no VGG built, no weights needed
     opt_g: torch.optim.Optimizer
     opt_c: torch.optim.Optimizer | None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -148,18 +148,22 @@ def build_networks(cfg: Config, device: torch.device | str) -> Networks:
         torch.manual_seed(cfg.train.seed)
         generator = build_model(cfg.model, cfg.normalization)
         critic = build_critic(cfg.model, cfg.normalization) if has_critic(cfg) else None
-    perceptual = PerceptualLoss(
-        cfg.loss.perceptual_net,
-        cfg.loss.perceptual_layer,
-        cfg.loss.perceptual_weights,
-        seed=cfg.train.seed,
-        normalization=cfg.normalization,
-        allow_random=cfg.loss.allow_random_perceptual,
+    perceptual = (
+        PerceptualLoss(
+            cfg.loss.perceptual_net,
+            cfg.loss.perceptual_layer,
+            cfg.loss.perceptual_weights,
+            seed=cfg.train.seed,
+            normalization=cfg.normalization,
+            allow_random=cfg.loss.allow_random_perceptual,
+        )
+        if cfg.loss.lambda_perceptual != 0
+        else None
     )
     memory_format = torch.channels_last if amp else torch.contiguous_format
     generator = generator.to(device, memory_format=memory_format)
     critic = critic.to(device, memory_format=memory_format) if critic is not None else None
-    perceptual = perceptual.to(device, memory_format=memory_format)
+    perceptual = perceptual.to(device, memory_format=memory_format) if perceptual is not None else None
     betas = tuple(cfg.optim.betas)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr, betas=betas)
     opt_c = (
@@ -356,6 +360,13 @@ def _as_batch(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     return t.float()
 
 
+def _patient_of(item: Any) -> str:
+    # A DataLoader with batch 1 collates the info dict's strings into one-element lists.
+    info = item[2] if len(item) > 2 and isinstance(item[2], dict) else {}
+    patient = info.get("patient", "")
+    return str(patient[0] if isinstance(patient, list | tuple) and patient else patient)
+
+
 @torch.no_grad()
 def evaluate(
     generator: nn.Module,
@@ -363,13 +374,15 @@ def evaluate(
     normalization: HUNormalization,
     device: torch.device | str,
     max_slices: int = 0,
+    windows: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of the LDCT input and of the denoised output against full dose, over whole slices.
 
     ``slices`` yields ``(low_unit, full_unit, info)`` with images [1,H,W] or [1,1,H,W] (a
     SliceDataset or a DataLoader over it with batch 1); sizes may differ between slices. The
     generator runs in eval mode (then its previous mode is restored); its output is clipped to
-    [0,1], the range of the normalisation, before conversion to HU.
+    [0,1], the range of the normalisation, before conversion to HU. ``windows``: the body
+    metrics' window of each patient (``info["patient"]``); soft tissue for one not in it.
     """
     model = unwrap(generator)
     was_training = model.training
@@ -383,8 +396,9 @@ def evaluate(
             low, full = _as_batch(item[0]).to(device), _as_batch(item[1]).to(device)
             pred = model(low).clamp(0.0, 1.0)
             full_hu = normalization.to_hu(full)
-            ldct_acc.update(normalization.to_hu(low), full_hu)
-            out_acc.update(normalization.to_hu(pred), full_hu)
+            window = (windows or {}).get(_patient_of(item), SOFT_TISSUE_WINDOW)
+            ldct_acc.update(normalization.to_hu(low), full_hu, window)
+            out_acc.update(normalization.to_hu(pred), full_hu, window)
     finally:
         model.train(was_training)
     return {"ldct": ldct_acc.mean(), "denoised": out_acc.mean()}

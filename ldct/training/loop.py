@@ -26,9 +26,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from ldct.config import Config, from_flat, replace, to_flat
 from ldct.data.cache import ensure_data
+from ldct.data.manifest import body_parts
 from ldct.data.patches import PatchPairDataset, SliceDataset
 from ldct.deploy.throughput import measure_fps
 from ldct.errors import TrainingError
+from ldct.metrics import resolve_window
 from ldct.plots import save_panel
 from ldct.training.checkpoint import load_state, restore_rng, save_state
 from ldct.training.ddp import sync_bn_enabled, weights_spread
@@ -41,8 +43,9 @@ from ldct.training.engine import (
 )
 
 PANEL_FILE = "panel.png"
-# Metrics every validation reports; the study optimises VAL_METRIC.
-VAL_METRIC = "val_psnr_window"
+# Metrics every validation reports; the study optimises VAL_METRIC (and Ray Train keeps the
+# checkpoints it ranks best): PSNR inside the body, in each slice's anatomy window.
+VAL_METRIC = "val_psnr_body"
 
 
 class Session(Protocol):
@@ -192,6 +195,11 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
         if rank == 0
         else None
     )
+    val_windows = (
+        {p: resolve_window(cfg.data.window, part) for p, part in body_parts(cache_dir, splits["val"]).items()}
+        if rank == 0
+        else {}
+    )
 
     meter = _Meter()
     clock = _Clock(first_step=step)
@@ -230,7 +238,7 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
             }
             meter = _Meter()
             best = _validate_and_report(
-                cfg, nets, session, val_slices, feed, metrics, best, step, checkpoint_every
+                cfg, nets, session, (val_slices, val_windows), feed, metrics, best, step, checkpoint_every
             )
             if rank == 0 and step == cfg.train.debug_pause_step and cfg.train.debug_pause_file:
                 _debug_pause(Path(cfg.train.debug_pause_file))
@@ -323,7 +331,7 @@ def _validate_and_report(
     cfg: Config,
     nets: Any,
     session: Session,
-    val_slices: Any,
+    val: tuple[Any, dict[str, tuple[float, float]]],
     feed: _Feed,
     metrics: dict[str, Any],
     best: float,
@@ -331,8 +339,10 @@ def _validate_and_report(
     checkpoint_every: int,
 ) -> float:
     """Validation on rank 0 (+ FPS for a Pareto study), a checkpoint when due, then every rank
-    reports. Returns the best validation metric so far."""
+    reports. ``val``: (the slices, each patient's body-metric window). Returns the best
+    validation metric so far."""
     rank, world, device = session.world_rank, session.world_size, session.device
+    val_slices, windows = val
     if world > 1 and rank != 0:
         weights_spread(nets, device)  # collective: every rank takes part
     with tempfile.TemporaryDirectory(prefix="ldct-ckpt-") as tmp:
@@ -340,11 +350,12 @@ def _validate_and_report(
         if rank == 0:
             generator = unwrap(nets.generator)
             result = evaluate(
-                generator, val_slices, cfg.normalization, device, max_slices=cfg.data.max_val_slices
+                generator, val_slices, cfg.normalization, device, cfg.data.max_val_slices, windows
             )
             metrics.update({f"val_{k}": v for k, v in result["denoised"].items()})
             metrics.update({f"val_ldct_{k}": v for k, v in result["ldct"].items()})
-            metrics["val_gain_psnr_window"] = metrics["val_psnr_window"] - metrics["val_ldct_psnr_window"]
+            for name in ("psnr_body", "psnr_window"):
+                metrics[f"val_gain_{name}"] = metrics[f"val_{name}"] - metrics[f"val_ldct_{name}"]
             if cfg.study.pareto:
                 # The second objective, on this worker's own device, after training. Tune wants it
                 # in every result; Optuna reads only the last (multi-objective).
@@ -359,7 +370,7 @@ def _validate_and_report(
             if step % checkpoint_every == 0 or step == cfg.train.iterations:
                 checkpoint_dir = Path(tmp)
                 save_state(checkpoint_dir, nets, cfg, step, feed.consumed, metrics)
-                _write_panel(generator, val_slices, cfg, device, checkpoint_dir / PANEL_FILE, step)
+                _write_panel(generator, val, cfg, device, checkpoint_dir / PANEL_FILE, step)
         session.report(metrics, checkpoint_dir)
     return best
 
@@ -396,8 +407,14 @@ def _debug_pause(path: Path, limit_s: float = 300.0) -> None:
 
 
 def _write_panel(
-    generator: torch.nn.Module, slices: Any, cfg: Config, device: torch.device, path: Path, step: int
+    generator: torch.nn.Module,
+    val: tuple[Any, dict[str, tuple[float, float]]],
+    cfg: Config,
+    device: torch.device,
+    path: Path,
+    step: int,
 ) -> None:
+    slices, windows = val
     low, full, info = slices[0]
     with torch.no_grad():
         was_training = generator.training
@@ -411,6 +428,7 @@ def _write_panel(
         to_hu(full).numpy(),
         path,
         title=f"{info.get('patient', '?')} slice {info.get('index', 0)} - step {step}",
+        window=windows.get(info.get("patient", "")),
     )
 
 
