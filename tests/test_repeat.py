@@ -321,3 +321,32 @@ def test_smoke_loso_two_folds(tmp_path, ray_local, capsys):
         assert set(folds) - {fold} <= set(train) and "PH01" not in train
         assert "test_denoised_psnr_body" in run.data.metrics
     assert "primary_psnr_body_mean" in mlflow_client.get_run(parent.info.run_id).data.metrics
+
+
+def test_loso_endpoint_missing_a_fold_is_not_evaluable_rather_than_met():
+    def row(fold, method, value):
+        return {"fold": fold, "method": method, "seed": None if method == "ldct" else 0, "realization": 0,
+                "metrics": {m: value for m in METRIC_NAMES}}  # fmt: skip
+
+    # The tuned arm gains 5 dB on A and B; its run on C failed (no row): a verdict over two of the
+    # three folds would read "met" for a question the protocol did not ask.
+    rows = [row("A", "ldct", 20.0), row("A", "tuned", 25.0), row("B", "ldct", 22.0), row("B", "tuned", 27.1),
+            row("C", "ldct", 21.0)]  # fmt: skip
+    cfg = load_config(
+        "smoke", ["study.primary_endpoint=psnr_body:tuned-ldct>=1.0", "study.secondary_endpoints=[]"]
+    )
+    slices = {f: {"effective_dose": 0.25, "native_sigma_hu": 10.0, "i0": 1e5, "pixel_size_mm": 0.7,
+                  "body_part": "", "window": [-160.0, 240.0], "looked_at": "never", "calibrated": True}
+              for f in "ABC"}  # fmt: skip
+    runs = [{"run_id": None, "arm": "tuned", "fold": "C", "seed": 0, "status": "failed", "test": None}]
+    result = loso.LosoResult(
+        "r", "sqlite:///x.db", "p", ["A", "B", "C"], [0], 1, 0.25, {"tuned": {}}, ["ldct"], slices, rows,
+        runs, None, 1.0,
+    )  # fmt: skip
+    primary = loso_report.summary_of(result, cfg)["primary_endpoint"]
+    assert primary["met"] is None and primary["missing_folds"] == ["C"] and primary["n"] == 2
+    text = loso_report.markdown(loso_report.summary_of(result, cfg))
+    assert "not evaluable" in text and "**met**" not in text
+    # With every fold present the same gains are judged.
+    rows.append(row("C", "tuned", 26.0))
+    assert loso_report.summary_of(result, cfg)["primary_endpoint"]["met"] is True

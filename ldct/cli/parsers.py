@@ -361,7 +361,7 @@ def build_repeat_parser(prog: str | None = None, description: str | None = None)
     parser.add_argument(
         "--realizations",
         type=int,
-        default=4,
+        default=None,
         help="loso: quarter-dose noise realizations per test slice (default 4)",
     )
     parser.add_argument(

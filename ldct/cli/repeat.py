@@ -48,12 +48,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         }
         if args.protocol == "loso":
             result = run_loso(
-                cfg, label, source, folds=args.folds, seeds=args.seeds or 1,
-                realizations_per_slice=args.realizations, bm3d=not args.no_bm3d, **common,
+                cfg, label, source, folds=args.folds, seeds=1 if args.seeds is None else args.seeds,
+                realizations_per_slice=4 if args.realizations is None else args.realizations,
+                bm3d=not args.no_bm3d, **common,
             )  # fmt: skip
         else:
-            if args.folds or args.no_bm3d:
-                raise ConfigError("--folds and --no-bm3d are for --protocol loso")
+            if args.folds or args.no_bm3d or args.realizations is not None:
+                raise ConfigError("--folds, --realizations and --no-bm3d are for --protocol loso")
             result = run_repeat(cfg, label, source, seeds=5 if args.seeds is None else args.seeds, **common)
     except (ConfigError, ValueError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

@@ -143,8 +143,8 @@ def _report(results: str | None, cfg: Config, result: StudyResult) -> None:
         print((out / "pareto.md").read_text())
     print((out / "leaderboard.md").read_text())
     if (out / "best_test.md").is_file():
-        # The evidence that counts: the best trial on the real test panel, beside LDCT and the
-        # classical baselines tuned on validation (mean ± std over slices).
+        # The best trial on the test split (a phantom on the built-in data: the real slices are
+        # the LOSO repeat's), beside LDCT and the classical baselines tuned on validation.
         print((out / "best_test.md").read_text())
     print(f"report: {out} (and artifacts report/ of MLflow run {result.parent_run_id})")
 

@@ -7,20 +7,21 @@ inserted into that full-dose image) and the real patients (their file is the ful
 exactly; the quarter dose is inserted into it with the same dose-corrected model), so the
 built-in path runs exactly the code real data takes (docs/DESIGN.md §3).
 
-Real patients, and their split (docs/DESIGN.md §3 says why):
-- ``CTSMALL``: pydicom's ``CT_small.dcm`` (128x128, an 85 mm crop; test).
+Real patients (all five train by default; each is one leave-one-slice-out test fold of
+``ldct repeat --protocol loso``; validation PH01 and test PH02 are phantoms, docs/DESIGN.md §3):
+- ``CTSMALL``: pydicom's ``CT_small.dcm`` (128x128, an 85 mm crop).
 - ``ABDOMEN``: pydicom-data's ``explicit_VR-UN.dcm``, a PANCREAS abdomen slice, 512x512, 0.86 mm,
-  JPEG 2000 lossless (test).
+  JPEG 2000 lossless.
 - ``HEAD693``: pydicom-data's ``693_UNCR.dcm``, a CQ500 head slice, 512x512, 0.48 mm,
-  uncompressed (its JPEG 2000 twins decode to the same HU; validation).
+  uncompressed (its JPEG 2000 twins decode to the same HU).
 - ``SPINE``: pydicom-data's ``bad_sequence.dcm``, a lumbar/back slice (vertebra, muscle, fat),
-  512x512, 0.29 mm, JPEG lossless (training).
+  512x512, 0.29 mm, JPEG lossless.
 - ``HEADJ2K``: pydicom-data's ``J2K_pixelrep_mismatch.dcm``, a skull-base head slice, 512x512,
-  0.43 mm, JPEG 2000 (training).
+  0.43 mm, JPEG 2000.
 
-The two training slices are the only real texture the network learns from (the phantoms are
-piecewise smooth): with them the quick profile's best validation PSNR rose from 30.2 to 33.5 dB
-(one `ldct train --profile quick` run each, same seed; docs/DESIGN.md §3).
+The real slices are the only real texture the network learns from (the phantoms are piecewise
+smooth): with two of them in training the quick profile's best validation PSNR (then on HEAD693)
+rose from 30.2 to 33.5 dB (one `ldct train --profile quick` run each, same seed).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def calibrated_real_slice(
         seed=seed,
         embed=REAL_PATIENTS[patient][1],
         what=f"built-in patient {patient} ({REAL_PATIENTS[patient][0]})",
-        # CT_small's own noise is that of ~0.1 of the reference dose (docs/DESIGN.md §3): kept,
+        # CT_small's own noise is that of ~0.08 of the reference dose (docs/DESIGN.md §3): kept,
         # its pair is dose d relative to its own noise, and its source_dose is recorded.
         check_source=False,
     )

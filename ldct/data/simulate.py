@@ -318,7 +318,9 @@ def flux_calibration(
     # and each calibration draw costs a third of a full one.
     views = max(16, views_for(max(full_hu.shape)) // 3)
     for k in range(iterations):
-        # Measured exactly as the native noise was (same estimator, same pixels). sigma^2 ~ 1/i0
+        # Measured over the pixels the native noise was measured on (the full dose's quiet
+        # windows), as the RMS local std of the noise image, not the mode (a noise-only image's
+        # mode is unstable where the noise varies across a large body). sigma^2 ~ 1/i0
         # (+ an electronic term ~ 1/i0^2 and the log's curvature at low counts), so one rescaling
         # gets close and a second one absorbs the rest.
         rng = np.random.default_rng([seed, 0xCA1B, k])

@@ -1,6 +1,6 @@
 """The precision gate: may a faster path (bf16, int8, another runtime) replace fp32? (docs/DESIGN.md §5b)
 
-A path is judged on the real test panel of the model's own data (the test split of its profile,
+A path is judged on the test panel of the model's own data (the test split of its profile,
 at the profile's dose) against the fp32 reference, in the terms the study itself is judged by:
 
 - mean window-convention PSNR and SSIM of the path's output (vs full dose) differ from fp32's by

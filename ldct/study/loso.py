@@ -39,7 +39,7 @@ from ldct.data.simulate import I0_FULL_DOSE, embed_in_body, simulate_low_dose
 from ldct.errors import LdctError, TrainingError
 from ldct.evaluation.baselines import BM3DCache, EstimatedSigmaBM3D
 from ldct.evaluation.denoisers import torch_denoiser
-from ldct.metrics import all_metrics, window_for
+from ldct.metrics import all_metrics, resolve_window
 from ldct.study import scaffold
 from ldct.study.arms import TUNED_ARM, build_arms, with_lrs
 from ldct.study.endpoints import REFERENCES, check_endpoints
@@ -152,9 +152,10 @@ def fold_trainable(cfg: Config, outputs: scaffold.Outputs, opened: scaffold.Open
     )
 
 
-def slice_info(cache_dir: Path, folds: Sequence[str]) -> dict[str, dict[str, Any]]:
+def slice_info(cache_dir: Path, folds: Sequence[str], window: str = "auto") -> dict[str, dict[str, Any]]:
     """Per test slice: the built-in set's calibration record (H1: native σ, i0, effective dose,
-    pixel size), its body part and metric window, and how it was used before issue 22."""
+    pixel size), its body part and metric window (``data.window``: "auto" = by body part, as the
+    validation in training), and how it was used before issue 22."""
     manifest = load_manifest(cache_dir)
     calibration = (read_builtin_marker(manifest.root) or {}).get("calibration", {})
     parts = body_parts(cache_dir, folds)
@@ -170,7 +171,7 @@ def slice_info(cache_dir: Path, folds: Sequence[str]) -> dict[str, dict[str, Any
             "effective_dose": record.get("effective_dose"),
             "pixel_size_mm": float(record["pixel_size_mm"]),
             "body_part": parts.get(fold, ""),
-            "window": list(window_for(parts.get(fold) or None)),
+            "window": list(resolve_window(window, parts.get(fold) or None)),
             "looked_at": LOOKED_AT.get(fold, "unknown"),
         }
     return info
@@ -264,7 +265,7 @@ def run_loso(
             f"a repeat named {name!r} already exists at {outputs.storage}/{name}: remove it or pass --storage"
         )
     opened = scaffold.open_study(base, name, outputs, resume=False)
-    info = slice_info(opened.cache_dir, chosen_folds)
+    info = slice_info(opened.cache_dir, chosen_folds, cfg.data.window)
     mlflow_client, parent = opened.mlflow_client, opened.parent_run_id
     mlflow_client.set_tag(parent, "ldct.role_detail", "repeat-loso")
     mlflow_client.set_tag(parent, "ldct.repeat_source", source_label)
@@ -286,10 +287,16 @@ def run_loso(
     callback = scaffold.study_callback(name, outputs, opened, varied)
     retune = None
     if retune_lr:
-        # On the default split: validation = the phantom patient (checked above), no real slice scored.
+        # On phantoms alone (training and validation): a real slice in the training data of the
+        # runs that choose an lr would be a test fold reaching a choice made for it.
+        phantoms = {
+            split: [p for p in patients if p not in REAL_PATIENTS] for split, patients in splits.items()
+        }
         retune = retune_lrs(
-            cfg, name, outputs, opened, arms, callback, seed_list[0], scaffold.trainable(cfg, outputs, opened)
-        )
+            cfg, name, outputs, dataclasses.replace(opened, splits=phantoms), arms, callback,
+            seed_list[0], scaffold.trainable(cfg, outputs, dataclasses.replace(opened, splits=phantoms)),
+        )  # fmt: skip
+        retune["train_patients"] = phantoms["train"]
         arms = with_lrs(arms, retune["chosen"])
     fold_values = {
         f: {
@@ -313,6 +320,35 @@ def run_loso(
         ),
         run_config=scaffold.run_config(name, outputs, callback),
     )
+    try:
+        return _train_and_score(
+            tuner, opened, outputs, by_fold, info, arms, realizations_per_slice, seed_list, cfg, bm3d,
+            name, references, retune, started,
+        )  # fmt: skip
+    except BaseException:
+        # A crash after hours of training must not leave the parent looking like a running repeat.
+        mlflow_client.set_terminated(parent, status="FAILED")
+        raise
+
+
+def _train_and_score(
+    tuner: Any,
+    opened: scaffold.Opened,
+    outputs: scaffold.Outputs,
+    by_fold: dict[str, dict[str, list[str]]],
+    info: dict[str, dict[str, Any]],
+    arms: dict[str, dict[str, Any]],
+    realizations_per_slice: int,
+    seed_list: list[int],
+    cfg: Config,
+    bm3d: bool,
+    name: str,
+    references: list[str],
+    retune: dict[str, Any] | None,
+    started: float,
+) -> LosoResult:
+    mlflow_client, parent = opened.mlflow_client, opened.parent_run_id
+    chosen_folds = list(by_fold)
     grid = tuner.fit()
     last = {
         (r.config[FOLD_KEY], r.config["repeat_arm"], int(r.config["train.seed"])): r
@@ -330,9 +366,15 @@ def run_loso(
             int(run.data.params["train.seed"]),
         )
         if key in by_run:
-            by_run[key].update(run_id=run.info.run_id, status=run.data.tags.get("ldct.status", "unknown"))
+            by_run[key]["run_id"] = run.info.run_id
+            if by_run[key]["status"] != "failed":  # scoring failed: the training's status would hide it
+                by_run[key]["status"] = run.data.tags.get("ldct.status", "unknown")
             if by_run[key]["test"]:
                 log_test_table(mlflow_client, run.info.run_id, {"denoised": by_run[key]["test"]})
+                # The run's checkpoint artifact is its best-validation one; the scores are the last's.
+                mlflow_client.set_tag(
+                    run.info.run_id, "ldct.scored_checkpoint", f"last (step {by_run[key]['step']})"
+                )
     wall = time.perf_counter() - started
     mlflow_client.log_metric(parent, "repeat_wall_seconds", wall)
     mlflow_client.set_terminated(parent, status="FINISHED")
@@ -386,14 +428,22 @@ def _score(
         for (f, arm, seed), result in sorted(last.items()):
             if f != fold:
                 continue
-            state = last_state(result, outputs.storage)
-            generator, run_cfg = generator_from_state(state)
-            denoise = torch_denoiser(generator, run_cfg.normalization, "cpu")
-            per_r = []
-            for r, low in enumerate(lows):
-                values = score_image(np.asarray(denoise(low), dtype=np.float32), full, window)
+            try:
+                state = last_state(result, outputs.storage)
+                generator, run_cfg = generator_from_state(state)
+                denoise = torch_denoiser(generator, run_cfg.normalization, "cpu")
+                per_r = [
+                    score_image(np.asarray(denoise(low), dtype=np.float32), full, window) for low in lows
+                ]
+            except Exception as exc:  # noqa: BLE001 - one unreadable run must not lose the others' scores
+                print(f"[ldct] scoring {fold}/{arm}/seed {seed} failed: {exc}", flush=True)
+                runs.append(
+                    {"run_id": None, "arm": arm, "fold": fold, "seed": seed, "status": "failed",
+                     "error": f"scoring: {exc}", "test": None}
+                )  # fmt: skip
+                continue
+            for r, values in enumerate(per_r):
                 rows.append({"fold": fold, "method": arm, "seed": seed, "realization": r, "metrics": values})
-                per_r.append(values)
             runs.append(
                 {
                     "run_id": None, "arm": arm, "fold": fold, "seed": seed, "status": "completed",
@@ -404,7 +454,7 @@ def _score(
     for fold in by_fold:
         for arm in arms:
             for seed in seeds:
-                if (fold, arm, seed) not in last:
+                if (fold, arm, seed) not in last:  # its training failed
                     runs.append(
                         {
                             "run_id": None,

@@ -71,8 +71,12 @@ def summary_of(result: LosoResult, cfg: Any) -> dict[str, Any]:
     endpoints = []
     for i, endpoint in enumerate(check_endpoints(cfg, arms, result.references)):
         row = paired(result.rows, endpoint.arm, endpoint.reference, endpoint.metric)
+        missing = [f for f in result.folds if f not in row["per_slice"]]
+        # A verdict over fewer slices than the protocol's folds answers another question.
+        verdict = met(endpoint, row) if not missing else None
         endpoints.append({"role": "primary" if i == 0 else "secondary", "text": endpoint.text,
-                          "op": endpoint.op, "margin": endpoint.margin, "met": met(endpoint, row), **row})  # fmt: skip
+                          "op": endpoint.op, "margin": endpoint.margin, "met": verdict,
+                          "missing_folds": missing, **row})  # fmt: skip
     slices = {}
     for fold in result.folds:
         slices[fold] = {
@@ -130,7 +134,13 @@ def _ci(metric: str, row: dict[str, Any], signed: bool = True) -> str:
 
 
 def _endpoint_line(e: dict[str, Any]) -> str:
-    verdict = "**met**" if e["met"] else "**not met**"
+    verdict = (
+        f"**not evaluable** (no value for {', '.join(e['missing_folds'])})"
+        if e.get("missing_folds")
+        else "**met**"
+        if e["met"]
+        else "**not met**"
+    )
     unit = "" if "ssim" in e["metric"] else (" HU" if "rmse" in e["metric"] else " dB")
     return (
         f"`{e['text']}`: {e['arm']} − {e['reference']} in {e['metric']}, mean over {e['n']} slices "
@@ -239,6 +249,7 @@ def write_report(result: LosoResult, cfg: Any, results_root: str | Path) -> Path
         for key in ("mean", "low", "high"):
             if math.isfinite(e[key]):
                 mlflow_client.log_metric(result.parent_run_id, f"{prefix}_{e['metric']}_{key}", e[key])
-        mlflow_client.log_metric(result.parent_run_id, f"{prefix}_met", float(e["met"]))
+        if e["met"] is not None:
+            mlflow_client.log_metric(result.parent_run_id, f"{prefix}_met", float(e["met"]))
     mlflow_client.log_artifacts(result.parent_run_id, str(out), artifact_path="report")
     return out

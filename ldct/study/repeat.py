@@ -1,4 +1,5 @@
-"""Seed repeats: one configuration trained with N seeds, mean ± std on the real test panel.
+"""Repeats: one configuration (and its arms) trained with N seeds, mean ± std on the test split;
+``--protocol loso`` (``ldct.study.loso``) is the confirmatory leave-one-slice-out protocol.
 
     ldct repeat --study quick --seeds 3 --also paper-matched   # after `ldct study --profile quick`
     ldct repeat --study quick --protocol loso --realizations 4 # the confirmatory protocol (ldct.study.loso)
@@ -225,7 +226,11 @@ def run_repeat(
         ),
         run_config=scaffold.run_config(name, outputs, callback),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    except BaseException:
+        mlflow_client.set_terminated(parent, status="FAILED")
+        raise
 
     classical, labels, budget = score_classical(base, cache_dir, splits)
     log_test_table(mlflow_client, parent, classical)
@@ -274,6 +279,7 @@ def score_classical(
         splits.get("val", []),
         tune_slices=cfg.data.max_val_slices or DEFAULT_TUNE_SLICES,
         tune_crop=cfg.data.tune_crop,  # as the study's report tunes them: the same rows in both
+        window=cfg.data.window,
     )
     rows = {key: dict(table["mean"][key]) for key in table["rows"]}
     return rows, dict(table["labels"]), budget_lines(table)
@@ -289,5 +295,6 @@ def score_run(mlflow_client: Any, run_id: str, cache_dir: Path, splits: dict[str
         denoiser=torch_denoiser(generator, cfg.normalization, "cpu"),
         bm3d=False,
         gaussian_sigmas=(0.0,),  # the Gaussian row is scored once, by score_classical
+        window=cfg.data.window,
     )
     return dict(table["mean"]["model"])
