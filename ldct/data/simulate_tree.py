@@ -184,6 +184,7 @@ def _simulate_series(
         series_uid={kind: run.uid(key, thickness, kind, "series") for kind in ("full", "quarter")},
     )
     fluxes: list[float] = []
+    refused = 0  # measurable, but noisier than the dose allows (skipped under --skip-bad)
     unmeasured: list[tuple[int, Source, str]] = []
     for n, m in enumerate(members, start=1):
         slice_ = _read(run, m, skipped)
@@ -198,10 +199,16 @@ def _simulate_series(
             if not run.skip_bad:
                 raise
             skipped.append((str(m.path), str(exc)))
+            refused += 1
         bar.update()
     for n, m, reason in unmeasured:
         if not fluxes:
-            message = f"{m.path}: {reason}; no slice of its series is measurable either"
+            others = (
+                f"its series' {refused} measurable slice(s) were refused as too noisy for the dose"
+                if refused
+                else "no slice of its series is measurable either"
+            )
+            message = f"{m.path}: {reason}; {others} (give --i0 to set the flux)"
             if not run.skip_bad:
                 raise DicomError(message)
             skipped.append((str(m.path), message))
