@@ -13,6 +13,7 @@ import optuna
 import pytest
 
 from ldct.config import from_flat, load_config, to_flat
+from ldct.errors import TrainingError
 from ldct.hyperparams import PAPER_POINT, RangeError
 from ldct.study.report import write_importances
 from ldct.study.run import optuna_storage, optuna_storage_url
@@ -50,11 +51,17 @@ def test_storage_sits_beside_the_ray_storage_named_after_the_study(tmp_path, mon
 
 def test_a_fresh_study_drops_a_stale_one_of_its_name_only(tmp_path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
-    for name in ("mine", "other"):
-        optuna.create_study(study_name=name, storage=url).optimize(lambda t: t.suggest_float("a", 0, 1), 1)
+    # "mine": a start that died before any trial finished (one trial asked, never told).
+    optuna.create_study(study_name="mine", storage=url).ask()
+    optuna.create_study(study_name="other", storage=url).optimize(lambda t: t.suggest_float("a", 0, 1), 1)
     storage = optuna_storage(url, "mine", fresh=True)
     assert [s.study_name for s in storage.get_all_studies()] == ["other"]
     kept = optuna_storage(url, "other", fresh=False)
+    assert len(optuna.load_study(study_name="other", storage=kept).trials) == 1
+    # A study of the same name with finished trials (another --storage, a shared database) is
+    # somebody's TPE history: refused with what to do, and kept.
+    with pytest.raises(TrainingError, match=r"'other'.*1 finished trial.*--name NEW.*delete-study"):
+        optuna_storage(url, "other", fresh=True)
     assert len(optuna.load_study(study_name="other", storage=kept).trials) == 1
 
 

@@ -87,9 +87,23 @@ def optuna_storage(url: str, study: str, fresh: bool) -> Any:
 
     storage = optuna.storages.RDBStorage(url)
     if fresh and study in {s.study_name for s in storage.get_all_studies()}:
-        # Tune found nothing to resume (checked before), so these trials belong to a start that died
-        # before its first save: keeping them would mix two studies' trials in one TPE model.
-        print(f"[ldct] removing the stale Optuna study {study!r} from {url} (no Tune state to resume)")
+        # Tune found nothing to resume at *this* storage. Trials that finished belong to another
+        # study of the same name (another --storage, a shared Optuna database): never delete
+        # those. Only a start that died before any trial finished leaves a study to remove;
+        # keeping it would mix two studies' trials in one TPE model.
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        old = optuna.load_study(study_name=study, storage=storage)
+        done = len(old.get_trials(deepcopy=False, states=finished))
+        if done:
+            raise TrainingError(
+                f"the Optuna study {study!r} in {url} already holds {done} finished trial(s) but no "
+                "Tune state was found at this storage: give the study another name (--name NEW or "
+                "--set study.name=NEW), resume it from the storage it ran on (--resume --storage ...), or "
+                f"delete it: optuna delete-study --study-name {study} --storage {url}"
+            )
+        print(
+            f"[ldct] removing the stale Optuna study {study!r} from {url} (no finished trial, no Tune state)"
+        )
         optuna.delete_study(study_name=study, storage=storage)
     return storage
 
