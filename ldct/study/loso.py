@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ldct.config import Config, from_flat, to_flat
-from ldct.data.builtin import REAL_PATIENTS, read_builtin_marker, real_source
+from ldct.data.builtin import REAL_PATIENT_IDS, REAL_PATIENTS, read_builtin_marker, real_source
 from ldct.data.dicom import read_hu
 from ldct.data.manifest import body_parts, load_manifest, open_patient
 from ldct.data.simulate import I0_FULL_DOSE, embed_in_body, simulate_low_dose
@@ -43,7 +43,7 @@ from ldct.metrics import all_metrics, resolve_window
 from ldct.study import scaffold
 from ldct.study.arms import TUNED_ARM, build_arms, with_lrs
 from ldct.study.endpoints import REFERENCES, check_endpoints
-from ldct.study.repeat import arm_params, repeat_runs, retune_lrs
+from ldct.study.repeat import arm_params, open_repeat, repeat_runs, retune_lrs
 from ldct.study.trial import run_trial
 from ldct.tracking.runs import checkpoint_uri, log_params, log_test_table
 from ldct.training.checkpoint import CHECKPOINT_FILE, generator_from_state, load_state
@@ -87,11 +87,11 @@ class LosoResult:
 
 def fold_names(patients: Sequence[str], wanted: str | Sequence[str] | None = None) -> list[str]:
     """The real built-in slices of a cache (all folds) or the ``--folds A,B`` subset of them."""
-    real = [p for p in sorted(REAL_PATIENTS) if p in set(patients)]
+    real = [p for p in REAL_PATIENT_IDS if p in set(patients)]
     if not real:
         raise LosoError(
             "--protocol loso needs the built-in set's real slices "
-            f"({', '.join(sorted(REAL_PATIENTS))}); this data has none (leave data.root empty)"
+            f"({', '.join(REAL_PATIENT_IDS)}); this data has none (leave data.root empty)"
         )
     if wanted is None or wanted == "":
         return real
@@ -136,22 +136,6 @@ def run_fold_trial(
     run_trial(config, base, cache_dir, mine, storage)
 
 
-def fold_trainable(cfg: Config, outputs: scaffold.Outputs, opened: scaffold.Opened) -> Any:
-    """:func:`ldct.study.scaffold.trainable` with the fold-aware trial function."""
-    from ray import tune
-
-    return tune.with_resources(
-        tune.with_parameters(
-            run_fold_trial,
-            base=opened.flat,
-            cache_dir=str(opened.cache_dir),
-            splits=opened.splits,
-            storage=outputs.storage,
-        ),
-        {"CPU": cfg.study.driver_cpus},
-    )
-
-
 def slice_info(cache_dir: Path, folds: Sequence[str], window: str = "auto") -> dict[str, dict[str, Any]]:
     """Per test slice: the built-in set's calibration record (H1: native σ, i0, effective dose,
     pixel size), its body part and metric window (``data.window``: "auto" = by body part, as the
@@ -184,7 +168,7 @@ def realizations(
     a crop is embedded in a body outline as the built-in set does), deterministic per (seed, slice, k)."""
     out = []
     spacing = info["pixel_size_mm"]
-    tag = sorted(REAL_PATIENTS).index(patient)
+    tag = REAL_PATIENT_IDS.index(patient)
     for r in range(k):
         rng = np.random.default_rng([seed, 0x1050, tag, r])
         if REAL_PATIENTS[patient][1]:
@@ -260,15 +244,9 @@ def run_loso(
     by_fold = {f: fold_splits(splits, f) for f in chosen_folds}
 
     outputs = scaffold.resolve_outputs(cfg, tracking_uri, storage)
-    if tune.Tuner.can_restore(f"{outputs.storage}/{name}"):
-        raise TrainingError(
-            f"a repeat named {name!r} already exists at {outputs.storage}/{name}: remove it or pass --storage"
-        )
-    opened = scaffold.open_study(base, name, outputs, resume=False)
+    opened = open_repeat(base, name, outputs, "repeat-loso", source_label)
     info = slice_info(opened.cache_dir, chosen_folds, cfg.data.window)
     mlflow_client, parent = opened.mlflow_client, opened.parent_run_id
-    mlflow_client.set_tag(parent, "ldct.role_detail", "repeat-loso")
-    mlflow_client.set_tag(parent, "ldct.repeat_source", source_label)
     log_params(
         mlflow_client,
         parent,
@@ -313,7 +291,7 @@ def run_loso(
         "train.seed": tune.grid_search(seed_list),
     }
     tuner = tune.Tuner(
-        fold_trainable(cfg, outputs, opened),
+        scaffold.trainable(cfg, outputs, opened, run_fold_trial),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=VAL_METRIC, mode="max", num_samples=1, max_concurrent_trials=cfg.study.max_concurrent

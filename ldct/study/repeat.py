@@ -191,15 +191,9 @@ def run_repeat(
     seed_list = [int(cfg.train.seed) + i for i in range(seeds)]
 
     outputs = scaffold.resolve_outputs(cfg, tracking_uri, storage)
-    if tune.Tuner.can_restore(f"{outputs.storage}/{name}"):
-        raise TrainingError(
-            f"a repeat named {name!r} already exists at {outputs.storage}/{name}: remove it or pass --storage"
-        )
-    opened = scaffold.open_study(base, name, outputs, resume=False)
+    opened = open_repeat(base, name, outputs, "repeat", source_label)
     mlflow_client, parent = opened.mlflow_client, opened.parent_run_id
     cache_dir, splits = opened.cache_dir, opened.splits
-    mlflow_client.set_tag(parent, "ldct.role_detail", "repeat")
-    mlflow_client.set_tag(parent, "ldct.repeat_source", source_label)
     log_params(
         mlflow_client,
         parent,
@@ -253,6 +247,23 @@ def run_repeat(
     return RepeatResult(
         name, outputs.tracking_uri, parent, seed_list, runs, classical, labels, budget, wall, retune
     )
+
+
+def open_repeat(
+    base: Config, name: str, outputs: scaffold.Outputs, role: str, source_label: str
+) -> scaffold.Opened:
+    """A new repeat's data, Ray and MLflow parent run (tagged with its kind and source); a repeat of
+    this name already at the storage is refused (a repeat never resumes)."""
+    from ray import tune
+
+    if tune.Tuner.can_restore(f"{outputs.storage}/{name}"):
+        raise TrainingError(
+            f"a repeat named {name!r} already exists at {outputs.storage}/{name}: remove it or pass --storage"
+        )
+    opened = scaffold.open_study(base, name, outputs, resume=False)
+    opened.mlflow_client.set_tag(opened.parent_run_id, "ldct.role_detail", role)
+    opened.mlflow_client.set_tag(opened.parent_run_id, "ldct.repeat_source", source_label)
+    return opened
 
 
 def repeat_runs(mlflow_client: Any, name: str, parent: str) -> list[Any]:

@@ -78,13 +78,13 @@ def study_callback(
     )
 
 
-def trainable(cfg: Config, outputs: Outputs, opened: Opened) -> Any:
-    """The trial function with its fixed arguments and resources."""
+def trainable(cfg: Config, outputs: Outputs, opened: Opened, function: Any = run_trial) -> Any:
+    """The trial function (``run_trial``, or a LOSO fold's) with its fixed arguments and resources."""
     from ray import tune
 
     return tune.with_resources(
         tune.with_parameters(
-            run_trial,
+            function,
             base=opened.flat,
             cache_dir=str(opened.cache_dir),
             splits=opened.splits,
