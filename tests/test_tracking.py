@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import traceback
 from pathlib import Path
 
 import pytest
 
 from ldct.cli import main
+from ldct.errors import TrainingError
 from ldct.metrics import METRIC_NAMES
 from ldct.tracking import runs as tracking_runs
 from ldct.tracking import store as tracking_store
+from ldct.tracking.callbacks import summarise_error_text
+from ldct.training.engine import NonFiniteLossError
 from ldct.training.loop import VAL_METRIC
 
 
@@ -120,3 +124,44 @@ def test_ldct_train_under_ray_logs_each_validation(tmp_path, ray_local, monkeypa
     (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("ldct/train").experiment_id])
     assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val_psnr_window")] == [2, 4]
     assert "checkpoint" in {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+
+
+def _worker_traceback(chained: bool = True) -> str:
+    """The traceback of a Train worker whose critic loss turned NaN (as loop.py raises it).
+
+    ``chained=False``: the same TrainingError as it comes back across Ray, without the
+    NonFiniteLossError it was raised from (the trial's error file showed no whole line of it).
+    """
+    error = NonFiniteLossError(3, {"loss_critic": float("nan")})
+    message = f"{error} (run stopped; worker rank 0; last good checkpoint at step 2)"
+    try:
+        try:
+            raise error
+        except NonFiniteLossError as exc:
+            raise TrainingError(message) from (exc if chained else None)
+    except TrainingError:
+        return traceback.format_exc()
+
+
+@pytest.mark.parametrize("path_chars", range(0, 700, 23))
+def test_error_summary_keeps_the_whole_line_whatever_rays_snippet_cut(path_chars):
+    # The error file as Tune writes it: Train V2's WorkerGroupError with each worker's traceback
+    # cut to its first and last 500 characters by Ray's own helper, then the worker's exception
+    # re-raised by ldct.training.ray_train.fit. Longer paths in the traceback (another checkout
+    # directory) move the cut; CI once cut the NonFiniteLossError line before "step 3".
+    from ray.train.v2._internal.execution.worker_group.poll import _truncate_error_string
+
+    worker = f'  File "/{"d" * path_chars}/ldct/training/engine.py", line 221, in _checked\n' + _worker_traceback()
+    text = (
+        "Failure # 1\nray.train.WorkerGroupError: Training failed due to worker errors:\n"
+        f"[Rank 0 Error Snippet]:\n{_truncate_error_string(worker)}\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        + _worker_traceback(chained=False)
+    )
+    summary = summarise_error_text(text)
+    assert "loss_critic (nan)" in summary and "step 3" in summary and not summary.endswith("..."), summary
+
+
+def test_error_summary_of_an_unknown_failure_is_its_last_line():
+    assert summarise_error_text("Traceback:\n  File x\nValueError: bad shape\n\n") == "ValueError: bad shape"
+    assert "empty" in summarise_error_text("\n\n")

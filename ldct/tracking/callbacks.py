@@ -197,12 +197,28 @@ def _summarise_error(trial: Any) -> str:
     )
     try:
         if path and Path(path).is_file():
-            text = Path(path).read_text()
-            for marker in ("NonFiniteLossError", "TrainingError", "non-finite"):
-                lines = [ln for ln in text.splitlines() if marker in ln]
-                if lines:
-                    return lines[-1].strip()
-            return text.strip().splitlines()[-1]
+            return summarise_error_text(Path(path).read_text())
     except OSError:
         pass
     return "trial failed (see the Ray trial's error file)"
+
+
+def summarise_error_text(text: str) -> str:
+    """The line of a Ray trial's error file that says why the trial failed.
+
+    The file holds the chained traceback: Train V2's ``WorkerGroupError`` text, which keeps only
+    the first and last 500 characters of each worker's traceback (so the line naming the loss and
+    step may end in ``...`` mid-message, and where depends on the length of the paths in it),
+    then the worker's own exception re-raised whole (``ldct.training.ray_train.fit``). The last
+    complete line that names an ldct training error wins; a cut line only when nothing else does.
+    """
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "trial failed (its Ray error file is empty)"
+    for marker in ("NonFiniteLossError", "TrainingError", "non-finite"):
+        found = [ln for ln in lines if marker in ln]
+        whole = [ln for ln in found if not ln.endswith("...")]
+        if whole:
+            return whole[-1]
+    found = [ln for ln in lines if any(m in ln for m in ("NonFiniteLossError", "TrainingError", "non-finite"))]
+    return found[-1] if found else lines[-1]
