@@ -132,12 +132,12 @@ def _worker_traceback(chained: bool = True) -> str:
     ``chained=False``: the same TrainingError as it comes back across Ray, without the
     NonFiniteLossError it was raised from (the trial's error file showed no whole line of it).
     """
-    error = NonFiniteLossError(3, {"loss_critic": float("nan")})
-    message = f"{error} (run stopped; worker rank 0; last good checkpoint at step 2)"
     try:
         try:
-            raise error
+            # The code lines of a traceback name the errors too: the summary must not take them.
+            raise NonFiniteLossError(3, {"loss_critic": float("nan")})
         except NonFiniteLossError as exc:
+            message = f"{exc} (run stopped; worker rank 0; last good checkpoint at step 2)"
             raise TrainingError(message) from (exc if chained else None)
     except TrainingError:
         return traceback.format_exc()
@@ -151,7 +151,9 @@ def test_error_summary_keeps_the_whole_line_whatever_rays_snippet_cut(path_chars
     # directory) move the cut; CI once cut the NonFiniteLossError line before "step 3".
     from ray.train.v2._internal.execution.worker_group.poll import _truncate_error_string
 
-    worker = f'  File "/{"d" * path_chars}/ldct/training/engine.py", line 221, in _checked\n' + _worker_traceback()
+    worker = (
+        f'  File "/{"d" * path_chars}/ldct/training/engine.py", line 221, in _checked\n' + _worker_traceback()
+    )
     text = (
         "Failure # 1\nray.train.WorkerGroupError: Training failed due to worker errors:\n"
         f"[Rank 0 Error Snippet]:\n{_truncate_error_string(worker)}\n\n"

@@ -215,10 +215,14 @@ def summarise_error_text(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         return "trial failed (its Ray error file is empty)"
-    for marker in ("NonFiniteLossError", "TrainingError", "non-finite"):
-        found = [ln for ln in lines if marker in ln]
+    # Exception lines ("ldct.errors.TrainingError: ...") and ldct's own log lines, not the
+    # traceback's code lines ("raise NonFiniteLossError(step, ...)"), which name the errors too.
+    named = [
+        [ln for ln in lines if f"{marker}: " in ln] for marker in ("NonFiniteLossError", "TrainingError")
+    ] + [[ln for ln in lines if "non-finite" in ln and not ln.startswith("raise ")]]
+    for found in named:
         whole = [ln for ln in found if not ln.endswith("...")]
         if whole:
             return whole[-1]
-    found = [ln for ln in lines if any(m in ln for m in ("NonFiniteLossError", "TrainingError", "non-finite"))]
-    return found[-1] if found else lines[-1]
+    cut = [ln for found in named for ln in found]
+    return cut[-1] if cut else lines[-1]
