@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The DICOM node tests run against a real Orthanc (Debian's) and DCMTK: installed here, before the
+# clock of the suite starts; tests/_orthanc.py tries again and fails naming this script if it could not.
+bash scripts/install_dicom.sh || echo "[test] scripts/install_dicom.sh failed: tests/test_dicom_node.py will fail" >&2
 # Passive OpenMP waiting: torch threads must not spin against Ray workers on 2 cores.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 exec .venv/bin/python -m pytest "$@"

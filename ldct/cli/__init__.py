@@ -67,5 +67,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def best_main(argv: Sequence[str] | None = None) -> int:
-    """``ldct-best``: the registered model: show, validate (throughput) + promote, export, denoise."""
+    """``ldct-best``: the registered model: show, validate (throughput) + promote, export, denoise, listen (DICOM node)."""
     return _run(build_best_parser(), argv)

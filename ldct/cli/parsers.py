@@ -284,6 +284,8 @@ def build_best_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler="ldct.cli.best:cmd_denoise")
 
+    _add_listen(sub)
+
     p = sub.add_parser(
         "migrate", help="re-register an old pickle-format version in the safe format (same aliases)"
     )
@@ -372,3 +374,39 @@ def build_repeat_parser(prog: str | None = None, description: str | None = None)
     parser.add_argument("--storage", help="Ray storage for the runs (default ./runs; shared on a cluster)")
     parser.add_argument("--results", default="results", help="where the report goes (default ./results)")
     return parser
+
+
+def _add_listen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "listen",
+        help="run as a DICOM node: receive CT series, denoise, forward the derived series",
+        description="A Storage SCP (C-ECHO; CT and Enhanced CT, compressed syntaxes too) that spools "
+        "each instance durably, treats a series as complete after --idle seconds without an "
+        "instance, denoises it with the registered model and forwards the derived series by "
+        "C-STORE (--forward) or STOW-RS (--forward-dicomweb). Research software, not a medical "
+        "device. docs/DESIGN.md §5c.",
+    )
+    p.add_argument("--ae-title", default="LDCTNODE", help="this node's AE title (default LDCTNODE)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port to listen on (default 11112)")
+    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--forward", metavar="AET@HOST:PORT", help="send derived series here by C-STORE")
+    dest.add_argument("--forward-dicomweb", metavar="URL", help="send derived series here by STOW-RS")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--alias", help="registry alias (default: champion)")
+    which.add_argument("--model-version", "--version", dest="version", help="registry version number")
+    which.add_argument("--model", metavar="DIR", help="an export directory instead of the registry")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime", "openvino"],
+        help="default: the path `ldct-best validate` promoted (tag fps_backend), else torch",
+    )
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="default: the promoted path's, else fp32")
+    p.add_argument("--store", default="ldct-node-spool", help="spool directory (default ./ldct-node-spool)")
+    p.add_argument("--idle", type=float, default=5.0, help="seconds without an instance that end a series")
+    p.add_argument("--retry-base", type=float, default=1.0, help="first forward retry delay, s (doubles)")
+    p.add_argument("--retry-max", type=float, default=60.0, help="longest forward retry delay, s")
+    p.add_argument("--max-series-instances", type=int, default=5000, help="refuse a larger series (0xA700)")
+    p.add_argument("--max-series-mb", type=float, default=4096.0, help="refuse a larger series (0xA700)")
+    p.add_argument("--min-free-mb", type=float, default=64.0, help="refuse instances below this free space")
+    p.set_defaults(handler="ldct.cli.listen:cmd_listen")

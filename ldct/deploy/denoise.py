@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +74,26 @@ def _check_dirs(in_dir: Path, out_dir: Path) -> None:
         )
 
 
-def _model_runner(
-    model_dir: str | Path | None,
-    backend: str,
-    generator: nn.Module | None,
-    meta: dict[str, Any] | None,
+@dataclass(frozen=True)
+class Denoiser:
+    """A loaded model: ``predict`` maps [N,1,H,W] in [0, 1] to the same; ``norm`` maps HU to that
+    range and back; ``meta`` is the registered version's meta or the export's model card."""
+
+    predict: Callable[[np.ndarray], np.ndarray]
+    norm: Any
+    description: str
+    backend: str
+    meta: dict[str, Any]
+
+
+def load_denoiser(
+    model_dir: str | Path | None = None,
+    backend: str = "onnxruntime",
+    generator: nn.Module | None = None,
+    meta: dict[str, Any] | None = None,
     precision: str = "fp32",
-) -> tuple[Callable[[np.ndarray], np.ndarray], Any, str, str]:
-    """(predict [1,1,H,W] unit -> same, normalisation, model description, backend name)."""
+) -> Denoiser:
+    """An export bundle on ``backend`` at ``precision``, or an in-memory ``generator`` + ``meta``."""
     if generator is not None:
         if meta is None:
             raise DenoiseError(
@@ -95,12 +108,13 @@ def _model_runner(
             with torch.inference_mode():
                 return net(torch.from_numpy(unit).to(device)).float().cpu().numpy()
 
-        return predict, norm, _describe(meta), "torch"
+        return Denoiser(predict, norm, _describe(meta), "torch", meta)
     if model_dir is None:
         raise DenoiseError("give model_dir (an export_bundle directory) or a generator with its meta")
     exported = load_exported(model_dir, backend=backend, precision=precision)
     name = exported.backend if precision == "fp32" else f"{exported.backend} {precision}"
-    return exported, normalization_from_meta(exported.card), _describe(exported.card), name
+    card = dict(exported.card)
+    return Denoiser(exported, normalization_from_meta(card), _describe(card), name, card)
 
 
 def _describe(meta: dict[str, Any]) -> str:
@@ -188,7 +202,7 @@ def _to_stored(
     return np.clip(stored, lo, hi).astype(dtype)
 
 
-def _derived_dataset(
+def derived_dataset(
     ds: Dataset,
     hu_out: np.ndarray,
     hu_in_stored: np.ndarray,
@@ -196,8 +210,11 @@ def _derived_dataset(
     hu_min: float,
     hu_max: float,
     derivation: str,
+    sop_uid: str | None = None,
+    contribution: str = "ldct-best denoise",
 ) -> Dataset:
-    """Turn the input dataset (a private copy) into the denoised derived instance."""
+    """Turn the input dataset (a private copy) into the denoised derived instance; a new random
+    SOP Instance UID unless ``sop_uid`` is given (the DICOM node's are deterministic)."""
     source_sop_class, source_sop = ds.SOPClassUID, ds.SOPInstanceUID
     dtype, slope, intercept, lo, hi = _storage(ds, hu_min, hu_max)
     stored = _to_stored(hu_out, dtype, slope, intercept, lo, hi)
@@ -232,7 +249,7 @@ def _derived_dataset(
     if "RescaleType" not in ds:
         ds.RescaleType = "HU"
 
-    sop = generate_uid()
+    sop = sop_uid or generate_uid()
     ds.SOPInstanceUID = sop
     ds.file_meta.MediaStorageSOPInstanceUID = sop
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -247,7 +264,7 @@ def _derived_dataset(
         derivation=derivation,
         series_number=derived_series_number(ds.get("SeriesNumber")),
         sources=[(source_sop_class, source_sop)],
-        contribution="ldct-best denoise",
+        contribution=contribution,
     )
     now = _dt.datetime.now()
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
@@ -279,7 +296,13 @@ def denoise_series(
     start = time.perf_counter()
     in_path, out_path = Path(in_dir), Path(out_dir)
     _check_dirs(in_path, out_path)
-    predict, norm, description, backend_name = _model_runner(model_dir, backend, generator, meta, precision)
+    denoiser = load_denoiser(model_dir, backend, generator, meta, precision)
+    predict, norm, description, backend_name = (
+        denoiser.predict,
+        denoiser.norm,
+        denoiser.description,
+        denoiser.backend,
+    )
     hu_min, hu_max = float(norm.hu_min), float(norm.hu_max)
     derivation = (
         f"Low-dose CT denoised by ldct ({description}, backend {backend_name}); "
@@ -305,7 +328,7 @@ def denoise_series(
             hu_out = norm.to_hu(out_unit[0, 0])
             series_key = str(ds.get("SeriesInstanceUID", "")) or f"dir:{path.parent}"
             series_uid = new_series.setdefault(series_key, generate_uid())
-            out_ds = _derived_dataset(ds, hu_out, stored_in, series_uid, hu_min, hu_max, derivation)
+            out_ds = derived_dataset(ds, hu_out, stored_in, series_uid, hu_min, hu_max, derivation)
         except _SkipFile as exc:
             skipped.append((str(path), str(exc)))
             continue
