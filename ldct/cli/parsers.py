@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_command(sub)
     _add_study_commands(sub)
     _add_report_command(sub)
+    _add_iq_commands(sub)
     return parser
 
 
@@ -410,3 +411,52 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-series-mb", type=float, default=4096.0, help="refuse a larger series (0xA700)")
     p.add_argument("--min-free-mb", type=float, default=64.0, help="refuse instances below this free space")
     p.set_defaults(handler="ldct.cli.listen:cmd_listen")
+
+
+def _add_iq_commands(sub: argparse._SubParsersAction) -> None:
+    iq = sub.add_parser("iq", help="task-based image quality: NPS, TTF, low-contrast detectability")
+    commands = iq.add_subparsers(dest="iq_command", metavar="COMMAND", required=True)
+    p = commands.add_parser("nps", help="noise power spectrum of noise-only images (.npy or DICOM)")
+    p.add_argument(
+        "paths", nargs="+", help="a .npy stack [N, H, W] of noise-only images in HU, or DICOM files/directories "
+        "(repeated scans of one position lose their ensemble mean)",
+    )  # fmt: skip
+    p.add_argument("--pixel-mm", type=float, help="pixel size of a .npy stack (DICOM: PixelSpacing)")
+    p.add_argument("--roi", type=int, default=64, help="ROI side in pixels (default 64)")
+    p.add_argument("--detrend", choices=["mean", "poly2"], default="mean", help="per-ROI detrending")
+    p.add_argument(
+        "--crop", type=float, help="central fraction of each image the ROIs tile (default: 1 for .npy, "
+        "0.5 for DICOM, the uniform centre of a water phantom)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.set_defaults(handler="ldct.cli.iq:cmd_nps")
+
+    p = commands.add_parser("lcd", help="signal-known-exactly detectability (NPW or CHO): AUC, d'")
+    p.add_argument("present", help=".npy stack [N, H, W] of signal-present ROIs (HU)")
+    p.add_argument("absent", help=".npy stack [N, H, W] of signal-absent ROIs (HU)")
+    p.add_argument("--signal", required=True, help=".npy [H, W]: the expected signal (insert - background)")
+    p.add_argument("--observer", choices=["npw", "cho"], default="cho")
+    p.add_argument("--channels", type=int, default=10, help="CHO: Laguerre-Gauss channels (default 10)")
+    p.add_argument("--channel-width-px", type=float, help="CHO: channel width a (default: signal diameter)")
+    p.add_argument("--splits", type=int, default=10, help="CHO: random train/test halvings (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.set_defaults(handler="ldct.cli.iq:cmd_lcd")
+
+    p = commands.add_parser("phantom", help="NPS, TTF and LCD of every method on digital phantoms")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="URI", help="registry URI, e.g. models:/ldct-denoiser@champion")
+    src.add_argument("--checkpoint", metavar="DIR", help="a training checkpoint")
+    src.add_argument("--onnx", metavar="DIR", help="an export directory (ldct-best export)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument(
+        "--quick", action="store_true", help="192 px at 1.2 mm, 20 realizations (else 384, 0.6, 60)"
+    )
+    p.add_argument("--dose", type=float, default=0.25, help="the LDCT dose (default 0.25)")
+    p.add_argument("--observer", choices=["npw", "cho"], default="cho")
+    p.add_argument("--gaussian-sigma-mm", type=float, default=1.0, help="the Gaussian row's σ (default 1 mm)")
+    p.add_argument("--no-bm3d", action="store_true", help="leave out the BM3D row (its minute and more)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="directory for iq.md, iq.json and iq.png (e.g. results/quick/iq)")
+    p.add_argument("--json", action="store_true", help="the whole table as one JSON line")
+    p.set_defaults(handler="ldct.cli.iq:cmd_phantom")
