@@ -30,6 +30,7 @@ from ldct.data.phantoms import make_phantom
 from ldct.data.simulate import simulate_low_dose
 from ldct.data.writer import write_ct_slice
 from ldct.deploy.denoise import denoise_series
+from ldct.tracking import store as tracking_store
 
 ROOT = Path(__file__).resolve().parents[1]
 LDCT_BEST = str(Path(sys.executable).parent / "ldct-best")
@@ -195,22 +196,34 @@ def test_orthanc_pushes_two_series_and_gets_the_derived_series_back(registered, 
         j2k = _low_dose_series(tmp_path / "b", 2, seed=2, compress=JPEG2000Lossless)
         (id_a, uid_a), (id_b, uid_b) = _upload(pacs, plain), _upload(pacs, j2k)
         forward = ["--forward", f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}"]
-        with Node(tmp_path / "spool", forward, uri, port=node_port) as node:
-            # Both series at once, each by Orthanc's own C-STORE (its REST "store to modality").
-            threads = [
-                threading.Thread(target=pacs.store_to_modality, args=("LDCT", [i])) for i in (id_a, id_b)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            tags_a = _derived(pacs, uid_a, 3, "the derived series of A in Orthanc")
-            tags_b = _derived(pacs, uid_b, 2, "the derived series of the JPEG 2000 series in Orthanc")
-            source = pydicom.dcmread(plain[0])
-            arrived = pydicom.dcmread(io.BytesIO(pacs.instance_file(_instance_from(pacs, tags_a, source))))
-            log = node.text()
+        # As if `ldct-best validate` had promoted onnxruntime: the node must run that path (an
+        # export into its store), not torch. The tag goes once the node has read it.
+        registry = tracking_store.client(uri)
+        registry.set_model_version_tag("ldct-denoiser", version, "fps_backend", "onnxruntime")
+        try:
+            with Node(tmp_path / "spool", forward, uri, port=node_port) as node:
+                registry.delete_model_version_tag("ldct-denoiser", version, "fps_backend")
+                # Both series at once, each by Orthanc's own C-STORE (its REST "store to modality").
+                threads = [
+                    threading.Thread(target=pacs.store_to_modality, args=("LDCT", [i])) for i in (id_a, id_b)
+                ]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                tags_a = _derived(pacs, uid_a, 3, "the derived series of A in Orthanc")
+                tags_b = _derived(pacs, uid_b, 2, "the derived series of the JPEG 2000 series in Orthanc")
+                source = pydicom.dcmread(plain[0])
+                arrived = pydicom.dcmread(
+                    io.BytesIO(pacs.instance_file(_instance_from(pacs, tags_a, source)))
+                )
+                log = node.text()
+        finally:
+            if "fps_backend" in registry.get_model_version("ldct-denoiser", version).tags:
+                registry.delete_model_version_tag("ldct-denoiser", version, "fps_backend")
 
     assert len(tags_a) == 3 and len(tags_b) == 2, log
+    assert "on onnxruntime" in log and (tmp_path / "spool" / "models").is_dir(), log
     for tags in (tags_a, tags_b):
         assert len({t["SeriesInstanceUID"] for t in tags}) == 1
         assert {t["SeriesInstanceUID"] for t in tags}.isdisjoint({uid_a, uid_b})
