@@ -214,3 +214,19 @@ def test_phantom_table_orders_doses_and_filters_as_physics_says(tmp_path, monkey
     assert [r["insert"] for r in rows["LDCT"]["lcd"]] == ["3mm/14HU", "5mm/7HU", "7mm/5HU", "10mm/3HU"]
     assert json.loads(json.dumps(table)) == table  # plain JSON: no NaN, no numpy types
     assert "| smoother |" in markdown(table)
+
+
+def test_the_lcd_guard_refuses_a_model_that_erases_low_contrast_and_passes_one_that_does_not(
+    tmp_path, monkeypatch
+):
+    from ldct.evaluation.iq import guard_message, lcd_guard
+
+    monkeypatch.setenv("LDCT_HOME", str(tmp_path))
+    geometry = (128, 1.5, 24)
+    # At full dose the inserts are visible (AUC well above 0.5); a "model" that flattens the image
+    # to its median leaves nothing to detect.
+    eraser = lcd_guard(lambda hu: np.full_like(hu, np.median(hu)), dose=1.0, geometry=geometry)
+    assert not eraser["passed"] and eraser["failed_inserts"], eraser
+    assert "REFUSED on" in guard_message(eraser)
+    keeper = lcd_guard(lambda hu: hu.copy(), dose=1.0, geometry=geometry)
+    assert keeper["passed"] and keeper["rows"]["model"] == keeper["rows"]["LDCT"]

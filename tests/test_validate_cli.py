@@ -107,3 +107,19 @@ def test_validate_cuda_backend_here_is_a_clear_error(registry, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "TensorrtExecutionProvider" in err and "onnxruntime-gpu" in err
     assert _aliases(uri) == before
+
+
+def test_validate_iq_guard_checks_detectability_before_timing(registry, capsys):
+    uri, version = registry
+    code = best_main(
+        ["--tracking-uri", uri, "validate", "--backend", "torch", "--precision", "fp32", "--iq-guard", "quick",
+         "--device", "cpu", "--min-fps", "0.01", "--repeats", "1", "--size", "64"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    # The smoke generator barely changes its input (2 iterations from a zero-initialised residual):
+    # its AUC per insert is the input's, within the interval, so the guard lets it through.
+    assert code == 0, out
+    assert "image-quality guard (NPW AUC per insert, model vs LDCT input): passed" in out
+    guard = json.loads(_tags(uri, version)["iq_guard"])
+    assert guard["passed"] and set(guard["auc"]) == {"3mm/14HU", "5mm/7HU", "7mm/5HU", "10mm/3HU"}
+    assert guard["realizations"] == 20 and guard["observer"] == "npw"

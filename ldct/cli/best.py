@@ -11,9 +11,11 @@ from ldct.config import apply_overrides, from_flat
 from ldct.deploy.denoise import denoise_series
 from ldct.deploy.export import export_bundle
 from ldct.deploy.validate import validate_paths
+from ldct.evaluation.denoisers import torch_denoiser
+from ldct.evaluation.iq import guard_message, lcd_guard
 from ldct.registry.gpu_worker import validate_on_gpu_worker
 from ldct.registry.load import load_registered, migrate
-from ldct.registry.promotion import PromotionError, decide, plan_validation
+from ldct.registry.promotion import PromotionError, decide, plan_validation, record_iq_guard
 from ldct.registry.versions import CHAMPION, list_versions
 
 
@@ -78,6 +80,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
     )
     cfg = apply_overrides(from_flat(meta["config"]), args.overrides)
+    if args.iq_guard:
+        # Before the timing: a model that makes a low-contrast insert harder to see than its
+        # input is refused whatever its speed (docs/DESIGN.md §3a).
+        verdict = lcd_guard(
+            torch_denoiser(generator, cfg.normalization), dose=cfg.data.builtin_dose, mode=args.iq_guard
+        )
+        record_iq_guard(meta["version"], verdict, args.tracking_uri)
+        print(guard_message(verdict), file=sys.stdout if verdict["passed"] else sys.stderr)
+        if not verdict["passed"]:
+            print("FAIL: the image-quality guard refused this version; aliases unchanged", file=sys.stderr)
+            return 1
     print(
         f"validating ldct-denoiser v{meta['version']} on {plan.device}: paths "
         f"{', '.join(f'{b} {p}' for b, p in plan.paths)} (bar {plan.min_fps:g} FPS at "

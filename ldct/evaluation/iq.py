@@ -172,3 +172,41 @@ def markdown(table: dict[str, Any]) -> str:
             f"| {method} | {n['sigma_hu']:.2f} | {n['f_peak_per_mm']:.3f} | {n['f_avg_per_mm']:.3f} | {ttf} | {lcd} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def lcd_guard(
+    model: Denoiser,
+    dose: float = 0.25,
+    mode: str = "full",
+    seed: int = 0,
+    geometry: tuple[int, float, int] | None = None,
+) -> dict[str, Any]:
+    """Does the model make any low-contrast insert harder to detect than its LDCT input?
+
+    NPW observer (nothing trained, so no training noise in the verdict) on the CCT189-like
+    phantom, model and LDCT on the same realizations. An insert fails when the model's whole 95 %
+    AUC interval lies below the LDCT input's AUC: worse beyond what the realizations can tell
+    apart, not merely a lower point estimate. ``mode`` "quick" (192² at 1.2 mm, 20 realizations)
+    or "full" (384² at 0.6 mm, 60).
+    """
+    size, px, n = geometry or PROFILES["quick" if mode == "quick" else "full"]
+    spec = PhantomSpec("lcd", size, px)
+    low = iq_phantoms.realizations(spec, dose, n, seed=seed)
+    rows = {
+        "LDCT": _lcd_rows(low, spec, "npw", seed),
+        "model": _lcd_rows(_apply(model, low), spec, "npw", seed),
+    }
+    failed = [
+        m["insert"] for m, ref in zip(rows["model"], rows["LDCT"], strict=True) if m["auc_ci"][1] < ref["auc"]
+    ]
+    return {"passed": not failed, "failed_inserts": failed, "rows": rows,
+            "setup": {"dose": dose, "size_px": size, "pixel_mm": px, "realizations": n, "observer": "npw"}}  # fmt: skip
+
+
+def guard_message(verdict: dict[str, Any]) -> str:
+    pairs = ", ".join(
+        f"{m['insert']} {m['auc']:.3f} [{m['auc_ci'][0]:.2f}, {m['auc_ci'][1]:.2f}] vs LDCT {ref['auc']:.3f}"
+        for m, ref in zip(verdict["rows"]["model"], verdict["rows"]["LDCT"], strict=True)
+    )
+    head = "passed" if verdict["passed"] else f"REFUSED on {', '.join(verdict['failed_inserts'])}"
+    return f"image-quality guard (NPW AUC per insert, model vs LDCT input): {head}: {pairs}"

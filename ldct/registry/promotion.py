@@ -147,3 +147,15 @@ def record_failed_validation(
         "fps_last_failed",
         f"{throughput['fps']:.2f} < {min_fps:g} on {throughput.get('device_name', '?')}",
     )
+
+
+def record_iq_guard(version: str, verdict: dict[str, Any], tracking_uri: str | None = None) -> None:
+    """The image-quality guard's verdict on the version (tag ``iq_guard``; aliases untouched)."""
+    summary = {
+        "passed": verdict["passed"],
+        "failed_inserts": verdict["failed_inserts"],
+        **verdict["setup"],
+        "auc": {m["insert"]: m["auc"] for m in verdict["rows"]["model"]},
+        "auc_ldct": {m["insert"]: m["auc"] for m in verdict["rows"]["LDCT"]},
+    }
+    client(tracking_uri).set_model_version_tag(MODEL_NAME, str(version), "iq_guard", json.dumps(summary))
