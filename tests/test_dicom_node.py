@@ -499,3 +499,21 @@ def test_bad_forward_destinations_are_named(text, message):
     assert str(Destination.parse_ae("ORTHANC@127.0.0.1:4242")) == "ORTHANC@127.0.0.1:4242"
     with pytest.raises(ValueError, match="expected an http"):
         Destination.parse_url("pacs:8042/dicom-web")
+
+
+def test_forwarded_series_are_purged_after_their_keep_time_and_nothing_pending_is(tmp_path):
+    from ldct.deploy.node import Spool
+
+    spool = Spool(tmp_path / "s")
+    for series in ("1.1", "2.2"):
+        spool.store(series, f"{series}.1", "9", b"x")
+        spool.write_derived(series, f"{series}.9", lambda p: p.write_bytes(b"d"))
+        spool.update(series, denoised={f"{series}.1": [f"{series}.9"]})
+    spool.update("1.1", forwarded={"1.1.9"}, forwarded_at=time.time() - 7200)  # forwarded 2 h ago
+    spool.log("forwarded", "1.1", instances=["1.1.9"])
+    assert spool.purge(older_than_s=3 * 3600) == []  # kept for 3 h
+    assert spool.purge(older_than_s=3600) == ["1.1"]  # "2.2" waits for its forward: never purged
+    assert not (tmp_path / "s" / "series" / "1.1").exists() and (tmp_path / "s" / "series" / "2.2").exists()
+    assert [e["event"] for e in spool.events()][-1] == "purged"
+    spool.close()
+    assert set(Spool(tmp_path / "s").series) == {"2.2"}

@@ -73,6 +73,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         max_series_instances=args.max_series_instances,
         max_series_mb=args.max_series_mb,
         min_free_mb=args.min_free_mb,
+        keep_hours=args.keep_hours,
     )
     node = DicomNode(config, denoiser, model)
     stop = {"signal": None}

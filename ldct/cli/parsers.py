@@ -416,6 +416,12 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-series-instances", type=int, default=5000, help="refuse a larger series (0xA700)")
     p.add_argument("--max-series-mb", type=float, default=4096.0, help="refuse a larger series (0xA700)")
     p.add_argument("--min-free-mb", type=float, default=64.0, help="refuse instances below this free space")
+    p.add_argument(
+        "--keep-hours",
+        type=float,
+        default=24.0,
+        help="remove a forwarded series' files after this (default 24)",
+    )
     p.set_defaults(handler="ldct.cli.listen:cmd_listen")
 
 

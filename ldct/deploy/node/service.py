@@ -37,6 +37,7 @@ class NodeConfig:
     max_series_instances: int = 5000
     max_series_mb: float = 4096.0
     min_free_mb: float = 64.0
+    keep_hours: float = 24.0  # forwarded series' files are removed after this (the journal stays)
 
 
 def _log(message: str) -> None:
@@ -172,8 +173,20 @@ class DicomNode:
 
     # -- forwarding -------------------------------------------------------------------------
     def _forward_loop(self) -> None:
+        next_purge = 0.0
         while not self._stop.wait(0.2):
             now = time.monotonic()
+            if now >= next_purge:
+                next_purge = now + 60.0
+                try:
+                    purged = self.spool.purge(self.config.keep_hours * 3600.0)
+                except (OSError, SpoolError) as exc:
+                    purged = []
+                    self.log(f"[ldct-node] purging forwarded series failed ({exc}); trying again in 60 s")
+                if purged:
+                    self.log(
+                        f"[ldct-node] removed {len(purged)} series forwarded over {self.config.keep_hours:g} h ago"
+                    )
             for state in self.spool.snapshot().values():
                 if state.to_forward and not state.to_denoise and now >= state.next_forward:
                     self._guarded(self._forward, state)
@@ -196,7 +209,9 @@ class DicomNode:
             )
             self.spool.log("forward_failed", state.uid, attempt=attempt, error=str(exc), retry_in_s=delay)
             return
-        self.spool.update(state.uid, forwarded=set(sops), forward_attempts=0, next_forward=0.0)
+        self.spool.update(
+            state.uid, forwarded=set(sops), forward_attempts=0, next_forward=0.0, forwarded_at=time.time()
+        )
         self.spool.log("forwarded", state.uid, destination=str(self.config.destination), instances=sops)
         self.log(
             f"[ldct-node] series {state.uid}: forwarded {len(sops)} instance(s) to "

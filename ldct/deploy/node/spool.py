@@ -48,6 +48,7 @@ class SeriesState:
     refused: dict[str, str] = field(default_factory=dict)  # source SOP -> why it cannot be denoised
     derived_series_uid: str = ""
     last_received: float = 0.0  # time.monotonic() of the latest instance (or of the recovery)
+    forwarded_at: float = 0.0  # time.time() of the latest successful forward
     forward_attempts: int = 0
     next_forward: float = 0.0  # time.monotonic() before which no forward is tried
 
@@ -176,6 +177,7 @@ class Spool:
                     state.refused[ev["sop"]] = ev.get("reason", "")
                 elif kind == "forwarded":
                     state.forwarded.update(ev.get("instances", []))
+                    state.forwarded_at = float(ev.get("t", 0.0))
             # A derived file whose journal line was lost in a crash is made again (same UID).
             for state in self.series.values():
                 for source, derived in list(state.denoised.items()):
@@ -274,6 +276,7 @@ class Spool:
                     refused=dict(s.refused),
                     derived_series_uid=s.derived_series_uid,
                     last_received=s.last_received,
+                    forwarded_at=s.forwarded_at,
                     forward_attempts=s.forward_attempts,
                     next_forward=s.next_forward,
                 )
@@ -291,6 +294,27 @@ class Spool:
                     current.update(value)
                 else:
                     setattr(state, key, value)
+
+    def purge(self, older_than_s: float) -> list[str]:
+        """Remove the files of every series forwarded in full more than ``older_than_s`` ago.
+
+        The journal keeps their history. An instance of a purged series that arrives again is a
+        new receipt: it is denoised and forwarded again, into the same derived UIDs, which the
+        destination already holds.
+        """
+        cutoff = time.time() - older_than_s
+        with self._lock:
+            done = [
+                uid
+                for uid, s in self.series.items()
+                if s.forwarded_at and s.forwarded_at < cutoff and not s.to_denoise and not s.to_forward
+            ]
+            for uid in done:
+                shutil.rmtree(self.series_dir(uid), ignore_errors=True)
+                del self.series[uid]
+        for uid in done:
+            self.log("purged", uid, older_than_s=older_than_s)
+        return done
 
     def close(self) -> None:
         with self._lock:
