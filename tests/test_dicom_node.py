@@ -366,12 +366,15 @@ def test_mr_and_corrupt_instances_are_refused_and_the_series_goes_on_by_stow_rs(
     corrupt.SOPInstanceUID = generate_uid()
     corrupt.PixelData = corrupt.PixelData[: len(corrupt.PixelData) // 3]  # truncated pixel data
     mr = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small.dcm"))
+    scout = pydicom.dcmread(paths[2])  # a localizer in the series: kept, acknowledged, not denoised
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     with Orthanc(tmp_path / "orthanc") as pacs:
         with InProcess(model, tmp_path / "spool", Destination.parse_url(pacs.dicomweb_url)) as node:
             # One association: MR refused (0x0122), corrupt CT cannot be understood (0xC000), and
             # the association stays usable for the good instances around them.
-            statuses = _scu(node.port, [good[0], mr, corrupt, good[1], good[2]])
-            assert statuses == [0x0000, 0x0122, 0xC000, 0x0000, 0x0000], node.lines
+            statuses = _scu(node.port, [good[0], mr, corrupt, good[1], good[2], scout])
+            assert statuses == [0x0000, 0x0122, 0xC000, 0x0000, 0x0000, 0x0000], node.lines
             uid = str(good[0].SeriesInstanceUID)
             _SOURCES[uid] = {str(ds.SOPInstanceUID) for ds in good}
             tags = _derived(pacs, uid, 3, "the good instances' derived series, by STOW-RS")
@@ -381,6 +384,8 @@ def test_mr_and_corrupt_instances_are_refused_and_the_series_goes_on_by_stow_rs(
     )
     assert any("MR Image Storage" in line and "0x0122" in line for line in node.lines), node.lines
     assert [e["destination"] for e in node.events("forwarded")] == [f"STOW-RS {pacs.dicomweb_url}"]
+    refused = {e["sop"]: e["reason"] for e in node.events("refused")}
+    assert list(refused) == [str(scout.SOPInstanceUID)] and "localizer" in refused[str(scout.SOPInstanceUID)]
 
 
 def test_full_disk_and_oversized_series_are_clear_refusals(model, tmp_path):

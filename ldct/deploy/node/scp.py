@@ -17,7 +17,7 @@ from typing import Any
 import pydicom
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
-from ldct.data.dicom import DicomError, frame_geometry
+from ldct.data.dicom import DicomError, LocalizerImage, frame_geometry
 from ldct.deploy.node.spool import Spool, SpoolError, safe_name
 
 CT_SOP_CLASSES = (str(CTImageStorage), str(EnhancedCTImageStorage))
@@ -53,7 +53,12 @@ def check_instance(data: bytes, sop_uid: str) -> pydicom.Dataset:
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - any parse failure is 'cannot understand'
         raise DicomError(f"{label}: not readable DICOM ({type(exc).__name__}: {exc})") from exc
-    geometry = frame_geometry(ds, label)
+    try:
+        geometry = frame_geometry(ds, label)
+    except LocalizerImage:
+        # A scout travels with its series: kept (so the sender sees no failure), not denoised
+        # (the denoising step journals it as refused, naming why).
+        return ds
     try:
         if len(geometry) == 1 and geometry[0].frame is None:
             pixels = ds.pixel_array
@@ -108,7 +113,8 @@ def store_handler(spool: Spool, log: Callable[[str], None] = lambda m: print(m, 
         except SpoolError as exc:
             log(f"[ldct-node] refused instance {sop_uid} from {peer}: {exc} (status 0xA700)")
             return OUT_OF_RESOURCES
-        if new and len(spool.series[series].received) == 1:
+        state = spool.series.get(series)
+        if new and state is not None and len(state.received) == 1:
             log(f"[ldct-node] receiving series {series} from {peer}")
         return SUCCESS
 

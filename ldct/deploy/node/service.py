@@ -120,13 +120,17 @@ class DicomNode:
                     return
 
     def _guarded(self, work: Callable[[SeriesState], None], state: SeriesState) -> None:
-        """A failure of the store (disk full) leaves the series pending, to be tried again."""
+        """A failure of the store (disk full), or any other surprise, leaves the series pending,
+        to be tried again after the idle time; the thread itself never dies of one series."""
         try:
             work(state)
-        except (OSError, SpoolError) as exc:
-            self.spool.update(state.uid, last_received=time.monotonic())
+        except Exception as exc:  # noqa: BLE001 - a long-running service logs and goes on
+            later = time.monotonic()
+            if state.uid in self.spool.series:
+                self.spool.update(state.uid, last_received=later, next_forward=later + self.config.idle_s)
+            what = str(exc) if isinstance(exc, (OSError, SpoolError)) else f"{type(exc).__name__}: {exc}"
             self.log(
-                f"[ldct-node] series {state.uid}: {exc}; it stays in the spool and is tried again "
+                f"[ldct-node] series {state.uid}: {what}; it stays in the spool and is tried again "
                 f"in {self.config.idle_s:g} s"
             )
 
