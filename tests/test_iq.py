@@ -230,3 +230,13 @@ def test_the_lcd_guard_refuses_a_model_that_erases_low_contrast_and_passes_one_t
     assert "REFUSED on" in guard_message(eraser)
     keeper = lcd_guard(lambda hu: hu.copy(), dose=1.0, geometry=geometry)
     assert keeper["passed"] and keeper["rows"]["model"] == keeper["rows"]["LDCT"]
+
+
+def test_a_cho_with_too_few_training_images_is_refused():
+    rng = np.random.default_rng(8)
+    signal = _disk_signal(16, 3.0, 5.0)
+    with pytest.raises(IQError, match="needs more than 10: give at least 22 ROIs per class"):
+        detectability(rng.normal(size=(12, 16, 16)), rng.normal(size=(40, 16, 16)), signal, observer="cho")
+    assert detectability(
+        rng.normal(size=(12, 16, 16)), rng.normal(size=(40, 16, 16)), signal, "cho", channels=4
+    )

@@ -92,6 +92,15 @@ def detectability(
         template = s.ravel()
         pairs = [(f1 @ template, f0 @ template)]
     else:
+        # The Hotelling template inverts a J x J covariance estimated on half of each class: with
+        # J or fewer training images it is singular and the AUC meaningless.
+        fewest = min(len(g1), len(g0)) // 2
+        if fewest <= channels:
+            raise IQError(
+                f"a CHO with {channels} channels trains on half of each class ({fewest} image(s) here) and "
+                f"needs more than {channels}: give at least {2 * (channels + 1)} ROIs per class, fewer "
+                "--channels, or --observer npw"
+            )
         a = float(width_px) if width_px else equivalent_diameter_px(s)
         u = laguerre_gauss_channels(s.shape, a, channels)
         v1, v0 = f1 @ u.T, f0 @ u.T
