@@ -231,10 +231,18 @@ def read_frames(
 ) -> tuple[pydicom.Dataset, list[tuple[np.ndarray, np.ndarray, FrameGeometry]]]:
     """Decode a CT file frame by frame: the dataset and ``[(hu float32 [H, W], stored [H, W],
     geometry)]`` for the requested frames (all by default; a single-frame file has one)."""
-    from pydicom.pixels import pixel_array
-
     path = Path(path)
     ds = _dcmread(path, header_only=False)
+    return ds, decode_frames(ds, path, frames)
+
+
+def decode_frames(
+    ds: pydicom.Dataset, path: Path | str, frames: Sequence[int] | None = None
+) -> list[tuple[np.ndarray, np.ndarray, FrameGeometry]]:
+    """:func:`read_frames` on a dataset already read (e.g. received over the network);
+    ``path`` names it in errors."""
+    from pydicom.pixels import pixel_array
+
     geometry = frame_geometry(ds, path)
     if "PixelData" not in ds:
         raise DicomError(f"{path}: has no pixel data; {_SKIP_HINT}")
@@ -258,7 +266,7 @@ def read_frames(
                 f"{path}: pixel array shape {stored.shape} != Rows x Columns {g.shape}; {_SKIP_HINT}"
             )
         out.append((to_hu(stored, g), stored, g))
-    return ds, out
+    return out
 
 
 def read_hu(path: Path | str, frame: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:

@@ -86,6 +86,7 @@ def phantom_table(
         methods["BM3D (σ estimated)"] = (dose, lambda hu: estimated_bm3d(hu, px))
     if model is not None:
         methods[model_label] = (dose, model)
+    lcd_truth = iq_phantoms.truth(specs["lcd"])
     rows: dict[str, Any] = {}
     for method, (d, denoise) in methods.items():
         tick = time.perf_counter()
@@ -93,7 +94,7 @@ def phantom_table(
         rows[method] = {
             "nps": _nps_row(out["water"], specs["water"]),
             "ttf": _ttf_rows(out["rods"], specs["rods"]),
-            "lcd": _lcd_rows(out["lcd"], specs["lcd"], observer, seed),
+            "lcd": _lcd_rows(out["lcd"], specs["lcd"], lcd_truth, observer, seed),
         }
         progress(f"{method}: {time.perf_counter() - tick:.1f} s")
     return {
@@ -124,8 +125,9 @@ def _ttf_rows(outputs: np.ndarray, spec: PhantomSpec) -> list[dict[str, Any]]:
     return rows
 
 
-def _lcd_rows(outputs: np.ndarray, spec: PhantomSpec, observer: str, seed: int) -> list[dict[str, Any]]:
-    clean = iq_phantoms.truth(spec)
+def _lcd_rows(
+    outputs: np.ndarray, spec: PhantomSpec, clean: np.ndarray, observer: str, seed: int
+) -> list[dict[str, Any]]:
     inserts = iq_phantoms.ring_positions(iq_phantoms.LCD_RING_MM, len(iq_phantoms.LCD_INSERTS))
     between = iq_phantoms.ring_positions(iq_phantoms.LCD_RING_MM, len(iq_phantoms.LCD_INSERTS), 45.0)
     rows = []
@@ -192,9 +194,10 @@ def lcd_guard(
     size, px, n = geometry or PROFILES["quick" if mode == "quick" else "full"]
     spec = PhantomSpec("lcd", size, px)
     low = iq_phantoms.realizations(spec, dose, n, seed=seed)
+    clean = iq_phantoms.truth(spec)
     rows = {
-        "LDCT": _lcd_rows(low, spec, "npw", seed),
-        "model": _lcd_rows(_apply(model, low), spec, "npw", seed),
+        "LDCT": _lcd_rows(low, spec, clean, "npw", seed),
+        "model": _lcd_rows(_apply(model, low), spec, clean, "npw", seed),
     }
     failed = [
         m["insert"] for m, ref in zip(rows["model"], rows["LDCT"], strict=True) if m["auc_ci"][1] < ref["auc"]

@@ -18,7 +18,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import ldct
-from ldct.data.dicom import DicomError, FrameGeometry, read_frames
+from ldct.data.dicom import FrameGeometry, read_frames
 from ldct.data.writer import ct_slice, derived_series_number, hu_to_stored, mark_derived, save
 from ldct.deploy.denoise import SERIES_SUFFIX, Denoiser, derived_dataset
 
@@ -160,7 +160,6 @@ def _frame_as_slice(
 
 
 __all__ = [
-    "DicomError",
     "ModelIdentity",
     "derive_instance",
     "derived_series_uid",

@@ -17,7 +17,7 @@ from typing import Any
 import pydicom
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
-from ldct.data.dicom import DicomError, LocalizerImage, frame_geometry
+from ldct.data.dicom import DicomError, LocalizerImage, decode_frames, frame_geometry
 from ldct.deploy.node.spool import Spool, SpoolError, safe_name
 
 CT_SOP_CLASSES = (str(CTImageStorage), str(EnhancedCTImageStorage))
@@ -54,24 +54,16 @@ def check_instance(data: bytes, sop_uid: str) -> pydicom.Dataset:
     except Exception as exc:  # noqa: BLE001 - any parse failure is 'cannot understand'
         raise DicomError(f"{label}: not readable DICOM ({type(exc).__name__}: {exc})") from exc
     try:
-        geometry = frame_geometry(ds, label)
+        frame_geometry(ds, label)  # header faults (not CT, no rescale) are named as they are
     except LocalizerImage:
         # A scout travels with its series: kept (so the sender sees no failure), not denoised
         # (the denoising step journals it as refused, naming why).
         return ds
     try:
-        if len(geometry) == 1 and geometry[0].frame is None:
-            pixels = ds.pixel_array
-            frames = [pixels]
-        else:
-            from pydicom.pixels import pixel_array
-
-            frames = [pixel_array(ds, index=g.frame) for g in geometry]
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
-        raise DicomError(f"{label}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    for frame, g in zip(frames, geometry, strict=True):
-        if frame.shape != g.shape:
-            raise DicomError(f"{label}: pixel data {frame.shape} does not match Rows x Columns {g.shape}")
+        decode_frames(ds, label)
+    except DicomError as exc:
+        detail = str(exc).removeprefix(f"{label}: ")
+        raise DicomError(f"{label}: pixel data cannot be decoded ({detail})") from exc
     return ds
 
 

@@ -17,6 +17,7 @@ not stored twice.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -264,24 +265,9 @@ class Spool:
         return target
 
     def snapshot(self) -> dict[str, SeriesState]:
+        """A copy of every series' state that the worker threads can read without the lock."""
         with self._lock:
-            return {
-                uid: SeriesState(
-                    uid=s.uid,
-                    study_uid=s.study_uid,
-                    received=set(s.received),
-                    bytes=s.bytes,
-                    denoised={k: list(v) for k, v in s.denoised.items()},
-                    forwarded=set(s.forwarded),
-                    refused=dict(s.refused),
-                    derived_series_uid=s.derived_series_uid,
-                    last_received=s.last_received,
-                    forwarded_at=s.forwarded_at,
-                    forward_attempts=s.forward_attempts,
-                    next_forward=s.next_forward,
-                )
-                for uid, s in self.series.items()
-            }
+            return copy.deepcopy(self.series)
 
     def update(self, series_uid: str, **changes: Any) -> None:
         with self._lock:
