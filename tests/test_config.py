@@ -145,6 +145,7 @@ def test_enum_like_fields_are_literals():
         "train.sync_bn": ("auto", "on", "off"),
         "train.debug_nan_loss": ("loss_g", "loss_critic"),
         "train.debug_nan_value": ("nan", "inf"),
+        "study.iq": ("off", "fast"),
     }
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from ldct.config import load_config
+from ldct.config import ConfigError, load_config
 from ldct.registry import versions as registry_versions
-from ldct.study.pareto import pareto_ranks, register_candidate, select_candidate, write_front
+from ldct.study.objectives import Selection, parse_selection, selection
+from ldct.study.pareto import pareto_ranks, register_candidate, write_front
 from ldct.study.run import run_study
 from ldct.study.space import apply_choice
 from ldct.tracking import runs as tracking_runs
@@ -18,9 +21,11 @@ def test_pareto_ranks_and_selection():
     points = [(30.0, 1.0), (29.0, 5.0), (28.0, 4.0), (30.0, 0.5), (31.0, 0.2)]
     assert pareto_ranks(points) == [1, 1, 2, 2, 1]
     rows = [{VAL_METRIC: q, "fps": f} for q, f in points]
-    assert select_candidate(rows, 0.9) is rows[0]  # best quality among those at >= 0.9 FPS
-    assert select_candidate(rows, 4.5) is rows[1]
-    assert select_candidate(rows, 6.0) is None
+    # best quality among those at >= 0.9 FPS
+    assert Selection("psnr_body", "fps", 0.9).choose(rows)[0] is rows[0]
+    assert Selection("psnr_body", "fps", 4.5).choose(rows)[0] is rows[1]
+    none, why = Selection("psnr_body", "fps", 6.0).choose(rows)
+    assert none is None and why == "no trial met fps >= 6 FPS (best 5 FPS)"
     # RED-CNN has no critic and no perceptual term: the trial trains (and logs) both weights at 0.
     assert apply_choice({}, "redcnn") == {
         "model.arch": "redcnn",
@@ -28,6 +33,36 @@ def test_pareto_ranks_and_selection():
         "loss.lambda_perceptual": 0.0,
     }
     assert apply_choice({}, "resnet10t")["model.encoder"] == "resnet10t"
+
+
+def test_selection_rules_are_parsed_and_applied_with_known_answers():
+    rows = [
+        {VAL_METRIC: 31.7, "iq_lcd_auc": 0.70},
+        {VAL_METRIC: 31.0, "iq_lcd_auc": 0.74},
+        {VAL_METRIC: 30.5, "iq_lcd_auc": 0.80},  # the most detectable, but 1.2 dB below the best
+        {VAL_METRIC: 29.0, "iq_lcd_auc": float("nan")},  # never scored: never chosen
+    ]
+    rule = parse_selection("max lcd_auc where psnr_body >= best - 1.0")
+    assert rule == Selection("lcd_auc", "psnr_body", 1.0, relative=True)
+    assert rule.text == "max lcd_auc where psnr_body >= best - 1"
+    chosen, why = rule.choose(rows)
+    assert chosen is rows[1] and why == "lcd_auc 0.740, psnr_body 31.00 dB >= 30.70 dB"
+    assert parse_selection("max lcd_auc").choose(rows)[0] is rows[2]
+    assert parse_selection("max psnr_body where lcd_auc >= 0.72").choose(rows)[0] is rows[1]
+    # The profiles' rules: stated before the run, checked at load.
+    assert selection(load_config("clinical")).text == "max lcd_auc where psnr_body >= best - 1"
+    assert selection(load_config("pareto")) == Selection("psnr_body", "fps", 1.5)
+    assert selection(load_config("quick")).text == "max psnr_body"
+    for bad, hint in [
+        (["study.selection=max ssim"], "over the study's objectives ['psnr_body']"),
+        (["study.selection=min psnr_body"], "expected 'max OBJ'"),
+        (["study.objectives=lcd_auc"], "a single objective is psnr_body"),
+        (["study.objectives=psnr_body,lcd_auc,fps"], "one or two different names"),
+        (["study.pareto=true", "study.objectives=psnr_body,lcd_auc"], "drop study.pareto"),
+        (["study.iq_realizations=5"], "at least 10"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(hint)):
+            load_config("quick", bad)
 
 
 def _aliases(uri: str) -> dict[str, str]:
@@ -68,18 +103,24 @@ def test_smoke_pareto_study(tmp_path, ray_local):
     assert fps[0] < fps[1]
     faster = next(r for r in runs if r.data.metrics["fps"] == fps[1])
     # A bar between the two trials: only the faster one meets it, so it is the candidate.
-    version, rows, message = register_candidate("par", uri, (fps[0] + fps[1]) / 2)
+    objectives = ("psnr_body", "fps")
+    bar = Selection("psnr_body", "fps", (fps[0] + fps[1]) / 2)
+    version, rows, message = register_candidate("par", uri, bar, objectives)
     assert version is not None and "registered version" in message
     tags = mlflow_client.get_model_version(registry_versions.MODEL_NAME, version).tags
     assert tags["trial_run_id"] == faster.info.run_id and float(tags["fps"]) >= (fps[0] + fps[1]) / 2
     assert _aliases(uri)["candidate"] == version
     # A bar no trial meets: nothing registered, and the study says so.
     before = _aliases(uri)
-    none, _, message = register_candidate("par", uri, fps[1] * 10)
-    assert none is None and message.startswith("no trial met min_fps")
+    too_high = Selection("psnr_body", "fps", fps[1] * 10)
+    none, _, message = register_candidate("par", uri, too_high, objectives)
+    assert (
+        none is None and message.startswith("no trial met fps >= ") and message.endswith("nothing registered")
+    )
     assert _aliases(uri) == before
     parent = tracking_runs.study_run(mlflow_client, "par")
     assert mlflow_client.get_run(parent.info.run_id).data.tags["ldct.pareto_decision"] == message
-    out = write_front(rows, fps[1] * 10, message, tmp_path / "report")
-    assert (out / "pareto.png").stat().st_size > 0 and message in (out / "pareto.md").read_text()
-    assert f"| {VAL_METRIC} [dB] | val_psnr_window [dB] |" in (out / "pareto.md").read_text()
+    out = write_front(rows, objectives, too_high, message, tmp_path / "report")
+    text = (out / "pareto.md").read_text()
+    assert (out / "pareto.png").stat().st_size > 0 and message in text
+    assert "| val PSNR body [dB] | FPS at 512×512, batch 1 (trial's device) | val_psnr_window [dB] |" in text

@@ -139,7 +139,8 @@ def _report(results: str | None, cfg: Config, result: StudyResult) -> None:
         study_result=result,
     )
     if result.pareto is not None:
-        write_front(result.pareto["rows"], result.pareto["min_fps"], result.pareto["message"], out)
+        pareto = result.pareto
+        write_front(pareto["rows"], pareto["objectives"], pareto["rule"], pareto["message"], out)
         print((out / "pareto.md").read_text())
     print((out / "leaderboard.md").read_text())
     if (out / "best_test.md").is_file():

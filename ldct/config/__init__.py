@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ldct.config.checks import check_study
 from ldct.config.coerce import ConfigError
 from ldct.config.coerce import coerce as _coerce
 
@@ -29,8 +29,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CHECKOUT_PROFILE_DIR = PROJECT_ROOT / "studies"
 PACKAGED_PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 PROFILE_DIR = CHECKOUT_PROFILE_DIR if CHECKOUT_PROFILE_DIR.is_dir() else PACKAGED_PROFILE_DIR
-# A study endpoint's shape (ldct.study.endpoints checks the names): metric:arm-reference>=margin.
-_ENDPOINT = re.compile(r"[a-z0-9_]+:[a-z0-9+_.-]+-[a-z0-9+_.-]+(>=|<=)[-+]?\d+(\.\d*)?")
 
 
 # Closed sets of values: their consumers (training engine and DDP setup, patch sampler, perceptual
@@ -43,6 +41,10 @@ WindowMode = Literal["auto", "soft_tissue", "brain"]  # = ldct.metrics.WINDOW_MO
 PerceptualNet = Literal["vgg11", "vgg13", "vgg16", "vgg19"]
 DebugLoss = Literal["loss_g", "loss_critic"]
 DebugValue = Literal["nan", "inf"]
+# A study's objectives: validation PSNR in the body, the fast image-quality mode's mean LCD AUC,
+# 512² batch-1 FPS (ldct.study.objectives maps each to the metric a trial reports).
+Objective = Literal["psnr_body", "lcd_auc", "fps"]
+IQMode = Literal["off", "fast"]
 
 
 class _Checked:
@@ -245,15 +247,30 @@ class StudyConfig(_Checked):
     # Names are checked against the metrics and arms when the repeat starts (ldct.study.endpoints).
     primary_endpoint: str = "psnr_body:tuned-ldct>=4.0"
     secondary_endpoints: tuple[str, ...] = ("psnr_body:tuned-bm3d>=1.0",)
+    # What the study maximises (ldct.study.objectives): one objective = TPE + ASHA on it; two =
+    # multi-objective TPE, no ASHA (a trial stopped on one objective would bias the other), and
+    # the study registers the trial that ``selection`` names. pareto = true is the older spelling
+    # of ["psnr_body", "fps"].
+    objectives: tuple[Objective, ...] = ("psnr_body",)
+    # Task-based image quality of every trial that reaches its last step (ldct.training.trial_iq):
+    # "fast" = NPS shift against full dose and mean NPW AUC on the CCT189-like phantom, a few
+    # seconds per trial; on whenever "lcd_auc" is an objective. ``iq_realizations``: the LCD
+    # phantom's noise realizations (the water phantom's NPS uses a third of them, at least 10).
+    iq: IQMode = "off"
+    iq_realizations: int = 60
+    # The registration rule, fixed before the run: "max OBJ [where OBJ2 >= VALUE | where OBJ2 >=
+    # best - DELTA]" over the objectives; "" = "max psnr_body" (pareto: "where fps >= min_fps").
+    selection: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for text in (self.primary_endpoint, *self.secondary_endpoints):
-            if not _ENDPOINT.fullmatch(text):
-                raise ConfigError(
-                    f"study endpoint {text!r}: expected METRIC:ARM-REFERENCE>=MARGIN (or <=MARGIN), "
-                    "e.g. psnr_body:tuned-ldct>=4.0"
-                )
+        check_study(self)
+
+    def effective_objectives(self) -> tuple[str, ...]:
+        return ("psnr_body", "fps") if self.pareto else tuple(self.objectives)
+
+    def iq_enabled(self) -> bool:
+        return self.iq == "fast" or "lcd_auc" in self.effective_objectives()
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,16 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ldct.data import simulate
 from ldct.data.cache import ldct_home
 from ldct.data.simulate import simulate_low_dose
+from ldct.iq.nps import nps, remove_ensemble_mean
+from ldct.iq.observers import detectability
+from ldct.iq.ttf import ttf_from_rod
 
 DISK_DIAMETER_MM = 200.0
 RODS: tuple[tuple[float, float], ...] = ((-95.0, 12.5), (120.0, 12.5), (340.0, 12.5), (955.0, 12.5))
@@ -40,6 +44,7 @@ ROD_RING_MM = 55.0
 LCD_INSERTS: tuple[tuple[float, float], ...] = ((3.0, 14.0), (5.0, 7.0), (7.0, 5.0), (10.0, 3.0))
 LCD_RING_MM = 50.0
 PHANTOMS = ("water", "rods", "lcd")
+NPS_SQUARE_MM = 100.0  # the NPS tiles the water disk's central square of this side
 
 
 @dataclass(frozen=True)
@@ -127,3 +132,55 @@ def roi(image_stack: np.ndarray, spec: PhantomSpec, y_mm: float, x_mm: float, si
     cy, cx = int(round(c + y_mm / spec.pixel_mm)), int(round(c + x_mm / spec.pixel_mm))
     h = size_px // 2
     return image_stack[..., cy - h : cy - h + size_px, cx - h : cx - h + size_px]
+
+
+# The measurements that belong to where things sit in these phantoms (used by `ldct iq phantom`,
+# the deployment guard and the per-trial fast mode of the study).
+
+
+def roi_px(diameter_mm: float, pixel_mm: float) -> int:
+    """A square ROI of about 2.5 insert diameters (odd, at least 11 px)."""
+    n = max(11, int(round(2.5 * diameter_mm / pixel_mm)))
+    return n + 1 - n % 2
+
+
+def nps_row(outputs: np.ndarray, spec: PhantomSpec) -> dict[str, Any]:
+    """The NPS summary of N outputs of the water phantom: a nonlinear method's noise is what
+    varies between realizations, so the ensemble mean goes first."""
+    half = int(NPS_SQUARE_MM / spec.pixel_mm / 2)
+    c = int(round(spec.centre_px()))
+    square = remove_ensemble_mean(outputs.astype(np.float64))[:, c - half : c + half, c - half : c + half]
+    roi_size = 32 if 2 * half >= 64 else 16
+    return nps(square, spec.pixel_mm, roi=roi_size, what="water phantom").summary()
+
+
+def ttf_rows(outputs: np.ndarray, spec: PhantomSpec) -> list[dict[str, Any]]:
+    """Per rod, the TTF of the edge of the mean of N outputs of the rod phantom."""
+    mean = outputs.mean(axis=0)
+    rows = []
+    positions = ring_positions(ROD_RING_MM, len(RODS), 45.0)
+    for (hu, radius), (y, x) in zip(RODS, positions, strict=True):
+        centre = (spec.centre_px() + y / spec.pixel_mm, spec.centre_px() + x / spec.pixel_mm)
+        result = ttf_from_rod(mean, centre, radius, spec.pixel_mm, span_mm=min(radius, 8.0))
+        rows.append({"rod_hu": hu, **result.summary()})
+    return rows
+
+
+def lcd_rows(
+    outputs: np.ndarray, spec: PhantomSpec, clean: np.ndarray, observer: str, seed: int
+) -> list[dict[str, Any]]:
+    """Per insert: signal-present ROIs at the insert, signal-absent ROIs at the four positions of
+    the same ring half-way between the inserts, the noise-free insert as the template."""
+    inserts = ring_positions(LCD_RING_MM, len(LCD_INSERTS))
+    between = ring_positions(LCD_RING_MM, len(LCD_INSERTS), 45.0)
+    rows = []
+    for (diameter, hu), (y, x) in zip(LCD_INSERTS, inserts, strict=True):
+        m = roi_px(diameter, spec.pixel_mm)
+        present = roi(outputs, spec, y, x, m)
+        absent = np.concatenate([roi(outputs, spec, by, bx, m) for by, bx in between])
+        signal = roi(clean, spec, y, x, m) - 0.0  # water background is 0 HU
+        result = detectability(present, absent, signal, observer=observer, channels=6, seed=seed)
+        rows.append(
+            {"insert": f"{diameter:g}mm/{hu:g}HU", **{k: result[k] for k in ("auc", "auc_ci", "dprime")}}
+        )
+    return rows

@@ -26,21 +26,11 @@ import numpy as np
 from ldct.data import iq_phantoms
 from ldct.data.iq_phantoms import PhantomSpec
 from ldct.evaluation.baselines import EstimatedSigmaBM3D, bm3d_denoise, gaussian_denoise
-from ldct.iq.nps import nps, remove_ensemble_mean
-from ldct.iq.observers import detectability
-from ldct.iq.ttf import ttf_from_rod
 
 Denoiser = Callable[[np.ndarray], np.ndarray]
 
 # (size px, pixel mm, realizations per phantom and dose)
 PROFILES = {"quick": (192, 1.2, 20), "full": (384, 0.6, 60)}
-NPS_SQUARE_MM = 100.0
-
-
-def _roi_px(diameter_mm: float, pixel_mm: float) -> int:
-    """A square ROI of about 2.5 insert diameters (odd, at least 11 px)."""
-    n = max(11, int(round(2.5 * diameter_mm / pixel_mm)))
-    return n + 1 - n % 2
 
 
 def _apply(denoise: Denoiser | None, images: np.ndarray) -> np.ndarray:
@@ -92,9 +82,9 @@ def phantom_table(
         tick = time.perf_counter()
         out = {name: _apply(denoise, images[(name, d)]) for name in specs}
         rows[method] = {
-            "nps": _nps_row(out["water"], specs["water"]),
-            "ttf": _ttf_rows(out["rods"], specs["rods"]),
-            "lcd": _lcd_rows(out["lcd"], specs["lcd"], lcd_truth, observer, seed),
+            "nps": iq_phantoms.nps_row(out["water"], specs["water"]),
+            "ttf": iq_phantoms.ttf_rows(out["rods"], specs["rods"]),
+            "lcd": iq_phantoms.lcd_rows(out["lcd"], specs["lcd"], lcd_truth, observer, seed),
         }
         progress(f"{method}: {time.perf_counter() - tick:.1f} s")
     return {
@@ -104,43 +94,6 @@ def phantom_table(
             "seconds": round(time.perf_counter() - start, 1), "seed": seed,
         },
     }  # fmt: skip
-
-
-def _nps_row(outputs: np.ndarray, spec: PhantomSpec) -> dict[str, Any]:
-    half = int(NPS_SQUARE_MM / spec.pixel_mm / 2)
-    c = int(round(spec.centre_px()))
-    square = remove_ensemble_mean(outputs.astype(np.float64))[:, c - half : c + half, c - half : c + half]
-    roi = 32 if 2 * half >= 64 else 16
-    return nps(square, spec.pixel_mm, roi=roi, what="water phantom").summary()
-
-
-def _ttf_rows(outputs: np.ndarray, spec: PhantomSpec) -> list[dict[str, Any]]:
-    mean = outputs.mean(axis=0)
-    rows = []
-    positions = iq_phantoms.ring_positions(iq_phantoms.ROD_RING_MM, len(iq_phantoms.RODS), 45.0)
-    for (hu, radius), (y, x) in zip(iq_phantoms.RODS, positions, strict=True):
-        centre = (spec.centre_px() + y / spec.pixel_mm, spec.centre_px() + x / spec.pixel_mm)
-        result = ttf_from_rod(mean, centre, radius, spec.pixel_mm, span_mm=min(radius, 8.0))
-        rows.append({"rod_hu": hu, **result.summary()})
-    return rows
-
-
-def _lcd_rows(
-    outputs: np.ndarray, spec: PhantomSpec, clean: np.ndarray, observer: str, seed: int
-) -> list[dict[str, Any]]:
-    inserts = iq_phantoms.ring_positions(iq_phantoms.LCD_RING_MM, len(iq_phantoms.LCD_INSERTS))
-    between = iq_phantoms.ring_positions(iq_phantoms.LCD_RING_MM, len(iq_phantoms.LCD_INSERTS), 45.0)
-    rows = []
-    for (diameter, hu), (y, x) in zip(iq_phantoms.LCD_INSERTS, inserts, strict=True):
-        m = _roi_px(diameter, spec.pixel_mm)
-        present = iq_phantoms.roi(outputs, spec, y, x, m)
-        absent = np.concatenate([iq_phantoms.roi(outputs, spec, by, bx, m) for by, bx in between])
-        signal = iq_phantoms.roi(clean, spec, y, x, m) - 0.0  # water background is 0 HU
-        result = detectability(present, absent, signal, observer=observer, channels=6, seed=seed)
-        rows.append(
-            {"insert": f"{diameter:g}mm/{hu:g}HU", **{k: result[k] for k in ("auc", "auc_ci", "dprime")}}
-        )
-    return rows
 
 
 def markdown(table: dict[str, Any]) -> str:
@@ -196,8 +149,8 @@ def lcd_guard(
     low = iq_phantoms.realizations(spec, dose, n, seed=seed)
     clean = iq_phantoms.truth(spec)
     rows = {
-        "LDCT": _lcd_rows(low, spec, clean, "npw", seed),
-        "model": _lcd_rows(_apply(model, low), spec, clean, "npw", seed),
+        "LDCT": iq_phantoms.lcd_rows(low, spec, clean, "npw", seed),
+        "model": iq_phantoms.lcd_rows(_apply(model, low), spec, clean, "npw", seed),
     }
     failed = [
         m["insert"] for m, ref in zip(rows["model"], rows["LDCT"], strict=True) if m["auc_ci"][1] < ref["auc"]

@@ -21,6 +21,7 @@ from ldct.errors import TrainingError
 from ldct.hyperparams import TUNED_PARAMS
 from ldct.registry.versions import register_best
 from ldct.study import scaffold
+from ldct.study.objectives import objective_metrics, objectives, selection
 from ldct.study.pareto import register_candidate
 from ldct.study.searcher import PruningOptunaSearch
 from ldct.study.space import (
@@ -39,12 +40,22 @@ from ldct.study.space import (
 )
 from ldct.tracking.runs import best_trial_run, trial_status
 from ldct.tracking.store import BEST_METRIC, TAG_TRIAL, TrackingError
+from ldct.training import trial_iq
 from ldct.training.loop import VAL_METRIC
 
-# A study row's validation figures: the objective, its LDCT input's value, the window PSNR/SSIM.
+# A study row's figures: the objective, its LDCT input's value, the window PSNR/SSIM, and (with
+# study.iq) the fast image-quality mode's mean LCD AUC and NPS shift.
 ROW_METRICS = tuple(
     dict.fromkeys(
-        (VAL_METRIC, f"val_ldct_{VAL_METRIC.removeprefix('val_')}", "val_psnr_window", "val_ssim_window")
+        (
+            VAL_METRIC,
+            f"val_ldct_{VAL_METRIC.removeprefix('val_')}",
+            "val_psnr_window",
+            "val_ssim_window",
+            trial_iq.IQ_METRIC,
+            "iq_nps_favg_shift",
+            "fps",
+        )
     )
 )
 
@@ -142,6 +153,7 @@ def run_study(
     opened.mlflow_client.set_tag(opened.parent_run_id, "ldct.tpe_startup", tpe)
     print(f"[ldct] {tpe}", flush=True)
     print(f"[ldct] Optuna study {study!r} in {optuna_url} (optuna-dashboard {optuna_url})", flush=True)
+    _announce_objectives(cfg, opened)
     tuner = _tuner(cfg, outputs, opened, callback, optuna_url, experiment_dir, resume)
     grid = tuner.fit()
 
@@ -203,14 +215,14 @@ def _tuner(
     points = [first_point(cfg), *extra_points(cfg)]
     if cfg.study.arch_choices:
         points = [{**p, CHOICE_KEY: default_choice(cfg)} for p in points]
-    # Pareto: both objectives to Optuna (multi-objective TPE), Tune's own metric unset, no ASHA.
-    pareto = cfg.study.pareto
+    # Two objectives: both to Optuna (multi-objective TPE), Tune's own metric unset, no ASHA.
+    pareto = len(objectives(cfg)) > 1
     # ASHA-stopped trials are told PRUNED (ldct.study.searcher), and TPE starts after a start-up
     # sized to the budget (Optuna's default of 10 exceeds a 6-trial study: TPE never ran).
     searcher = PruningOptunaSearch(
         space=search_space(cfg),
-        metric=[VAL_METRIC, "fps"] if pareto else VAL_METRIC,
-        mode=["max", "max"] if pareto else "max",
+        metric=objective_metrics(cfg) if pareto else VAL_METRIC,
+        mode=["max"] * len(objective_metrics(cfg)) if pareto else "max",
         points_to_evaluate=points,
         sampler=tpe_sampler(cfg),
         study_name=study,
@@ -291,13 +303,19 @@ def _register(
         }
         if math.isfinite(best[VAL_METRIC]):
             mlflow_client.log_metric(parent, BEST_METRIC, best[VAL_METRIC])
-        if cfg.study.pareto:
+        if len(objectives(cfg)) > 1:
+            rule = selection(cfg)
             version, pareto_rows, message = (
-                register_candidate(study, outputs.tracking_uri, cfg.study.min_fps, profile=cfg.profile)
+                register_candidate(study, outputs.tracking_uri, rule, objectives(cfg), profile=cfg.profile)
                 if register
                 else (None, [], "registration off")
             )
-            pareto_result = {"rows": pareto_rows, "message": message, "min_fps": cfg.study.min_fps}
+            pareto_result = {
+                "rows": pareto_rows,
+                "message": message,
+                "rule": rule,
+                "objectives": objectives(cfg),
+            }
         elif register:
             version = str(
                 register_best(study, outputs.tracking_uri, profile=cfg.profile, parent_run_id=parent).version
@@ -307,3 +325,19 @@ def _register(
     except TrackingError as exc:
         print(f"[ldct] nothing registered: {exc}", flush=True)
     return best, version, pareto_result
+
+
+def _announce_objectives(cfg: Config, opened: scaffold.Opened) -> None:
+    """State the objectives and the registration rule before any trial runs (and tag them), and
+    make the fast IQ mode's phantom realizations so that no trial pays for them."""
+    rule = selection(cfg).text
+    opened.mlflow_client.set_tag(opened.parent_run_id, "ldct.objectives", ",".join(objectives(cfg)))
+    opened.mlflow_client.set_tag(opened.parent_run_id, "ldct.selection", rule)
+    print(f"[ldct] objectives {', '.join(objectives(cfg))}; registers by '{rule}'", flush=True)
+    if cfg.study.iq_enabled():
+        seconds = trial_iq.prepare(cfg.data.builtin_dose, cfg.study.iq_realizations)
+        print(
+            f"[ldct] fast IQ mode: {cfg.study.iq_realizations} realizations of the LCD phantom at dose "
+            f"{cfg.data.builtin_dose:g} ready ({seconds:.1f} s)",
+            flush=True,
+        )

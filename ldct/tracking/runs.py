@@ -109,7 +109,7 @@ def metrics_of(result: dict[str, Any], now_ms: int | None = None) -> list[Any]:
         if isinstance(v, int | float)
         and not isinstance(v, bool)
         and math.isfinite(float(v))
-        and (k.startswith(("val_", "train_")) or k in ("it_per_s", "step", "resumed_from_step", "fps"))
+        and (k.startswith(("val_", "train_", "iq_")) or k in ("it_per_s", "step", "resumed_from_step", "fps"))
     ]
 
 

@@ -41,6 +41,7 @@ from ldct.training.engine import (
     train_iteration,
     unwrap,
 )
+from ldct.training.trial_iq import IQ_METRIC, trial_iq
 
 PANEL_FILE = "panel.png"
 # Metrics every validation reports; the study optimises VAL_METRIC (and Ray Train keeps the
@@ -356,12 +357,20 @@ def _validate_and_report(
             metrics.update({f"val_ldct_{k}": v for k, v in result["ldct"].items()})
             for name in ("psnr_body", "psnr_window"):
                 metrics[f"val_gain_{name}"] = metrics[f"val_{name}"] - metrics[f"val_ldct_{name}"]
-            if cfg.study.pareto:
-                # The second objective, on this worker's own device, after training. Tune wants it
-                # in every result; Optuna reads only the last (multi-objective).
-                last = step == cfg.train.iterations
+            # FPS and image quality: after training, on this worker's own device. An objective's
+            # key is in every result (Tune checks it); Optuna reads only the last.
+            last = step == cfg.train.iterations
+            if "fps" in cfg.study.effective_objectives():
                 metrics.update(
                     trial_fps(generator, device, cfg.study.fps_repeats) if last else {"fps": math.nan}
+                )
+            if cfg.study.iq_enabled():
+                metrics.update(
+                    trial_iq(
+                        generator, cfg.normalization, device, cfg.data.builtin_dose, cfg.study.iq_realizations
+                    )
+                    if last
+                    else {IQ_METRIC: math.nan}
                 )
             metrics["is_best"] = int(metrics[VAL_METRIC] > best)
             best = max(best, metrics[VAL_METRIC])

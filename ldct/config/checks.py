@@ -1,0 +1,54 @@
+"""Checks across a study section's fields (each field's type is checked by its annotation)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ldct.config.coerce import ConfigError
+
+# A study endpoint's shape (ldct.study.endpoints checks the names): metric:arm-reference>=margin.
+ENDPOINT = re.compile(r"[a-z0-9_]+:[a-z0-9+_.-]+-[a-z0-9+_.-]+(>=|<=)[-+]?\d+(\.\d*)?")
+# A study's registration rule (ldct.study.objectives parses it): "max OBJ", "max OBJ where OBJ2 >=
+# VALUE" or "max OBJ where OBJ2 >= best - DELTA" (within DELTA of the best trial's OBJ2).
+SELECTION = re.compile(
+    r"max (?P<goal>[a-z_]+)(?: where (?P<floor>[a-z_]+) >= (?P<best>best - )?"
+    r"(?P<value>\d+(?:\.\d*)?(?:e[-+]?\d+)?))?"
+)
+
+
+def check_study(study: Any) -> None:
+    """Endpoints, objectives, the IQ mode's realizations and the selection rule of a StudyConfig."""
+    for text in (study.primary_endpoint, *study.secondary_endpoints):
+        if not ENDPOINT.fullmatch(text):
+            raise ConfigError(
+                f"study endpoint {text!r}: expected METRIC:ARM-REFERENCE>=MARGIN (or <=MARGIN), "
+                "e.g. psnr_body:tuned-ldct>=4.0"
+            )
+    named = list(study.objectives)
+    if len(set(named)) != len(named) or not 1 <= len(named) <= 2:
+        raise ConfigError(f"study.objectives {named}: one or two different names of psnr_body, lcd_auc, fps")
+    if len(named) == 1 and named != ["psnr_body"]:
+        raise ConfigError(
+            f"study.objectives {named}: a single objective is psnr_body (ASHA stops trials on it at "
+            "every validation); for another, set [psnr_body, NAME] and study.selection = 'max NAME'"
+        )
+    if study.pareto and named not in (["psnr_body"], ["psnr_body", "fps"]):
+        raise ConfigError(
+            f"study.pareto = true means objectives [psnr_body, fps], not {named}: drop study.pareto "
+            "and set study.objectives"
+        )
+    if study.iq_realizations < 10:
+        raise ConfigError(
+            f"study.iq_realizations {study.iq_realizations}: at least 10 (the observers need them)"
+        )
+    objectives = study.effective_objectives()
+    if study.selection:
+        match = SELECTION.fullmatch(study.selection.strip())
+        names = {match["goal"], match["floor"]} - {None} if match else set()
+        if not match or not names <= set(objectives):
+            raise ConfigError(
+                f"study.selection {study.selection!r}: expected 'max OBJ', 'max OBJ where OBJ2 >= VALUE' "
+                f"or 'max OBJ where OBJ2 >= best - DELTA' over the study's objectives {list(objectives)}, "
+                "e.g. 'max lcd_auc where psnr_body >= best - 0.5'"
+            )
