@@ -7,6 +7,13 @@ Starts `mlflow ui` on 127.0.0.1 (free port, job execution off), opens the link t
 (ldct.tracking.store.ui_url: runs table of the trials, best first, "Model training" view) with a fresh
 profile, writes the PNG, stops the server. `--page` picks another view of the same experiment
 (e.g. `--page chart` for compareRunsMode=CHART). Not part of CI (it needs a browser).
+
+`--page compare` opens the other link the study prints (ldct.tracking.store.compare_url: MLflow's
+compare view of the trial runs) and picks the parallel-coordinates axes, which MLflow otherwise
+fills with the first three differing params in alphabetical order and one metric: the tuned
+hyperparameters (ldct.hyperparams.TUNED) and the study's objectives. Choosing them means clicking,
+so this page drives Chromium through Playwright (`pip install playwright`; it uses the Debian
+browser, nothing is downloaded) and shoots the plot's panel.
 """
 
 from __future__ import annotations
@@ -54,6 +61,61 @@ def _wait(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
     raise SystemExit(f"mlflow ui did not answer on {url} within {seconds:.0f} s")
 
 
+def _axes(mlflow_client, run_ids: list[str], wanted_metrics: list[str]) -> tuple[list[str], list[str]]:
+    """The tuned params that differ between the runs, and the wanted metrics that they all have."""
+    from ldct.hyperparams import TUNED
+
+    runs = [mlflow_client.get_run(run_id) for run_id in run_ids]
+    params = [t.key for t in TUNED if len({r.data.params.get(t.key) for r in runs}) > 1]
+    metrics = [m for m in wanted_metrics if all(m in r.data.metrics for r in runs)]
+    return params, metrics
+
+
+def _compare_shot(mlflow_client, experiment_id: str, base: str, browser: str, args, out: Path) -> str:
+    """MLflow's compare view with the tuned params and objectives as parallel axes -> PNG."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        raise SystemExit(
+            "--page compare needs Playwright: pip install playwright (the browser is Debian's)"
+        ) from exc
+    from ldct.tracking import store as tracking_store
+
+    run_ids = tracking_store.trial_run_ids(mlflow_client, experiment_id)
+    url = tracking_store.compare_url(mlflow_client.tracking_uri, experiment_id, run_ids, base=base)
+    params, metrics = _axes(mlflow_client, run_ids, [m for m in args.metrics.split(",") if m])
+    if not params or not metrics:
+        raise SystemExit(
+            f"nothing to draw: differing tuned params {params}, metrics on every trial {metrics}"
+        )
+    width, height = (int(v) for v in args.size.split(","))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        chrome = playwright.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = chrome.new_page(viewport={"width": width, "height": height})
+            page.goto(url)
+            page.get_by_text("Parameters:").wait_for(timeout=args.wait_ms * 3)
+            selects = page.locator(".du-bois-light-select-multiple")  # Parameters, then Metrics
+            for index, names in ((0, params), (1, metrics)):
+                box = selects.nth(index)
+                # Drop MLflow's defaults, then add ours in order (an option's click toggles it).
+                for chosen in box.locator(".du-bois-light-select-selection-item-remove").all()[::-1]:
+                    chosen.click()
+                for name in names:
+                    # The search input, not the selector box: a click on the box reopened the
+                    # dropdown in single-choice fashion for the second metric (MLflow 3.17).
+                    box.locator("input").click()
+                    page.keyboard.type(name)
+                    page.keyboard.press("Enter")
+                    page.keyboard.press("Escape")
+            page.wait_for_timeout(2000)
+            page.locator("[role=tabpanel]").first.screenshot(path=str(out))
+        finally:
+            chrome.close()
+    return url
+
+
 def main() -> int:
     from ldct.tracking import store as tracking_store
 
@@ -66,8 +128,14 @@ def main() -> int:
     parser.add_argument(
         "--page",
         default="table",
-        choices=["table", "chart", "plain"],
-        help="the study's link (table), its charts, or the bare experiment URL (what MLflow opens by itself)",
+        choices=["table", "chart", "plain", "compare"],
+        help="the study's link (table), its charts, the bare experiment URL (what MLflow opens by "
+        "itself), or the compare view's parallel coordinates (compare)",
+    )
+    parser.add_argument(
+        "--metrics",
+        default=f"{tracking_store.BEST_METRIC},iq_lcd_auc,fps",
+        help="--page compare: metric axes, those the trials have (default: the possible objectives)",
     )
     parser.add_argument("--size", default="1600,1000", help="window size W,H in pixels")
     parser.add_argument("--wait-ms", type=int, default=20000, help="virtual time the page gets to render")
@@ -93,6 +161,11 @@ def main() -> int:
         )  # fmt: skip
         try:
             _wait(base, server)
+            if args.page == "compare":
+                out = Path(args.out).resolve()
+                url = _compare_shot(mlflow_client, experiment.experiment_id, base, browser, args, out)
+                print(f"{out}  ({url})")
+                return 0
             url = tracking_store.ui_url(mlflow_client.tracking_uri, experiment.experiment_id, base=base)
             if args.page == "chart":
                 url += "&compareRunsMode=CHART"

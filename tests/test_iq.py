@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pydicom
 import pytest
+import torch
 from conftest import write_dicom
 from scipy import ndimage
 
@@ -240,3 +241,43 @@ def test_a_cho_with_too_few_training_images_is_refused():
     assert detectability(
         rng.normal(size=(12, 16, 16)), rng.normal(size=(40, 16, 16)), signal, "cho", channels=4
     )
+
+
+class _Blur(torch.nn.Module):
+    """A "generator" that only smooths (a fixed Gaussian of σ = 1.5 px on the network's scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        x = torch.arange(-4, 5, dtype=torch.float32)
+        g = torch.exp(-(x**2) / (2 * 1.5**2))
+        g = g / g.sum()
+        self.register_buffer("kernel", (g[:, None] * g[None, :])[None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(
+            torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect"), self.kernel
+        )
+
+
+def test_trial_fast_iq_knows_the_identity_and_a_blur(tmp_path, monkeypatch):
+    from ldct.config import HUNormalization
+    from ldct.training import trial_iq
+
+    monkeypatch.setenv("LDCT_HOME", str(tmp_path))
+    norm = HUNormalization()
+    # The identity keeps its input's figures: the model's and the LDCT row agree.
+    same = trial_iq.trial_iq(torch.nn.Identity(), norm, "cpu", 0.25, 10)
+    assert same[trial_iq.IQ_METRIC] == pytest.approx(same["iq_ldct_lcd_auc"], abs=1e-3)
+    assert same["iq_lcd_auc_gain"] == pytest.approx(0.0, abs=1e-3)
+    assert same["iq_sigma_hu"] == pytest.approx(same["iq_ldct_sigma_hu"], rel=1e-4)
+    assert same["iq_nps_favg_shift"] == pytest.approx(same["iq_ldct_nps_favg_shift"], abs=1e-4)
+    # Quarter dose has the same white-ish grain as full dose: almost no f_avg shift.
+    assert abs(same["iq_ldct_nps_favg_shift"]) < 0.03
+    assert {f"iq_auc_{d}mm" for d in (3, 5, 7, 10)} <= set(same)
+    assert 0.5 < same["iq_ldct_lcd_auc"] <= 1.0
+    # A blur lowers σ and moves the grain to lower frequencies (negative shift), on the same
+    # realizations.
+    blurred = trial_iq.trial_iq(_Blur(), norm, "cpu", 0.25, 10)
+    assert blurred["iq_ldct_sigma_hu"] == same["iq_ldct_sigma_hu"]
+    assert blurred["iq_sigma_hu"] < 0.5 * blurred["iq_ldct_sigma_hu"]
+    assert blurred["iq_nps_favg_shift"] < blurred["iq_ldct_nps_favg_shift"] - 0.05

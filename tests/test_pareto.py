@@ -10,6 +10,7 @@ from ldct.config import ConfigError, load_config
 from ldct.registry import versions as registry_versions
 from ldct.study.objectives import Selection, parse_selection, selection
 from ldct.study.pareto import pareto_ranks, register_candidate, write_front
+from ldct.study.report import write_report
 from ldct.study.run import run_study
 from ldct.study.space import apply_choice
 from ldct.tracking import runs as tracking_runs
@@ -83,6 +84,9 @@ def test_smoke_pareto_study(tmp_path, ray_local):
             "study.fps_repeats=1",
             "model.redcnn_channels=8",
             "study.min_fps=0",
+            # The fast image-quality mode beside the FPS objective (the fewest realizations allowed).
+            "study.iq=fast",
+            "study.iq_realizations=10",
         ],
     )
     result = run_study(cfg, tracking_uri=uri, storage=str(tmp_path / "runs"))
@@ -124,3 +128,26 @@ def test_smoke_pareto_study(tmp_path, ray_local):
     text = (out / "pareto.md").read_text()
     assert (out / "pareto.png").stat().st_size > 0 and message in text
     assert "| val PSNR body [dB] | FPS at 512×512, batch 1 (trial's device) | val_psnr_window [dB] |" in text
+
+    # Every trial carries its fast IQ figures and its LDCT input's, on the same realizations.
+    for run in runs:
+        m = run.data.metrics
+        assert 0.0 <= m["iq_lcd_auc"] <= 1.0 and 0.5 < m["iq_ldct_lcd_auc"] <= 1.0
+        assert m["iq_lcd_auc_gain"] == pytest.approx(m["iq_lcd_auc"] - m["iq_ldct_lcd_auc"])
+        assert m["iq_sigma_hu"] > 0 and "iq_nps_favg_shift" in m
+    assert len({r.data.metrics["iq_ldct_lcd_auc"] for r in runs}) == 1
+    # The clinical rule on the same store: the most detectable trial within 100 dB of the best
+    # PSNR (every trial qualifies) is the one with the highest AUC, tagged with the rule.
+    clinical = ("psnr_body", "lcd_auc")
+    rule = parse_selection("max lcd_auc where psnr_body >= best - 100")
+    version, rows, message = register_candidate("par", uri, rule, clinical)
+    top = max(runs, key=lambda r: r.data.metrics["iq_lcd_auc"])
+    tags = mlflow_client.get_model_version(registry_versions.MODEL_NAME, version).tags
+    assert tags["trial_run_id"] == top.info.run_id and tags["selection"] == rule.text
+    assert float(tags["lcd_auc"]) == pytest.approx(top.data.metrics["iq_lcd_auc"], abs=1e-3)
+    # The leaderboard shows them, with the LDCT input's row.
+    report = write_report("par", uri, tmp_path / "results", test_split=False)
+    board = (report / "leaderboard.md").read_text()
+    assert "phantom LCD AUC (NPW, mean of 4 inserts)" in board and "phantom NPS f_avg shift" in board
+    ldct_line = next(line for line in board.splitlines() if "| LDCT input |" in line)
+    assert f"{runs[0].data.metrics['iq_ldct_lcd_auc']:.3f}" in ldct_line

@@ -6,6 +6,7 @@ import json
 import math
 import traceback
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -31,6 +32,23 @@ def test_artifact_root_is_beside_the_sqlite_file(tmp_path, monkeypatch):
     # The study prints where its runs and artifacts are, and the UI link.
     text = tracking_store.describe_store(mlflow_client, "x")
     assert str(db.parent / "mlartifacts") in text and "workflowType=machine_learning" in text
+    assert "compare-runs" not in text  # no trial yet: nothing to compare
+    with pytest.raises(tracking_store.TrackingError, match="no runs to compare"):
+        tracking_store.compare_url("http://h:5000", experiment_id, [])
+    # With trials, MLflow's compare view of them, best first; the parent run is not among them.
+    mlflow_client.create_run(experiment_id, tags={tracking_store.TAG_ROLE: "study"})
+    ids = {}
+    for name, psnr in [("low", 30.0), ("high", 32.0)]:
+        run = mlflow_client.create_run(experiment_id, tags={tracking_store.TAG_ROLE: "trial"}, run_name=name)
+        mlflow_client.log_metric(run.info.run_id, tracking_store.BEST_METRIC, psnr)
+        ids[name] = run.info.run_id
+    text = tracking_store.describe_store(mlflow_client, "x")
+    link = text.splitlines()[-1].split()[-1]
+    route, _, query = link.partition("#/compare-runs?")
+    assert route == "http://127.0.0.1:5000/"
+    fields = dict(part.split("=", 1) for part in query.split("&"))
+    assert json.loads(unquote(fields["runs"])) == [ids["high"], ids["low"]]
+    assert json.loads(unquote(fields["experiments"])) == [experiment_id]
 
 
 def test_best_metric_names_follow_the_objective():

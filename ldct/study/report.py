@@ -35,9 +35,27 @@ METRICS = tuple(
         )
     )
 )
+# A trial's image quality on the fast phantoms (study.iq = "fast"; ldct.training.trial_iq), with
+# the LDCT input's figure under iq_ldct_*; the columns appear when any trial has them.
+IQ_METRICS = ("iq_lcd_auc", "iq_nps_favg_shift", "iq_sigma_hu")
+IQ_TITLES = {
+    "iq_lcd_auc": "phantom LCD AUC (NPW, mean of 4 inserts)",
+    "iq_nps_favg_shift": "phantom NPS f_avg shift [mm⁻¹]",
+    "iq_sigma_hu": "phantom σ [HU]",
+}
 # Each tuned value's column (and the fixed λ₂ beside them).
 TUNED_COLUMNS = {t.key: t.key.split(".", 1)[1] for t in TUNED} | {"loss.lambda_l1": "lambda_l1"}
-COLUMNS = ["rank", "trial_id", "label", "status", "best_step", *TUNED_COLUMNS.values(), *METRICS, "run_id"]
+COLUMNS = [
+    "rank",
+    "trial_id",
+    "label",
+    "status",
+    "best_step",
+    *TUNED_COLUMNS.values(),
+    *METRICS,
+    *IQ_METRICS,
+    "run_id",
+]
 # How a trial's status reads in the report: ASHA's stops are Optuna's pruned trials.
 STATUS_TEXT = {"stopped": "pruned (ASHA)"}
 
@@ -75,14 +93,16 @@ def leaderboard_rows(
             "status": run.data.tags.get("ldct.status", "running"),
             "best_step": p.get("best_step", ""),
             **{column: _float(p.get(key)) for key, column in TUNED_COLUMNS.items()},
-            **{k: m.get(k, math.nan) for k in METRICS},
+            **{k: m.get(k, math.nan) for k in (*METRICS, *IQ_METRICS)},
             VAL_METRIC: m.get(BEST_METRIC, math.nan),
             "run_id": run.info.run_id,
             "start_time": run.info.start_time,
         }
         rows.append(row)
-        if _ldct(VAL_METRIC) in m and not ldct_row:
-            ldct_row = {k: m.get(_ldct(k), math.nan) for k in METRICS}
+        if _ldct(VAL_METRIC) in m and VAL_METRIC not in ldct_row:
+            ldct_row.update({k: m.get(_ldct(k), math.nan) for k in METRICS})
+        if _ldct_iq(IQ_METRICS[0]) in m and not any(k in ldct_row for k in IQ_METRICS):
+            ldct_row.update({k: m.get(_ldct_iq(k), math.nan) for k in IQ_METRICS})
     order = {"completed": 0, "stopped": 1, "running": 2, "failed": 3}
     ranked = sorted(rows, key=lambda r: (order.get(r["status"], 2), -_nan_low(r[VAL_METRIC])))
     for i, row in enumerate(ranked, 1):
@@ -99,6 +119,15 @@ def _ldct(metric: str) -> str:
     return f"val_ldct_{metric.removeprefix('val_')}"
 
 
+def _ldct_iq(metric: str) -> str:
+    """The LDCT input's figure beside a trial's IQ metric: iq_lcd_auc -> iq_ldct_lcd_auc."""
+    return "iq_ldct_" + metric.removeprefix("iq_")
+
+
+def _iq_columns(rows: list[dict[str, Any]]) -> list[str]:
+    return [k for k in IQ_METRICS if any(not math.isnan(_float(r.get(k))) for r in rows)]
+
+
 def _title(metric: str) -> str:
     """A metric's column title: val_psnr_body -> "val PSNR body [dB]"."""
     words = metric.removeprefix("val_").split("_")
@@ -113,27 +142,29 @@ def _tuned_cell(key: str, value: float) -> str:
 
 
 def _cell(metric: str, value: float) -> str:
+    if metric.startswith("iq_"):
+        return "–" if math.isnan(_float(value)) else f"{value:+.3f}" if "shift" in metric else f"{value:.3f}"
     return f"{value:.4f}" if "ssim" in metric else f"{value:.2f}" if "psnr" in metric else f"{value:.1f}"
 
 
 def _markdown(rows: list[dict[str, Any]], ldct_row: dict[str, float], tpe: str = "") -> str:
     tuned = [t for t in TUNED if any(not math.isnan(r[TUNED_COLUMNS[t.key]]) for r in rows)]
+    iq = _iq_columns(rows)
+    shown = [*METRICS, *iq]
     titles = [t.label for t in tuned] + [
-        f"best {_title(k)}" if k == VAL_METRIC else _title(k) for k in METRICS
+        f"best {_title(k)}" if k == VAL_METRIC else IQ_TITLES.get(k) or _title(k) for k in shown
     ]
     lines = [
         "| rank | trial | status | " + " | ".join(titles) + " |",
         "|" + "|".join(["---"] * (3 + len(titles))) + "|",
     ]
     if ldct_row:
-        cells = ["–"] * len(tuned) + [_cell(k, ldct_row[k]) for k in METRICS]
+        cells = ["–"] * len(tuned) + [_cell(k, ldct_row.get(k, math.nan)) for k in shown]
         lines.append("| – | LDCT input | – | " + " | ".join(cells) + " |")
     for r in rows:
         trial = f"{r['trial_id']} ({r['label']})" if r.get("label") else r["trial_id"]
         status = STATUS_TEXT.get(r["status"], r["status"])
-        cells = [_tuned_cell(t.key, r[TUNED_COLUMNS[t.key]]) for t in tuned] + [
-            _cell(k, r[k]) for k in METRICS
-        ]
+        cells = [_tuned_cell(t.key, r[TUNED_COLUMNS[t.key]]) for t in tuned] + [_cell(k, r[k]) for k in shown]
         lines.append(f"| {r['rank']} | {trial} | {status} | " + " | ".join(cells) + " |")
     notes = []
     labelled = next((r for r in rows if r.get("label")), None)
@@ -147,6 +178,14 @@ def _markdown(rows: list[dict[str, Any]], ldct_row: dict[str, float], tpe: str =
         notes.append(
             "\npruned (ASHA): stopped by ASHA before the last iteration; its figures are those of a "
             "shorter training (told to Optuna as pruned, not complete)."
+        )
+    if iq:
+        notes.append(
+            "\nphantom columns: each trial's last checkpoint on the fast image-quality phantoms "
+            "(192² at 1.2 mm, the profile's dose; ldct.training.trial_iq): the non-prewhitening "
+            "observer's AUC averaged over the 3/5/7/10 mm low-contrast inserts, the shift of the "
+            "NPS mean frequency against full dose (negative: coarser, smoother-looking noise) and "
+            "the noise σ in the water disk."
         )
     if tpe:
         notes.append(f"\nSearch: {tpe}.")
@@ -174,7 +213,7 @@ def _plots(rows: list[dict[str, Any]], ldct_row: dict[str, float], out: Path) ->
     for ax, t in zip(axes[0], tuned, strict=True):
         mine = [r for r in done if r[TUNED_COLUMNS[t.key]] > 0]
         ax.scatter([r[TUNED_COLUMNS[t.key]] for r in mine], [r[VAL_METRIC] for r in mine], c="tab:blue")
-        if ldct_row:
+        if VAL_METRIC in ldct_row:
             ax.axhline(ldct_row[VAL_METRIC], color="gray", ls="--", label="LDCT input")
         ax.set_xscale("log")
         # Minor log ticks get labels on short ranges and overlap; decades are enough.
@@ -193,7 +232,7 @@ def _plots(rows: list[dict[str, Any]], ldct_row: dict[str, float], out: Path) ->
     ax.plot(
         range(1, len(values) + 1), np.maximum.accumulate(values) if values else [], "-", label="best so far"
     )
-    if ldct_row:
+    if VAL_METRIC in ldct_row:
         ax.axhline(ldct_row[VAL_METRIC], color="gray", ls="--", label="LDCT input")
     ax.set_xlabel("trial (in start order)")
     ax.set_ylabel(y_label)

@@ -135,16 +135,57 @@ def ui_url(tracking_uri: str, experiment_id: str, base: str | None = None) -> st
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
+# MLflow's compare view takes its run ids in the URL; a few hundred fit any browser's limit, and
+# a study with more trials is compared on its best ones.
+COMPARE_MAX_RUNS = 200
+
+
+def compare_url(tracking_uri: str, experiment_id: str, run_ids: list[str], base: str | None = None) -> str:
+    """MLflow's own comparison of the given runs (parallel coordinates, scatter, diff table).
+
+    The route is the UI's ``#/compare-runs?runs=[...]&experiments=[...]``: both lists are JSON
+    arrays of strings, URL-encoded.
+    """
+    from urllib.parse import quote
+
+    if not run_ids:
+        raise TrackingError(
+            f"no runs to compare in experiment {experiment_id}: has the study finished a trial?"
+        )
+    if base is None:
+        base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    runs = quote(json.dumps(list(run_ids[:COMPARE_MAX_RUNS]), separators=(",", ":")))
+    experiments = quote(json.dumps([str(experiment_id)], separators=(",", ":")))
+    return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+def trial_run_ids(mlflow_client: Any, experiment_id: str) -> list[str]:
+    """The study's trial runs, best validation objective first (runs without it last)."""
+    runs = mlflow_client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_ROLE}` = 'trial'",
+        order_by=[f"metrics.`{BEST_METRIC}` DESC"],
+        max_results=COMPARE_MAX_RUNS,
+    )
+    return [run.info.run_id for run in runs]
+
+
 def describe_store(mlflow_client: Any, study: str) -> str:
-    """Where a study's runs and artifacts are, and the UI link, for the study to print."""
+    """Where a study's runs and artifacts are, and the UI links, for the study to print."""
     uri = mlflow_client.tracking_uri
     experiment = mlflow_client.get_experiment_by_name(f"ldct/{study}")
     lines = [f"[ldct] MLflow store {uri}, artifacts {experiment.artifact_location}"]
     if not uri.startswith(("http://", "https://")):
-        lines.append(f"[ldct] to compare the trials: mlflow ui --backend-store-uri {uri}  then open")
+        lines.append(f"[ldct] to see the trials: mlflow ui --backend-store-uri {uri}  then open")
     else:
-        lines.append("[ldct] to compare the trials open")
+        lines.append("[ldct] to see the trials open")
     lines.append(f"[ldct]   {ui_url(uri, experiment.experiment_id)}")
+    run_ids = trial_run_ids(mlflow_client, experiment.experiment_id)
+    if run_ids:
+        lines.append(
+            "[ldct] to compare them (parallel coordinates over the loss weights, lr and objectives):"
+        )
+        lines.append(f"[ldct]   {compare_url(uri, experiment.experiment_id, run_ids)}")
     return "\n".join(lines)
 
 
