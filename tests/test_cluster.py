@@ -420,3 +420,32 @@ def test_study_on_s3_storage_keeps_checkpoints_in_the_bucket(tmp_path):
         server.terminate()
         server.wait(timeout=20)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _node_env(env: dict[str, str]) -> subprocess.CompletedProcess:
+    script = f'. {ROOT / "cluster" / "node_env.sh"} && echo "$LDCT_NODE_IP $GLOO_SOCKET_IFNAME"'
+    clean = {k: v for k, v in os.environ.items() if k not in ("SSH_CONNECTION", "LDCT_NODE_IP")}
+    return subprocess.run(["bash", "-c", script], env={**clean, **env}, capture_output=True, text=True, timeout=30)
+
+
+def test_node_env_pins_the_address_the_launcher_reached_and_its_interface():
+    # The address is sshd's view of the connection (3rd field), and gloo gets the interface that
+    # carries it: on this machine 127.0.0.1 is lo's.
+    done = _node_env({"SSH_CONNECTION": "10.9.8.7 50000 127.0.0.1 22"})
+    assert done.returncode == 0 and done.stdout.split() == ["127.0.0.1", "lo"], done.stderr
+    # A preset address wins over SSH_CONNECTION.
+    done = _node_env({"SSH_CONNECTION": "10.9.8.7 50000 203.0.113.77 22", "LDCT_NODE_IP": "127.0.0.1"})
+    assert done.stdout.split() == ["127.0.0.1", "lo"], done.stderr
+    # An address no interface carries (TEST-NET-3), or none at all: a clear error, no Ray start.
+    done = _node_env({"SSH_CONNECTION": "10.9.8.7 50000 203.0.113.77 22"})
+    assert done.returncode != 0 and "no network interface" in done.stderr and "203.0.113.77" in done.stderr
+    done = _node_env({})
+    assert done.returncode != 0 and "set LDCT_NODE_IP" in done.stderr
+    assert not done.stdout.strip()
+
+
+@pytest.mark.parametrize("key", ["head_start_ray_commands", "worker_start_ray_commands"])
+def test_local_nodes_start_ray_at_the_pinned_address(key):
+    start = [c for c in _config("local.yaml")[key] if "ray start" in c]
+    assert len(start) == 1
+    assert ". ~/ldct/cluster/node_env.sh &&" in start[0] and "--node-ip-address=$LDCT_NODE_IP" in start[0]

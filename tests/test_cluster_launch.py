@@ -312,6 +312,10 @@ def test_ray_up_submit_job_down(site: Site):
     assert "study smoke: 1/1 trials completed" in out
     parent, trials = _mlflow_study(mlflow_uri, "smoke")
     assert len(trials) == 1 and all(t["info"]["status"] == "FINISHED" for t in trials)
+    # The checkout went with its .git: the run records the commit it ran, not "unknown".
+    here = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    recorded = {t["key"]: t["value"] for t in parent["data"]["tags"]}["ldct.git_commit"]
+    assert recorded.removesuffix("+dirty") == here.stdout.strip(), recorded
     # The Train checkpoints are under the file:// URI, i.e. on the shared path.
     checkpoints = list((shared / "runs" / "train").glob("smoke-*/checkpoint_*"))
     assert checkpoints, list((shared / "runs").rglob("*"))[:20]

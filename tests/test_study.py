@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from _ray_fixtures import _free_port
 
@@ -23,6 +24,7 @@ from ldct.config import load_config, to_flat
 from ldct.hyperparams import PAPER_POINT
 from ldct.registry import load as registry_load
 from ldct.registry import versions as registry_versions
+from ldct.study import scaffold
 from ldct.study.report import write_report
 from ldct.study.run import run_study
 from ldct.tracking import runs as tracking_runs
@@ -121,6 +123,12 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     assert (stored / "artifacts" / "weights.safetensors").is_file()
     assert not (stored / "artifacts" / "model.onnx").exists() and "model.onnx" not in version.description
     _check_registered_model_denoises(uri)
+    # Each trial's function asked for a share of the head node's marker resource (Train V2 runs
+    # the trial's controller there, so a dying worker node cannot take the trial with it); the
+    # trials ran, so this Ray knows the name, and only its head carries it.
+    assert scaffold.trial_resources(load_config("smoke"))[scaffold.HEAD_NODE_RESOURCE] == 0.001
+    heads = [n for n in ray.nodes() if n["Alive"] and scaffold.HEAD_NODE_RESOURCE in n["Resources"]]
+    assert len(heads) == 1
 
     # study.compare: the best trial of another study in the store gets its own row on the same test
     # slices (here the study itself: the row must equal the best trial's), a missing one a note.
@@ -178,6 +186,43 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
         assert (out / "param_importances.png").is_file() and (out / "param_importances.md").is_file()
     else:  # fANOVA reads complete trials only: one is too few
         assert "1 complete trial(s) (1 pruned)" in summary["param_importances"]["error"]
+
+
+def test_an_unreadable_checkpoint_is_nothing_registered_not_a_crash(tmp_path, capsys):
+    from ldct.study.run import _register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_client = tracking_store.client(uri)
+    experiment_id = tracking_store.ensure_experiment(mlflow_client, "ldct/broken")
+    study_tags = {tracking_store.TAG_STUDY: "broken"}
+    parent = mlflow_client.create_run(experiment_id, tags={**study_tags, tracking_store.TAG_ROLE: "study"})
+    parent_id = parent.info.run_id
+    trial = mlflow_client.create_run(
+        experiment_id,
+        tags={
+            **study_tags,
+            tracking_store.TAG_ROLE: "trial",
+            tracking_store.PARENT_TAG: parent_id,
+            tracking_store.TAG_TRIAL: "t1",
+            "ldct.status": "completed",
+        },
+    )
+    mlflow_client.log_metric(trial.info.run_id, tracking_store.BEST_METRIC, 30.0)
+    # A checkpoint cut short in transit: the best trial is found, its state cannot be read.
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.pt").write_bytes(b"PK\x03\x04 truncated")
+    mlflow_client.log_artifacts(trial.info.run_id, str(tmp_path / "checkpoint"), "checkpoint")
+    cfg = load_config("smoke", ["study.name=broken"])
+    outputs = scaffold.Outputs(tracking_uri=uri, storage=str(tmp_path / "runs"))
+    opened = scaffold.Opened(tmp_path, {}, mlflow_client, to_flat(cfg), parent_id)
+    best, version, pareto = _register(cfg, outputs, opened, register=True)
+    assert best["trial_id"] == "t1" and best[VAL_METRIC] == 30.0
+    assert version is None and pareto is None
+    out = capsys.readouterr().out
+    assert "[ldct] nothing registered: " in out
+    error = mlflow_client.get_run(parent_id).data.tags["ldct.registration_error"]
+    assert error.startswith("CheckpointError: refused to load ") and "state.pt" in error and error in out
+    assert mlflow_client.search_registered_models() == []
 
 
 def test_unreachable_server_is_a_clear_error():

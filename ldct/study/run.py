@@ -289,8 +289,10 @@ def _register(
 ) -> tuple[dict[str, Any] | None, str | None, dict[str, Any] | None]:
     """The best trial, the version registered from it (or the Pareto choice), and the Pareto rows.
 
-    A store error here (e.g. an unreadable checkpoint) is printed, not raised: the trials ran and
-    are recorded, and ``ldct-best`` can register one later.
+    Any error here (a store that cannot be reached, an unreadable or truncated checkpoint, a
+    registry refusal) is printed and tagged on the parent run (``ldct.registration_error``), not
+    raised: the trials ran and are recorded, and ``ldct-best`` can register one later. A crash at
+    the study's very end would hide all of that behind a traceback.
     """
     mlflow_client, parent, study = opened.mlflow_client, opened.parent_run_id, cfg.study.name
     version = best = pareto_result = None
@@ -322,8 +324,14 @@ def _register(
             )
         if version:
             mlflow_client.set_tag(parent, "ldct.registered_version", version)
-    except TrackingError as exc:
-        print(f"[ldct] nothing registered: {exc}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - see the docstring: whatever it is, the trials stand
+        reason = str(exc) if isinstance(exc, TrackingError) else f"{type(exc).__name__}: {exc}"
+        print(f"[ldct] nothing registered: {reason}", flush=True)
+        try:
+            mlflow_client.set_tag(parent, "ldct.registration_error", reason[:5000])
+        except Exception:  # noqa: BLE001 - the store itself may be what failed; the line above said it
+            pass
+        version = None
     return best, version, pareto_result
 
 

@@ -90,9 +90,24 @@ def trainable(cfg: Config, outputs: Outputs, opened: Opened, function: Any = run
             splits=opened.splits,
             storage=outputs.storage,
         ),
-        # The trial function only waits on its trainer; its workers reserve their own CPUs/GPUs.
-        {"CPU": cfg.study.driver_cpus},
+        trial_resources(cfg),
     )
+
+
+# Ray's resource that only the head node carries (ray._common.constants.HEAD_NODE_RESOURCE_NAME).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What a trial's function reserves: a few CPUs, on the head node.
+
+    The function only waits on its trainer (the workers reserve their own CPUs/GPUs), but Train V2
+    runs the trainer's controller where the function runs: a trial placed on a worker node dies
+    with that node, and Train's retry from the last checkpoint never starts. On the head (a
+    1/1000 share of its marker resource, so a thousand trials fit) a worker node's death only
+    takes workers, which Train restarts.
+    """
+    return {"CPU": cfg.study.driver_cpus, HEAD_NODE_RESOURCE: 0.001}
 
 
 def run_config(name: str, outputs: Outputs, callback: Any) -> Any:
