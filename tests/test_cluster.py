@@ -425,7 +425,9 @@ def test_study_on_s3_storage_keeps_checkpoints_in_the_bucket(tmp_path):
 def _node_env(env: dict[str, str]) -> subprocess.CompletedProcess:
     script = f'. {ROOT / "cluster" / "node_env.sh"} && echo "$LDCT_NODE_IP $GLOO_SOCKET_IFNAME"'
     clean = {k: v for k, v in os.environ.items() if k not in ("SSH_CONNECTION", "LDCT_NODE_IP")}
-    return subprocess.run(["bash", "-c", script], env={**clean, **env}, capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["bash", "-c", script], env={**clean, **env}, capture_output=True, text=True, timeout=30
+    )
 
 
 def test_node_env_pins_the_address_the_launcher_reached_and_its_interface():

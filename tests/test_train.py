@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import socket
 
 import pytest
+import ray.util
 import torch
 
 from ldct.config import ConfigError, load_config
+from ldct.data.manifest import CacheNotFound
 from ldct.errors import TrainingError
 from ldct.training.checkpoint import load_state
 from ldct.training.loop import prepare_data, run_local
-from ldct.training.ray_train import build_trainer
+from ldct.training.ray_train import build_trainer, check_cache_visible
 
 
 def _smoke(*overrides: str):
@@ -131,3 +134,16 @@ def test_two_worker_ddp_keeps_ranks_identical_and_a_nan_on_rank_1_stops_both(tmp
         assert "at step 3" in text and "loss_g" in text and "on rank 1" in text, (rank, text)
         assert f"worker rank {rank}" in text
     assert seconds < 180, seconds  # start-up (~30-60 s here) plus seconds, not a timeout
+
+
+def test_a_worker_that_cannot_see_the_cache_names_its_node_and_the_fix(tmp_path):
+    # On another host the driver's cache path is another disk: the worker says so, not "build it".
+    with pytest.raises(CacheNotFound) as caught:
+        check_cache_visible(tmp_path / "head-only-cache")
+    message = str(caught.value)
+    assert str(tmp_path / "head-only-cache" / "manifest.json") in message
+    assert ray.util.get_node_ip_address() in message and socket.gethostname() in message
+    assert "--set data.cache=" in message and "ldct data index" not in message
+    (tmp_path / "head-only-cache").mkdir()
+    (tmp_path / "head-only-cache" / "manifest.json").write_text("{}")
+    check_cache_visible(tmp_path / "head-only-cache")  # seen: the loader reads (and checks) it

@@ -9,6 +9,7 @@ inside its Tune function (``ldct.study.trial``).
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 from ldct.cluster import cpu_thread_env, init_ray, storage_uri
 from ldct.config import Config
+from ldct.data.manifest import MANIFEST, CacheNotFound
 from ldct.training.checkpoint import load_state
 from ldct.training.loop import VAL_METRIC, loop_config_for, prepare_data, train_loop
 
@@ -59,7 +61,26 @@ class RaySession:
 
 def ray_train_loop(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs: the loop in this worker's Ray session."""
+    check_cache_visible(Path(loop_config["cache_dir"]))
     train_loop(loop_config, RaySession())
+
+
+def check_cache_visible(cache_dir: Path) -> None:
+    """The data cache the driver prepared must be readable on this worker's node.
+
+    The driver builds (or finds) the cache on its own node; on a worker of another host the same
+    path is another disk. Without this check the loader's message, "no cache manifest; build it
+    with ldct data index", sends the user to rebuild a cache that exists, on the wrong machine.
+    """
+    import ray.util
+
+    if not (cache_dir / MANIFEST).is_file():
+        raise CacheNotFound(
+            f"{cache_dir / MANIFEST}: the data cache the study prepared on its driver's node is not "
+            f"visible on node {ray.util.get_node_ip_address()} ({socket.gethostname()}): every node "
+            "must see it at the same path; put data.cache (and data.root) on storage all nodes "
+            "mount, e.g. --set data.cache=/mnt/nfs/ldct-cache data.root=/mnt/nfs/mayo"
+        )
 
 
 def build_trainer(
