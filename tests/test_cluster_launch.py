@@ -11,6 +11,10 @@ instead of pip installs); see `_test_variant`.
 
 Needs root (sshd logs in as root, unshare); installs openssh-server, rsync and netcat with
 scripts/install_ssh.sh where they are missing.
+
+A launcher step silent for QUIET_S seconds fails then, not at its timeout; a failed run copies
+the launcher's output, sshd's log and the head's Ray session logs to /tmp/ldct-launch-failed-*
+(kept, and named on stderr with the tails of the Ray logs) before the test's tree is removed.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -37,20 +43,63 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+# A launcher step that prints nothing for this long is taken as hung: Ray Tune prints its status
+# table every ~30 s and the launcher each of its phases, so silence means no progress. (A hang of
+# `ray job submit` once waited out its whole 600 s timeout and left no log; issue 24.)
+QUIET_S = float(os.environ.get("LDCT_LAUNCH_QUIET_S", "240"))
+
+
 def _run(cmd: list[str], env: dict[str, str], timeout: float, log: Path, ok: bool = True) -> str:
-    """Run a launcher command, keep its output for the README (and for a failure's message)."""
+    """Run a launcher command, keep its output for the README (and for a failure's message).
+
+    Fails after ``timeout`` seconds, or sooner after ``QUIET_S`` seconds without a line of output,
+    with what it printed so far; the log file keeps every line as it comes."""
     started = time.perf_counter()
-    proc = subprocess.run(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
-    )
-    seconds = time.perf_counter() - started
+    lines: list[str] = []
+    last = [time.monotonic()]
     with log.open("a") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n[exit {proc.returncode}, {seconds:.0f} s]\n\n")
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+        def pump() -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                fh.write(line)
+                fh.flush()
+                last[0] = time.monotonic()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        why = ""
+        while proc.poll() is None:
+            if time.perf_counter() - started > timeout:
+                why = f"still running after {timeout:.0f} s"
+            elif time.monotonic() - last[0] > QUIET_S:
+                why = f"no output for {QUIET_S:.0f} s"
+            if why:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                break
+            time.sleep(1)
+        reader.join(timeout=10)
+        seconds = time.perf_counter() - started
+        fh.write(f"[exit {proc.returncode}, {seconds:.0f} s{'; killed: ' + why if why else ''}]\n\n")
+    out = "".join(lines)
+    assert not why, f"{' '.join(cmd[:3])} killed, {why}:\n{out[-6000:]}"
     if ok:
-        assert proc.returncode == 0, f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{proc.stdout[-6000:]}"
+        assert proc.returncode == 0, f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{out[-6000:]}"
     else:
-        assert proc.returncode != 0, f"{' '.join(cmd[:3])} should have failed:\n{proc.stdout[-3000:]}"
-    return proc.stdout
+        assert proc.returncode != 0, f"{' '.join(cmd[:3])} should have failed:\n{out[-3000:]}"
+    return out
 
 
 class Site:
@@ -133,6 +182,23 @@ class Site:
     def head(self, command: str) -> subprocess.CompletedProcess:
         """A command on the head, in the cluster's PID namespace."""
         return subprocess.run([*self.ssh_base(), command], capture_output=True, text=True, timeout=60)
+
+    def keep_logs(self) -> None:
+        """Copy what explains a failure out of the test's tree (which is deleted) and say where:
+        the launcher's output, sshd's log, the head's Ray session logs (jobs' drivers included)."""
+        kept = Path(tempfile.mkdtemp(prefix="ldct-launch-failed-"))
+        for source in (self.base / "launch.log", self.base / "sshd" / "sshd.log"):
+            if source.is_file():
+                shutil.copy(source, kept / source.name)
+        sessions = self.home / "tmp" / "ray"
+        for logs in sessions.glob("session_*/logs"):
+            if not logs.parent.is_symlink():
+                shutil.copytree(logs, kept / f"ray-{logs.parent.name}", ignore_dangling_symlinks=True)
+        print(f"\n[launch test] logs kept in {kept} (not deleted):", file=sys.stderr)
+        for name in ("raylet.out", "gcs_server.out", "job-driver-*.log", "monitor.log"):
+            for path in sorted(kept.rglob(name))[-2:]:
+                tail = path.read_text(errors="replace").splitlines()[-15:]
+                print(f"--- {path}\n" + "\n".join(tail), file=sys.stderr)
 
     def stop(self) -> None:
         """Stop sshd by PID: it is the namespace's init, so the kernel ends whatever is left in it."""
@@ -263,6 +329,14 @@ def site() -> Iterator[Site]:
 
 
 def test_ray_up_submit_job_down(site: Site):
+    try:
+        _journey(site)
+    except BaseException:
+        site.keep_logs()
+        raise
+
+
+def _journey(site: Site) -> None:
     ports = {k: _free_port() for k in ("mlflow", "gcs", "dashboard", "client", "agent")}
     log = Path(os.environ.get("LDCT_LAUNCH_LOG") or site.base / "launch.log")
     log.write_text("")
