@@ -46,6 +46,16 @@ def test_aws_config():
     # No AMI id that nobody can vouch for: Ray's default applies, and the comment says how to pick one.
     assert all("ImageId" not in t["node_config"] for t in config["available_node_types"].values())
     assert "aws ssm get-parameter" in (ROOT / "cluster" / "cluster.yaml").read_text()
+    # Ray's launcher gives its instance profile (S3 access) to the head only: workers name it.
+    from ray.autoscaler._private.aws.config import DEFAULT_RAY_INSTANCE_PROFILE
+
+    assert workers["node_config"]["IamInstanceProfile"] == {"Name": DEFAULT_RAY_INSTANCE_PROFILE}
+    # A missing EFS mount stops the node's setup, with what to set; nothing is hidden by `|| true`.
+    efs = [c for c in config["setup_commands"] if "/mnt/efs" in c]
+    assert efs and "|| true" not in efs[0] and "exit 1" in efs[0]
+    # Cold spot workers boot and install before they join: trials wait for them, not 60 s.
+    start = " ".join(config["head_start_ray_commands"])
+    assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=900" in start
 
 
 def test_local_config_is_on_prem():
