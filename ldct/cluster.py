@@ -7,6 +7,8 @@ never Ray Train/Tune, MLflow or any other ldct stage, so every stage above may u
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +160,36 @@ def connect() -> None:
             "'ldct-best validate --on-cluster'`, or drop --on-cluster to measure on this machine"
         )
     ray.init(log_to_driver=True)
+
+
+def wait_for_nodes(
+    count: int, timeout_s: float, progress: Callable[[str], None] = print, poll_s: float = 2.0
+) -> list[str]:
+    """Block until ``count`` Ray nodes (the head included) are alive; returns their addresses.
+
+    ``ray up`` returns once the head runs; the autoscaler starts the workers after it, and a
+    study submitted before they join places its first trials on what is there. Reports each
+    change of the count; after ``timeout_s`` raises :class:`RemoteError` naming the nodes that did
+    join.
+    """
+    import ray
+
+    if count < 1:
+        raise ValueError(f"--nodes {count}: count the head too, at least 1")
+    connect()
+    deadline = time.monotonic() + timeout_s
+    seen: list[str] | None = None
+    while True:
+        alive = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
+        if alive != seen:
+            progress(f"[ldct] {len(alive)}/{count} Ray nodes alive: {', '.join(alive)}")
+            seen = alive
+        if len(alive) >= count:
+            return alive
+        if time.monotonic() > deadline:
+            raise RemoteError(
+                f"only {len(alive)} of {count} Ray nodes joined within {timeout_s:.0f} s "
+                f"({', '.join(alive)}): on the head, `ray status` shows pending nodes and "
+                "/tmp/ray/session_latest/logs/monitor.* why a worker did not start or join"
+            )
+        time.sleep(poll_s)

@@ -322,6 +322,25 @@ def test_fps_task_on_a_cluster_without_gpus_fails_clearly(ray_local):
     assert time.perf_counter() - started < 30
 
 
+def test_cluster_wait_counts_live_nodes_and_names_who_joined(ray_local, capsys):
+    import ray
+
+    from ldct.cli import main as ldct_main
+    from ldct.cluster import RemoteError, wait_for_nodes
+
+    alive = [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]]
+    assert ldct_main(["cluster", "wait", "--nodes", str(len(alive)), "--timeout", "5"]) == 0
+    assert f"[ldct] {len(alive)}/{len(alive)} Ray nodes alive: {alive[0]}" in capsys.readouterr().out
+    lines: list[str] = []
+    with pytest.raises(
+        RemoteError, match=rf"only {len(alive)} of {len(alive) + 1} Ray nodes joined within 1 s"
+    ):
+        wait_for_nodes(len(alive) + 1, timeout_s=1, progress=lines.append, poll_s=0.2)
+    assert len(lines) == 1  # the count did not change: one line, not one per poll
+    assert ldct_main(["cluster", "wait", "--nodes", "0"]) == 1
+    assert "count the head too" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_another_ray_on_the_machine_does_not_blind_the_state_api(ray_local):
     """Train V2's placement-group cleaner asks the State API, from a Ray worker, whether a trial's

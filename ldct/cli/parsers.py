@@ -198,6 +198,13 @@ def _add_study_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profiles", help="list the named profiles and the files they load from")
     p.set_defaults(handler="ldct.cli.study:cmd_profiles")
 
+    cluster = sub.add_parser("cluster", help="the running Ray cluster (on its head)")
+    cmds = cluster.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
+    p = cmds.add_parser("wait", help="wait until N Ray nodes (head included) have joined")
+    p.add_argument("--nodes", type=int, required=True, help="nodes to wait for, the head included")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up (default 900)")
+    p.set_defaults(handler="ldct.cli.study:cmd_cluster_wait")
+
 
 def build_best_parser() -> argparse.ArgumentParser:
     """The parser of ``ldct-best``."""

@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 from ldct.cli.common import EXIT_ERROR, EXIT_OK
-from ldct.cluster import in_ray_job, running_cluster
+from ldct.cluster import in_ray_job, running_cluster, wait_for_nodes
 from ldct.config import Config, ConfigError, list_profiles, load_config
 from ldct.errors import TrainingError
 from ldct.study.pareto import write_front
@@ -152,6 +152,12 @@ def _report(results: str | None, cfg: Config, result: StudyResult) -> None:
 
 def cmd_study(args: argparse.Namespace) -> int:
     return main(args.passthrough_args, prog="ldct study")
+
+
+def cmd_cluster_wait(args: argparse.Namespace) -> int:
+    """``ldct cluster wait --nodes N``: after ``ray up``, before submitting a study."""
+    wait_for_nodes(args.nodes, args.timeout, progress=lambda line: print(line, flush=True))
+    return 0
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
