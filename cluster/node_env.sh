@@ -3,8 +3,8 @@
 #   . ~/ldct/cluster/node_env.sh && ray start ... --node-ip-address=$LDCT_NODE_IP
 #
 # Sets LDCT_NODE_IP, the address this node is known by on the cluster's network, and
-# GLOO_SOCKET_IFNAME, the interface that carries it, and exports both (Ray's workers inherit the
-# raylet's environment). Why: Ray otherwise takes the default route's address (or the hostname's,
+# GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME, the interface that carries it, and exports them (Ray's
+# workers inherit the raylet's environment; gloo is CPU DDP's backend, NCCL GPU DDP's). Why: Ray otherwise takes the default route's address (or the hostname's,
 # 127.0.1.1 on Debian, on a machine without a default route), and gloo, CPU DDP's backend, binds
 # to the hostname's address: on a machine with two networks, or none routed, rank 0 then waits on
 # an address the other hosts cannot reach (docs/DESIGN.md §5a).
@@ -24,13 +24,17 @@ ldct_node_env() {
         echo "node_env.sh: no LDCT_NODE_IP and no SSH_CONNECTION: set LDCT_NODE_IP to this node's cluster address" >&2
         return 1
     fi
+    if ! command -v ip >/dev/null; then
+        echo "node_env.sh: the ip command (Debian: iproute2) is missing on $(hostname): install it, or set LDCT_NODE_IP and GLOO_SOCKET_IFNAME yourself" >&2
+        return 1
+    fi
     local ifname
     ifname=$(ip -o addr show 2>/dev/null | awk -v ip="$ip" '{split($4, a, "/"); if (a[1] == ip) {print $2; exit}}')
     if [ -z "$ifname" ]; then
         echo "node_env.sh: no network interface of $(hostname) carries $ip (ip -o addr show): set LDCT_NODE_IP to one that does" >&2
         return 1
     fi
-    export LDCT_NODE_IP=$ip GLOO_SOCKET_IFNAME=$ifname
+    export LDCT_NODE_IP=$ip GLOO_SOCKET_IFNAME=$ifname NCCL_SOCKET_IFNAME=$ifname
 }
 
 ldct_node_env

@@ -176,6 +176,11 @@ def wait_for_nodes(
 
     if count < 1:
         raise ValueError(f"--nodes {count}: count the head too, at least 1")
+    if not ray.is_initialized() and running_cluster() is None:
+        raise RemoteError(
+            "no Ray cluster runs here (no RAY_ADDRESS, no `ray start` on this machine): run it on "
+            "the head, e.g. `ray exec cluster/local.yaml 'ldct cluster wait --nodes 3'`"
+        )
     connect()
     deadline = time.monotonic() + timeout_s
     seen: list[str] | None = None

@@ -81,7 +81,14 @@ def _compare_shot(mlflow_client, experiment_id: str, base: str, browser: str, ar
         ) from exc
     from ldct.tracking import store as tracking_store
 
-    run_ids = tracking_store.trial_run_ids(mlflow_client, experiment_id)
+    parent = tracking_store.find_run(
+        mlflow_client,
+        experiment_id,
+        **{tracking_store.TAG_STUDY: args.study, tracking_store.TAG_ROLE: "study"},
+    )
+    if parent is None:
+        raise SystemExit(f"no study run of {args.study} in {mlflow_client.tracking_uri}")
+    run_ids = tracking_store.trial_run_ids(mlflow_client, experiment_id, parent.info.run_id)
     url = tracking_store.compare_url(mlflow_client.tracking_uri, experiment_id, run_ids, base=base)
     params, metrics = _axes(mlflow_client, run_ids, [m for m in args.metrics.split(",") if m])
     if not params or not metrics:

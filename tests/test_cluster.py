@@ -46,10 +46,11 @@ def test_aws_config():
     # No AMI id that nobody can vouch for: Ray's default applies, and the comment says how to pick one.
     assert all("ImageId" not in t["node_config"] for t in config["available_node_types"].values())
     assert "aws ssm get-parameter" in (ROOT / "cluster" / "cluster.yaml").read_text()
-    # Ray's launcher gives its instance profile (S3 access) to the head only: workers name it.
-    from ray.autoscaler._private.aws.config import DEFAULT_RAY_INSTANCE_PROFILE
-
-    assert workers["node_config"]["IamInstanceProfile"] == {"Name": DEFAULT_RAY_INSTANCE_PROFILE}
+    # Ray's launcher gives its own role to the head only (and could not pass it on): every node
+    # names one profile, whose role may pass itself (the comment says how to make it).
+    head = config["available_node_types"]["head"]["node_config"]
+    assert head["IamInstanceProfile"] == workers["node_config"]["IamInstanceProfile"] == {"Name": "ldct-node"}
+    assert "iam:PassRole" in (ROOT / "cluster" / "cluster.yaml").read_text()
     # A missing EFS mount stops the node's setup, with what to set; nothing is hidden by `|| true`.
     efs = [c for c in config["setup_commands"] if "/mnt/efs" in c]
     assert efs and "|| true" not in efs[0] and "exit 1" in efs[0]
@@ -452,7 +453,7 @@ def test_study_on_s3_storage_keeps_checkpoints_in_the_bucket(tmp_path):
 
 
 def _node_env(env: dict[str, str]) -> subprocess.CompletedProcess:
-    script = f'. {ROOT / "cluster" / "node_env.sh"} && echo "$LDCT_NODE_IP $GLOO_SOCKET_IFNAME"'
+    script = f'. {ROOT / "cluster" / "node_env.sh"} && echo "$LDCT_NODE_IP $GLOO_SOCKET_IFNAME $NCCL_SOCKET_IFNAME"'
     clean = {k: v for k, v in os.environ.items() if k not in ("SSH_CONNECTION", "LDCT_NODE_IP")}
     return subprocess.run(
         ["bash", "-c", script], env={**clean, **env}, capture_output=True, text=True, timeout=30
@@ -463,10 +464,10 @@ def test_node_env_pins_the_address_the_launcher_reached_and_its_interface():
     # The address is sshd's view of the connection (3rd field), and gloo gets the interface that
     # carries it: on this machine 127.0.0.1 is lo's.
     done = _node_env({"SSH_CONNECTION": "10.9.8.7 50000 127.0.0.1 22"})
-    assert done.returncode == 0 and done.stdout.split() == ["127.0.0.1", "lo"], done.stderr
+    assert done.returncode == 0 and done.stdout.split() == ["127.0.0.1", "lo", "lo"], done.stderr
     # A preset address wins over SSH_CONNECTION.
     done = _node_env({"SSH_CONNECTION": "10.9.8.7 50000 203.0.113.77 22", "LDCT_NODE_IP": "127.0.0.1"})
-    assert done.stdout.split() == ["127.0.0.1", "lo"], done.stderr
+    assert done.stdout.split() == ["127.0.0.1", "lo", "lo"], done.stderr
     # An address no interface carries (TEST-NET-3), or none at all: a clear error, no Ray start.
     done = _node_env({"SSH_CONNECTION": "10.9.8.7 50000 203.0.113.77 22"})
     assert done.returncode != 0 and "no network interface" in done.stderr and "203.0.113.77" in done.stderr

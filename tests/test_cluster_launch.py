@@ -386,10 +386,16 @@ def _journey(site: Site) -> None:
     assert "study smoke: 1/1 trials completed" in out
     parent, trials = _mlflow_study(mlflow_uri, "smoke")
     assert len(trials) == 1 and all(t["info"]["status"] == "FINISHED" for t in trials)
-    # The checkout went with its .git: the run records the commit it ran, not "unknown".
+    # The checkout went with its .git and every tracked file: the run records the commit it ran,
+    # "+dirty" exactly when this checkout has local changes (a fresh clone in CI has none).
     here = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    changed = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    )
     recorded = {t["key"]: t["value"] for t in parent["data"]["tags"]}["ldct.git_commit"]
-    assert recorded.removesuffix("+dirty") == here.stdout.strip(), recorded
+    assert recorded == here.stdout.strip() + ("+dirty" if changed.stdout.strip() else ""), recorded
     # The Train checkpoints are under the file:// URI, i.e. on the shared path.
     checkpoints = list((shared / "runs" / "train").glob("smoke-*/checkpoint_*"))
     assert checkpoints, list((shared / "runs").rglob("*"))[:20]

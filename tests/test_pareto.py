@@ -50,6 +50,7 @@ def test_selection_rules_are_parsed_and_applied_with_known_answers():
     assert chosen is rows[1] and why == "lcd_auc 0.740, psnr_body 31.00 dB >= 30.70 dB"
     assert parse_selection("max lcd_auc").choose(rows)[0] is rows[2]
     assert parse_selection("max psnr_body where lcd_auc >= 0.72").choose(rows)[0] is rows[1]
+    assert rule.choose([rows[3]]) == (None, "no trial reported lcd_auc")
     # The profiles' rules: stated before the run, checked at load.
     assert selection(load_config("clinical")).text == "max lcd_auc where psnr_body >= best - 1"
     assert selection(load_config("pareto")) == Selection("psnr_body", "fps", 1.5)
@@ -57,7 +58,10 @@ def test_selection_rules_are_parsed_and_applied_with_known_answers():
     for bad, hint in [
         (["study.selection=max ssim"], "over the study's objectives ['psnr_body']"),
         (["study.selection=min psnr_body"], "expected 'max OBJ'"),
-        (["study.objectives=lcd_auc"], "a single objective is psnr_body"),
+        (["study.objectives=lcd_auc"], "psnr_body is always one of them"),
+        (["study.objectives=lcd_auc,fps"], "psnr_body is always one of them"),
+        # One objective registers Tune's best trial: a floor would be stated but never applied.
+        (["study.selection=max psnr_body where psnr_body >= 40"], "a single-objective study registers"),
         (["study.objectives=psnr_body,lcd_auc,fps"], "one or two different names"),
         (["study.pareto=true", "study.objectives=psnr_body,lcd_auc"], "drop study.pareto"),
         (["study.iq_realizations=5"], "at least 10"),
@@ -102,6 +106,11 @@ def test_smoke_pareto_study(tmp_path, ray_local):
             and run.data.params["model.encoder"] == "resnet10t"
         )
     assert result.registered_version is not None and result.pareto["rows"]
+    # Two objectives are measured after the last step: each run keeps that checkpoint (not the
+    # best-PSNR one), so the version the rule registers is the network it measured.
+    for run in runs:
+        assert run.data.tags["ldct.checkpoint"] == f"last (step {cfg.train.iterations})"
+        assert tracking_runs.download_state(mlflow_client, run.info.run_id)["step"] == cfg.train.iterations
 
     fps = sorted(r.data.metrics["fps"] for r in runs)
     assert fps[0] < fps[1]
@@ -141,10 +150,11 @@ def test_smoke_pareto_study(tmp_path, ray_local):
     clinical = ("psnr_body", "lcd_auc")
     rule = parse_selection("max lcd_auc where psnr_body >= best - 100")
     version, rows, message = register_candidate("par", uri, rule, clinical)
-    top = max(runs, key=lambda r: r.data.metrics["iq_lcd_auc"])
+    top = max(r.data.metrics["iq_lcd_auc"] for r in runs)
     tags = mlflow_client.get_model_version(registry_versions.MODEL_NAME, version).tags
-    assert tags["trial_run_id"] == top.info.run_id and tags["selection"] == rule.text
-    assert float(tags["lcd_auc"]) == pytest.approx(top.data.metrics["iq_lcd_auc"], abs=1e-3)
+    chosen = next(r for r in runs if r.info.run_id == tags["trial_run_id"])
+    assert chosen.data.metrics["iq_lcd_auc"] == top and tags["selection"] == rule.text
+    assert float(tags["lcd_auc"]) == pytest.approx(top, abs=1e-3)
     # The leaderboard shows them, with the LDCT input's row.
     report = write_report("par", uri, tmp_path / "results", test_split=False)
     board = (report / "leaderboard.md").read_text()

@@ -21,6 +21,7 @@ from _ray_fixtures import _free_port
 
 from ldct import hyperparams
 from ldct.config import load_config, to_flat
+from ldct.errors import TrainingError
 from ldct.hyperparams import PAPER_POINT
 from ldct.registry import load as registry_load
 from ldct.registry import versions as registry_versions
@@ -129,6 +130,10 @@ def test_smoke_study_sqlite(tmp_path, ray_local):
     assert scaffold.trial_resources(load_config("smoke"))[scaffold.HEAD_NODE_RESOURCE] == 0.001
     heads = [n for n in ray.nodes() if n["Alive"] and scaffold.HEAD_NODE_RESOURCE in n["Resources"]]
     assert len(heads) == 1
+    # A head that cannot host the trials' functions is refused up front, not left pending.
+    cpus = heads[0]["Resources"]["CPU"]
+    with pytest.raises(TrainingError, match=rf"the Ray head has {cpus:g} CPUs .*not --num-cpus=0"):
+        scaffold.check_head_hosts_trials(load_config("smoke", [f"study.driver_cpus={cpus + 1}"]))
 
     # study.compare: the best trial of another study in the store gets its own row on the same test
     # slices (here the study itself: the row must equal the best trial's), a missing one a note.
@@ -215,9 +220,9 @@ def test_an_unreadable_checkpoint_is_nothing_registered_not_a_crash(tmp_path, ca
     cfg = load_config("smoke", ["study.name=broken"])
     outputs = scaffold.Outputs(tracking_uri=uri, storage=str(tmp_path / "runs"))
     opened = scaffold.Opened(tmp_path, {}, mlflow_client, to_flat(cfg), parent_id)
-    best, version, pareto = _register(cfg, outputs, opened, register=True)
+    best, version, pareto, reason = _register(cfg, outputs, opened, register=True)
     assert best["trial_id"] == "t1" and best[VAL_METRIC] == 30.0
-    assert version is None and pareto is None
+    assert version is None and pareto is None and reason.startswith("CheckpointError: ")
     out = capsys.readouterr().out
     assert "[ldct] nothing registered: " in out
     error = mlflow_client.get_run(parent_id).data.tags["ldct.registration_error"]

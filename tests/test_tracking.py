@@ -35,11 +35,23 @@ def test_artifact_root_is_beside_the_sqlite_file(tmp_path, monkeypatch):
     assert "compare-runs" not in text  # no trial yet: nothing to compare
     with pytest.raises(tracking_store.TrackingError, match="no runs to compare"):
         tracking_store.compare_url("http://h:5000", experiment_id, [])
-    # With trials, MLflow's compare view of them, best first; the parent run is not among them.
-    mlflow_client.create_run(experiment_id, tags={tracking_store.TAG_ROLE: "study"})
+    # With trials, MLflow's compare view of the latest invocation's, best first; neither the
+    # parent run nor an earlier invocation's trial (a study name resubmitted) is among them.
+    study_tags = {tracking_store.TAG_STUDY: "x", tracking_store.TAG_ROLE: "study"}
+    earlier = mlflow_client.create_run(experiment_id, tags=study_tags, start_time=1)
+    old_trial = mlflow_client.create_run(
+        experiment_id,
+        tags={tracking_store.TAG_ROLE: "trial", tracking_store.PARENT_TAG: earlier.info.run_id},
+    )
+    mlflow_client.log_metric(old_trial.info.run_id, tracking_store.BEST_METRIC, 40.0)
+    parent = mlflow_client.create_run(experiment_id, tags=study_tags, start_time=2)
     ids = {}
     for name, psnr in [("low", 30.0), ("high", 32.0)]:
-        run = mlflow_client.create_run(experiment_id, tags={tracking_store.TAG_ROLE: "trial"}, run_name=name)
+        run = mlflow_client.create_run(
+            experiment_id,
+            tags={tracking_store.TAG_ROLE: "trial", tracking_store.PARENT_TAG: parent.info.run_id},
+            run_name=name,
+        )
         mlflow_client.log_metric(run.info.run_id, tracking_store.BEST_METRIC, psnr)
         ids[name] = run.info.run_id
     text = tracking_store.describe_store(mlflow_client, "x")

@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print(describe_store(client(result.tracking_uri), result.study).replace("[ldct] ", ""))
     if result.tracking_uri.startswith("http"):
         print("(from your machine, forward the head's MLflow port first: ray attach CLUSTER.yaml -p PORT)")
-    return 0 if completed else 1
+    if result.registration_error:
+        print(f"{parser.prog}: error: registration failed: {result.registration_error}", file=sys.stderr)
+    return 0 if completed and not result.registration_error else 1
 
 
 def _report(results: str | None, cfg: Config, result: StudyResult) -> None:

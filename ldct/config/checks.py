@@ -28,10 +28,11 @@ def check_study(study: Any) -> None:
     named = list(study.objectives)
     if len(set(named)) != len(named) or not 1 <= len(named) <= 2:
         raise ConfigError(f"study.objectives {named}: one or two different names of psnr_body, lcd_auc, fps")
-    if len(named) == 1 and named != ["psnr_body"]:
+    if "psnr_body" not in named:
         raise ConfigError(
-            f"study.objectives {named}: a single objective is psnr_body (ASHA stops trials on it at "
-            "every validation); for another, set [psnr_body, NAME] and study.selection = 'max NAME'"
+            f"study.objectives {named}: psnr_body is always one of them (ASHA stops trials on it, "
+            "the default rule registers by it); for another, set [psnr_body, NAME] and "
+            "study.selection = 'max NAME'"
         )
     if study.pareto and named not in (["psnr_body"], ["psnr_body", "fps"]):
         raise ConfigError(
@@ -51,4 +52,11 @@ def check_study(study: Any) -> None:
                 f"study.selection {study.selection!r}: expected 'max OBJ', 'max OBJ where OBJ2 >= VALUE' "
                 f"or 'max OBJ where OBJ2 >= best - DELTA' over the study's objectives {list(objectives)}, "
                 "e.g. 'max lcd_auc where psnr_body >= best - 0.5'"
+            )
+        if len(objectives) == 1 and study.selection.strip() != "max psnr_body":
+            # One objective registers Tune's best trial; a floor here would be announced, not applied.
+            raise ConfigError(
+                f"study.selection {study.selection!r}: a single-objective study registers its best "
+                "psnr_body trial ('max psnr_body'); a rule over another metric needs it as the second "
+                "objective, e.g. study.objectives = [psnr_body, lcd_auc]"
             )

@@ -70,6 +70,8 @@ class Selection:
         """The chosen row (None when no row meets the floor) and a sentence saying why."""
         goal, floor = METRICS[self.goal], METRICS[self.floor] if self.floor else None
         scored = [r for r in rows if math.isfinite(r.get(goal, math.nan))]
+        if not scored:
+            return None, f"no trial reported {self.goal}"
         bar = self.threshold(scored)
         meeting = [r for r in scored if floor is None or r.get(floor, math.nan) >= bar]
         if not meeting:

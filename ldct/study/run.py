@@ -73,6 +73,8 @@ class StudyResult:
     registered_version: str | None
     # Pareto studies: {"rows": per-trial psnr/fps/rank, "message": the registration decision}.
     pareto: dict[str, Any] | None = None
+    # Why a registration that was asked for failed (the trials stand; ldct-best can register later).
+    registration_error: str | None = None
 
 
 def optuna_storage_url(cfg: Config, storage_path: Path | str) -> str:
@@ -143,9 +145,17 @@ def run_study(
     outputs = scaffold.resolve_outputs(cfg, tracking_uri, storage)
     experiment_dir = _check_resume(study, outputs, resume)
     opened = scaffold.open_study(cfg, study, outputs, resume)
-    # Set per trial by the search space (the tuned values, RED-CNN's zeros, arch_choice's
-    # model.arch and model.encoder), so logged from the trial's config, not the study's.
-    callback = scaffold.study_callback(study, outputs, opened, search_space(cfg).config_keys())
+    # The search space's keys are set per trial (the tuned values, RED-CNN's zeros, arch_choice's
+    # model.arch and model.encoder), so logged from the trial's config, not the study's. Two
+    # objectives are measured after the last step (FPS, image quality; psnr_body is the last
+    # validation's): each run keeps that checkpoint, so the rule registers what it measured.
+    callback = scaffold.study_callback(
+        study,
+        outputs,
+        opened,
+        search_space(cfg).config_keys(),
+        checkpoint="last" if len(objectives(cfg)) > 1 else "best",
+    )
     optuna_url = optuna_storage_url(cfg, outputs.storage)
     opened.mlflow_client.set_tag(opened.parent_run_id, "ldct.optuna_storage", optuna_url)
     points = 1 + len(cfg.study.extra_points)
@@ -160,7 +170,7 @@ def run_study(
     rows, train_seconds = _trial_rows(cfg, grid)
     wall = time.perf_counter() - started
     _log_summary(opened, rows, wall, train_seconds)
-    best, version, pareto_result = _register(cfg, outputs, opened, register)
+    best, version, pareto_result, registration_error = _register(cfg, outputs, opened, register)
     opened.mlflow_client.set_terminated(opened.parent_run_id, status="FINISHED")
     return StudyResult(
         study,
@@ -173,6 +183,7 @@ def run_study(
         best,
         version,
         pareto_result,
+        registration_error,
     )
 
 
@@ -286,8 +297,9 @@ def _log_summary(
 
 def _register(
     cfg: Config, outputs: scaffold.Outputs, opened: scaffold.Opened, register: bool
-) -> tuple[dict[str, Any] | None, str | None, dict[str, Any] | None]:
-    """The best trial, the version registered from it (or the Pareto choice), and the Pareto rows.
+) -> tuple[dict[str, Any] | None, str | None, dict[str, Any] | None, str | None]:
+    """The best trial, the version registered from it (or the Pareto choice), the Pareto rows, and
+    the reason a registration failed (None when it did not).
 
     Any error here (a store that cannot be reached, an unreadable or truncated checkpoint, a
     registry refusal) is printed and tagged on the parent run (``ldct.registration_error``), not
@@ -295,7 +307,7 @@ def _register(
     the study's very end would hide all of that behind a traceback.
     """
     mlflow_client, parent, study = opened.mlflow_client, opened.parent_run_id, cfg.study.name
-    version = best = pareto_result = None
+    version = best = pareto_result = reason = None
     try:
         best_run = best_trial_run(mlflow_client, study, parent)
         best = {
@@ -326,13 +338,14 @@ def _register(
             mlflow_client.set_tag(parent, "ldct.registered_version", version)
     except Exception as exc:  # noqa: BLE001 - see the docstring: whatever it is, the trials stand
         reason = str(exc) if isinstance(exc, TrackingError) else f"{type(exc).__name__}: {exc}"
-        print(f"[ldct] nothing registered: {reason}", flush=True)
+        # Registered, then a tag failed: the version exists and `candidate` points at it.
+        said = f"registered version {version} as candidate, then" if version else "nothing registered"
+        print(f"[ldct] {said}: {reason}", flush=True)
         try:
             mlflow_client.set_tag(parent, "ldct.registration_error", reason[:5000])
         except Exception:  # noqa: BLE001 - the store itself may be what failed; the line above said it
             pass
-        version = None
-    return best, version, pareto_result
+    return best, version, pareto_result, reason
 
 
 def _announce_objectives(cfg: Config, opened: scaffold.Opened) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ldct.cluster import check_job_outputs, init_ray, storage_uri
 from ldct.config import Config, to_flat
+from ldct.errors import TrainingError
 from ldct.study.trial import run_trial
 from ldct.tracking.callbacks import MLflowStudyCallback
 from ldct.tracking.runs import data_source, start_study_run
@@ -55,6 +56,7 @@ def open_study(cfg: Config, name: str, outputs: Outputs, resume: bool) -> Opened
     """Data ready before any worker starts, Ray joined or started, the MLflow parent run opened."""
     cache_dir, splits = prepare_data(cfg)
     init_ray()
+    check_head_hosts_trials(cfg)
     mlflow_client = client(outputs.tracking_uri)
     flat = to_flat(cfg)
     parent = start_study_run(mlflow_client, name, flat, resume)
@@ -62,9 +64,10 @@ def open_study(cfg: Config, name: str, outputs: Outputs, resume: bool) -> Opened
 
 
 def study_callback(
-    name: str, outputs: Outputs, opened: Opened, per_trial: Iterable[str] = ()
+    name: str, outputs: Outputs, opened: Opened, per_trial: Iterable[str] = (), checkpoint: str = "best"
 ) -> MLflowStudyCallback:
-    """The MLflow writer of a study's trials; ``per_trial``: keys each trial logs from its own config."""
+    """The MLflow writer of a study's trials; ``per_trial``: keys each trial logs from its own
+    config; ``checkpoint``: which one each run keeps as its artifact ("best" or "last")."""
     skip = set(per_trial)
     return MLflowStudyCallback(
         outputs.tracking_uri,
@@ -75,6 +78,7 @@ def study_callback(
             "data.source": data_source(opened.flat),
         },
         storage=outputs.storage,
+        checkpoint=checkpoint,
     )
 
 
@@ -108,6 +112,22 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     takes workers, which Train restarts.
     """
     return {"CPU": cfg.study.driver_cpus, HEAD_NODE_RESOURCE: 0.001}
+
+
+def check_head_hosts_trials(cfg: Config) -> None:
+    """Refuse, before any trial, a head that cannot take a trial's function (which
+    :func:`trial_resources` places there): a head started with ``--num-cpus=0`` would leave every
+    trial pending, silently, for ever."""
+    import ray
+
+    heads = [n for n in ray.nodes() if n["Alive"] and HEAD_NODE_RESOURCE in n["Resources"]]
+    cpus = float(heads[0]["Resources"].get("CPU", 0.0)) if heads else 0.0
+    if cpus < cfg.study.driver_cpus:
+        raise TrainingError(
+            f"the Ray head has {cpus:g} CPUs and every trial's function runs there, holding "
+            f"study.driver_cpus = {cfg.study.driver_cpus:g}: start the head with CPUs (not "
+            "--num-cpus=0), or lower study.driver_cpus"
+        )
 
 
 def run_config(name: str, outputs: Outputs, callback: Any) -> Any:

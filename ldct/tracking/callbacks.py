@@ -52,8 +52,15 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         parent_run_id: str,
         extra_params: dict[str, Any],
         storage: str | None = None,
+        checkpoint: str = "best",
     ):
+        if checkpoint not in ("best", "last"):
+            raise ValueError(f"checkpoint {checkpoint!r}: 'best' or 'last'")
         self.tracking_uri = tracking_uri
+        # Which checkpoint becomes the run's artifact (and so what a registration loads): the best
+        # by the objective, or the last one, where a multi-objective study measured its
+        # objectives (FPS and image quality are taken after the last step).
+        self.checkpoint = checkpoint
         # The study's storage URI: Ray reports a checkpoint's path without its scheme (s3://).
         self.storage = storage
         self.study = study
@@ -63,6 +70,7 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         self._best: dict[str, tuple[float, str | None]] = {}
         self._best_legacy: dict[str, float] = {}
         self._last_step: dict[str, int] = {}
+        self._last_checkpoint: dict[str, str] = {}
         self._client: Any = None
 
     def _mlflow(self) -> Any:
@@ -119,6 +127,8 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
             self._mlflow().set_tag(run_id, "ldct.resumed_from_step", str(int(result["resumed_from_step"])))
         # The trial's best checkpoint by the objective (VAL_METRIC = val_psnr_body), and the best
         # whole-slice window PSNR beside it (the metric's old meaning, kept for older readers).
+        if result.get("checkpoint_path"):
+            self._last_checkpoint[trial.trial_id] = checkpoint_uri(result["checkpoint_path"], self.storage)
         value = result.get(BEST_METRIC.removeprefix("best_"))
         if value is not None and value > self._best.get(trial.trial_id, (-math.inf, None))[0]:
             path = result.get("checkpoint_path")
@@ -138,6 +148,11 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         legacy = self._best_legacy.get(trial.trial_id, -math.inf)
         if math.isfinite(legacy):
             mlflow_client.log_metric(run_id, LEGACY_BEST_METRIC, legacy)
+        if self.checkpoint == "last":
+            checkpoint_path = self._last_checkpoint.get(trial.trial_id)
+            mlflow_client.set_tag(
+                run_id, "ldct.checkpoint", f"last (step {self._last_step.get(trial.trial_id, 0)})"
+            )
         if checkpoint_path:
             try:
                 log_checkpoint(mlflow_client, run_id, checkpoint_path)

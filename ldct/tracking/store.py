@@ -159,11 +159,13 @@ def compare_url(tracking_uri: str, experiment_id: str, run_ids: list[str], base:
     return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
 
 
-def trial_run_ids(mlflow_client: Any, experiment_id: str) -> list[str]:
-    """The study's trial runs, best validation objective first (runs without it last)."""
+def trial_run_ids(mlflow_client: Any, experiment_id: str, parent_run_id: str) -> list[str]:
+    """The trial runs of one study invocation (nested under ``parent_run_id``; a study name
+    resubmitted keeps its earlier invocations' trials in the experiment), best validation
+    objective first (runs without it last)."""
     runs = mlflow_client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{TAG_ROLE}` = 'trial'",
+        filter_string=f"tags.`{TAG_ROLE}` = 'trial' and tags.`{PARENT_TAG}` = '{parent_run_id}'",
         order_by=[f"metrics.`{BEST_METRIC}` DESC"],
         max_results=COMPARE_MAX_RUNS,
     )
@@ -171,7 +173,8 @@ def trial_run_ids(mlflow_client: Any, experiment_id: str) -> list[str]:
 
 
 def describe_store(mlflow_client: Any, study: str) -> str:
-    """Where a study's runs and artifacts are, and the UI links, for the study to print."""
+    """Where a study's runs and artifacts are, and the UI links, for the study to print: the
+    compare link covers the trials of its latest invocation."""
     uri = mlflow_client.tracking_uri
     experiment = mlflow_client.get_experiment_by_name(f"ldct/{study}")
     lines = [f"[ldct] MLflow store {uri}, artifacts {experiment.artifact_location}"]
@@ -180,7 +183,8 @@ def describe_store(mlflow_client: Any, study: str) -> str:
     else:
         lines.append("[ldct] to see the trials open")
     lines.append(f"[ldct]   {ui_url(uri, experiment.experiment_id)}")
-    run_ids = trial_run_ids(mlflow_client, experiment.experiment_id)
+    parent = find_run(mlflow_client, experiment.experiment_id, **{TAG_STUDY: study, TAG_ROLE: "study"})
+    run_ids = trial_run_ids(mlflow_client, experiment.experiment_id, parent.info.run_id) if parent else []
     if run_ids:
         lines.append(
             "[ldct] to compare them (parallel coordinates over the loss weights, lr and objectives):"
