@@ -3,11 +3,12 @@
 #   . ~/ldct/cluster/node_env.sh && ray start ... --node-ip-address=$LDCT_NODE_IP
 #
 # Sets LDCT_NODE_IP, the address this node is known by on the cluster's network, and
-# GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME, the interface that carries it, and exports them (Ray's
-# workers inherit the raylet's environment; gloo is CPU DDP's backend, NCCL GPU DDP's). Why: Ray otherwise takes the default route's address (or the hostname's,
-# 127.0.1.1 on Debian, on a machine without a default route), and gloo, CPU DDP's backend, binds
-# to the hostname's address: on a machine with two networks, or none routed, rank 0 then waits on
-# an address the other hosts cannot reach (docs/DESIGN.md §5a).
+# GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME, the interface that carries it, and exports them
+# (Ray's workers inherit the raylet's environment). Why: Ray otherwise takes the default route's
+# address (or the hostname's, 127.0.1.1 on Debian, on a machine without a default route), and
+# gloo (CPU DDP) and NCCL (GPU DDP) pick their own interface: on a machine with two networks,
+# or none routed, rank 0 then waits on an address the other hosts cannot reach
+# (docs/DESIGN.md §5a).
 #
 # The address is the one the launcher reached this node at: sshd's SSH_CONNECTION names it
 # (third field) in every command `ray up` runs. LDCT_NODE_IP set beforehand wins (a site that

@@ -146,19 +146,23 @@ def running_cluster() -> str | None:
     return None
 
 
-def connect() -> None:
-    """Join the running cluster; never start a local Ray (it would have no GPU worker to wait for)."""
+# What `ldct-best validate --on-cluster` says when no cluster runs here (connect's default).
+ON_CLUSTER_HINT = (
+    "--on-cluster needs a running Ray cluster, and none is running here (no RAY_ADDRESS, no "
+    "`ray start` on this machine): run it on the head, e.g. `ray exec cluster/cluster.yaml "
+    "'ldct-best validate --on-cluster'`, or drop --on-cluster to measure on this machine"
+)
+
+
+def connect(no_cluster: str = ON_CLUSTER_HINT) -> None:
+    """Join the running cluster; never start a local Ray (it would have no worker to wait for).
+    ``no_cluster``: the error's text when none runs here, naming the caller's command."""
     import ray
 
     if ray.is_initialized():
         return
-    where = running_cluster()
-    if where is None:
-        raise RemoteError(
-            "--on-cluster needs a running Ray cluster, and none is running here (no RAY_ADDRESS, no "
-            "`ray start` on this machine): run it on the head, e.g. `ray exec cluster/cluster.yaml "
-            "'ldct-best validate --on-cluster'`, or drop --on-cluster to measure on this machine"
-        )
+    if running_cluster() is None:
+        raise RemoteError(no_cluster)
     ray.init(log_to_driver=True)
 
 
@@ -176,12 +180,10 @@ def wait_for_nodes(
 
     if count < 1:
         raise ValueError(f"--nodes {count}: count the head too, at least 1")
-    if not ray.is_initialized() and running_cluster() is None:
-        raise RemoteError(
-            "no Ray cluster runs here (no RAY_ADDRESS, no `ray start` on this machine): run it on "
-            "the head, e.g. `ray exec cluster/local.yaml 'ldct cluster wait --nodes 3'`"
-        )
-    connect()
+    connect(
+        "no Ray cluster runs here (no RAY_ADDRESS, no `ray start` on this machine): run it on "
+        "the head, e.g. `ray exec cluster/local.yaml 'ldct cluster wait --nodes 3'`"
+    )
     deadline = time.monotonic() + timeout_s
     seen: list[str] | None = None
     while True:

@@ -70,7 +70,7 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         self._best: dict[str, tuple[float, str | None]] = {}
         self._best_legacy: dict[str, float] = {}
         self._last_step: dict[str, int] = {}
-        self._last_checkpoint: dict[str, str] = {}
+        self._last_checkpoint: dict[str, tuple[str, int]] = {}  # URI and step of the latest
         self._client: Any = None
 
     def _mlflow(self) -> Any:
@@ -125,10 +125,13 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         if result.get("resumed_from_step"):
             # A Ray Train retry restored a checkpoint inside this trial (same run, same trial id).
             self._mlflow().set_tag(run_id, "ldct.resumed_from_step", str(int(result["resumed_from_step"])))
+        if result.get("checkpoint_path"):
+            self._last_checkpoint[trial.trial_id] = (
+                checkpoint_uri(result["checkpoint_path"], self.storage),
+                self._last_step[trial.trial_id],
+            )
         # The trial's best checkpoint by the objective (VAL_METRIC = val_psnr_body), and the best
         # whole-slice window PSNR beside it (the metric's old meaning, kept for older readers).
-        if result.get("checkpoint_path"):
-            self._last_checkpoint[trial.trial_id] = checkpoint_uri(result["checkpoint_path"], self.storage)
         value = result.get(BEST_METRIC.removeprefix("best_"))
         if value is not None and value > self._best.get(trial.trial_id, (-math.inf, None))[0]:
             path = result.get("checkpoint_path")
@@ -149,10 +152,8 @@ class MLflowStudyCallback(_ray_callback_base()):  # type: ignore[misc]
         if math.isfinite(legacy):
             mlflow_client.log_metric(run_id, LEGACY_BEST_METRIC, legacy)
         if self.checkpoint == "last":
-            checkpoint_path = self._last_checkpoint.get(trial.trial_id)
-            mlflow_client.set_tag(
-                run_id, "ldct.checkpoint", f"last (step {self._last_step.get(trial.trial_id, 0)})"
-            )
+            checkpoint_path, step = self._last_checkpoint.get(trial.trial_id, (None, 0))
+            mlflow_client.set_tag(run_id, "ldct.checkpoint", f"last (step {step})")
         if checkpoint_path:
             try:
                 log_checkpoint(mlflow_client, run_id, checkpoint_path)
