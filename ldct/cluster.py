@@ -7,6 +7,7 @@ never Ray Train/Tune, MLflow or any other ldct stage, so every stage above may u
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -200,3 +201,64 @@ def wait_for_nodes(
                 "/tmp/ray/session_latest/logs/monitor.* why a worker did not start or join"
             )
         time.sleep(poll_s)
+
+
+def check_shared_paths(paths: dict[str, str], timeout_s: float = 120.0) -> None:
+    """On a cluster of several machines, refuse a local path that not every node sees.
+
+    ``paths`` maps what a path is for (its flag, named in the error) to the path; URIs
+    (``s3://...``) are skipped. Each path gets a marker file written here, and a task pinned to
+    every other alive node looks for it: a path on the head's own disk is another directory on a
+    worker, where the first checkpoint a training worker writes would fail ("Unable to set up
+    cluster storage"), or its data loader would find no cache. Checked before the first trial,
+    so a multi-node study fails in seconds, not at its end. One node: nothing to check.
+    """
+    import ray
+    import ray.util
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    local = {what: Path(p) for what, p in paths.items() if "://" not in str(p)}
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    if not local or not others:
+        return
+    token = f".ldct-shared-{os.getpid()}-{time.time_ns()}"
+    markers = {}
+    for what, path in local.items():
+        path.mkdir(parents=True, exist_ok=True)
+        markers[what] = str(path / token)
+        Path(markers[what]).write_text(socket.gethostname())
+
+    def visible(names: dict[str, str]) -> dict[str, bool]:
+        return {what: os.path.isfile(name) for what, name in names.items()}
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(visible)
+    try:
+        pending = {
+            n["NodeManagerAddress"]: probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(markers)
+            for n in others
+        }
+        missing = []
+        for ip, ref in pending.items():
+            seen = ray.get(ref, timeout=timeout_s)
+            missing += [(what, ip) for what, ok in seen.items() if not ok]
+    finally:
+        for name in markers.values():
+            Path(name).unlink(missing_ok=True)
+    if missing:
+        what, ip = missing[0]
+        nodes = sorted({node for w, node in missing if w == what})
+        raise TrainingError(
+            f"{what} {local[what]} is not shared: node {', '.join(nodes)} does not see what this "
+            f"node ({ray.util.get_node_ip_address()}) wrote there. Every node must see it at the "
+            f"same path: {SHARED_FIX.get(what, 'put it on storage all nodes mount')}"
+        )
+
+
+# How to fix each path that check_shared_paths refuses (keys: the names its callers give).
+SHARED_FIX = {
+    "storage": "--storage /mnt/nfs/ldct-runs (a share every node mounts) or s3://bucket/prefix",
+    "data.cache": "--set data.cache=/mnt/nfs/ldct-cache (and data.root) on a share every node mounts",
+}

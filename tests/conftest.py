@@ -90,11 +90,11 @@ OWN_RAY_TESTS = {
     "tests/test_study.py::test_stopped_study_resumes_without_repeating_a_trial",
 }
 # Longest first (measured in the full suite, seconds): the Ray scope (~650) on one worker; the
-# cluster test (~230), the own-Ray studies (~200), then the heavy modules on the other; the rest,
+# own-Ray studies (~200), then the heavy modules on the other; the rest,
 # a module at a time, wherever a worker is free, so that the tail is short modules and neither
 # worker idles while the other finishes a long one. A module not listed simply goes after these.
 FIRST_SCOPES = (
-    "ray", "tests/test_cluster_launch.py", "own-ray",
+    "ray", "own-ray",
     "tests/test_evaluate.py", "tests/test_validate_cli.py", "tests/test_serve.py", "tests/test_best_cli.py",
     "tests/test_packaging.py", "tests/test_deploy.py", "tests/test_engine.py", "tests/test_backends.py",
 )  # fmt: skip

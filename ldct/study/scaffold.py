@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ldct.cluster import check_job_outputs, init_ray, storage_uri
+from ldct.cluster import check_job_outputs, check_shared_paths, init_ray, storage_uri
 from ldct.config import Config, to_flat
 from ldct.errors import TrainingError
 from ldct.study.trial import run_trial
@@ -57,6 +57,7 @@ def open_study(cfg: Config, name: str, outputs: Outputs, resume: bool) -> Opened
     cache_dir, splits = prepare_data(cfg)
     init_ray()
     check_head_hosts_trials(cfg)
+    check_shared_paths({"storage": outputs.storage, "data.cache": str(cache_dir)})
     mlflow_client = client(outputs.tracking_uri)
     flat = to_flat(cfg)
     parent = start_study_run(mlflow_client, name, flat, resume)
