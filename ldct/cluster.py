@@ -217,7 +217,12 @@ def check_shared_paths(paths: dict[str, str], timeout_s: float = 120.0) -> None:
     import ray.util
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    local = {what: Path(p) for what, p in paths.items() if "://" not in str(p)}
+    # file:// is a local path too; other schemes (s3://, gs://) are shared by construction.
+    local = {
+        what: Path(str(p).removeprefix("file://"))
+        for what, p in paths.items()
+        if "://" not in str(p).removeprefix("file://")
+    }
     here = ray.get_runtime_context().get_node_id()
     others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
     if not local or not others:

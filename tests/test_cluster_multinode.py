@@ -452,8 +452,7 @@ def _phases(site: Site, config: Path, env: dict[str, str], launch, timings: dict
     t = time.perf_counter()
     launch(["down", "-y", str(config)], 240)
     timings["ray down"] = time.perf_counter() - t
-    # The head's Ray stops with `ray down`; the worker's raylet exits when its GCS is gone, and
-    # its blocking `ray start` stops the rest (cluster/local.yaml).
+    # `ray down` must leave no Ray on either host (on-prem it stops only the head's; issue 24).
     deadline = time.time() + 90
     for host in (head, worker):
         while ray_left := [p for p in host.processes() if "ray" in p.lower() and "mlflow" not in p]:
