@@ -7,7 +7,11 @@ never Ray Train/Tune, MLflow or any other ldct stage, so every stage above may u
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -267,3 +271,82 @@ SHARED_FIX = {
     "storage": "--storage /mnt/nfs/ldct-runs (a share every node mounts) or s3://bucket/prefix",
     "data.cache": "--set data.cache=/mnt/nfs/ldct-cache (and data.root) on a share every node mounts",
 }
+
+
+# Processes of Ray on a node, as `ps -eo args=` shows them: the raylet, GCS and Python services
+# run from Ray's package directory; workers and agents rename themselves "ray::...".
+def _is_ray_process(args: str) -> bool:
+    return args.startswith("ray::") or any(f"{d}/ray/" in args for d in ("site-packages", "dist-packages"))
+
+
+def down_cluster(config: Path, progress: Callable[[str], None] = print, settle_s: float = 30.0) -> None:
+    """``ray down`` a cluster config, then stop Ray on each on-prem worker, which ``ray down`` leaves.
+
+    Ray's local provider runs ``ray stop`` on the head only and "terminates" workers by marking
+    them in its state file. A worker's raylet exits once the head's GCS is gone, but its
+    dashboard and runtime-env agents and its log monitor stay (measured: still running 90 s
+    later, tests/test_cluster_multinode.py). So after ``ray down`` each of ``worker_ips`` gets
+    the config's own stop command (the one the launcher runs there before ``ray start``) over
+    SSH with the config's user and key, and is then checked for Ray processes. Cloud providers
+    terminate the machines themselves: for them this is ``ray down``. Raises
+    :class:`RemoteError` naming every worker that could not be reached or still runs Ray.
+    """
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(config).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RemoteError(f"cannot read the cluster config {config}: {exc}") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("provider"), dict):
+        raise RemoteError(f"{config} is not a Ray cluster config (no provider: section)")
+    local = spec["provider"].get("type") == "local"
+    workers = [str(ip) for ip in spec["provider"].get("worker_ips") or []] if local else []
+    stop = next((c for c in spec.get("worker_start_ray_commands") or [] if "ray stop" in str(c)), None)
+    if workers and stop is None:
+        raise RemoteError(
+            f"{config}: worker_start_ray_commands has no `ray stop` command, so there is no known "
+            "way to stop Ray on its workers; add one (cluster/local.yaml starts with "
+            "`~/ldct-venv/bin/ray stop`)"
+        )
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    progress(f"[ldct] ray down -y {config}")
+    sys.stdout.flush()
+    done = subprocess.run([ray_bin, "down", "-y", str(config)], check=False)
+    if done.returncode != 0:
+        raise RemoteError(f"`ray down -y {config}` failed (exit {done.returncode}); see its output above")
+    if not workers:
+        return
+    auth = spec.get("auth") or {}
+    ssh = ["ssh", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+           "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "ConnectTimeout=15"]  # fmt: skip
+    if auth.get("ssh_private_key"):
+        ssh += ["-i", str(Path(str(auth["ssh_private_key"])).expanduser()), "-o", "IdentitiesOnly=yes"]
+    if auth.get("ssh_proxy_command"):
+        ssh += ["-o", f"ProxyCommand={auth['ssh_proxy_command']}"]
+    user = auth.get("ssh_user") or os.environ.get("USER", "root")
+    failed = []
+    for ip in workers:
+        target = [*ssh, f"{user}@{ip}"]
+        progress(f"[ldct] {ip}: {stop}")
+        run = subprocess.run([*target, f"bash -c {shlex.quote(str(stop))}"], capture_output=True, text=True)
+        if run.returncode != 0:
+            failed.append(f"{ip}: `{stop}` failed (exit {run.returncode}): {run.stderr.strip()[-300:]}")
+            continue
+        deadline = time.monotonic() + settle_s
+        while True:
+            ps = subprocess.run([*target, "ps -eo args="], capture_output=True, text=True)
+            left = [a for a in ps.stdout.splitlines() if _is_ray_process(a.strip())]
+            if ps.returncode == 0 and not left:
+                progress(f"[ldct] {ip}: no Ray process left")
+                break
+            if time.monotonic() > deadline:
+                why = f"still runs {left[:3]}" if ps.returncode == 0 else f"ps failed: {ps.stderr.strip()}"
+                failed.append(f"{ip}: {why} {settle_s:.0f} s after `{stop}`")
+                break
+            time.sleep(1)
+    if failed:
+        raise RemoteError(
+            "Ray may still run on a worker: "
+            + "; ".join(failed)
+            + f". Stop it there by hand: ssh {user}@IP '{stop} --force'"
+        )

@@ -481,3 +481,34 @@ def test_local_nodes_start_ray_at_the_pinned_address(key):
     start = [c for c in _config("local.yaml")[key] if "ray start" in c]
     assert len(start) == 1
     assert ". ~/ldct/cluster/node_env.sh &&" in start[0] and "--node-ip-address=$LDCT_NODE_IP" in start[0]
+
+
+def test_cluster_down_refuses_what_it_cannot_stop_before_touching_the_cluster(tmp_path):
+    """`ldct cluster down` names the file and the fix, and runs no `ray down` on a config it cannot
+    finish: a worker list without the `ray stop` command that would stop Ray there."""
+    from ldct.cluster import RemoteError, down_cluster
+
+    with pytest.raises(RemoteError, match=r"cannot read the cluster config .*nope\.yaml"):
+        down_cluster(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster_name: x\n")
+    with pytest.raises(RemoteError, match=r"bad\.yaml is not a Ray cluster config"):
+        down_cluster(bad)
+    spec = yaml.safe_load((ROOT / "cluster" / "local.yaml").read_text())
+    spec["worker_start_ray_commands"] = [c for c in spec["worker_start_ray_commands"] if "ray stop" not in c]
+    no_stop = tmp_path / "no-stop.yaml"
+    no_stop.write_text(yaml.safe_dump(spec))
+    lines: list[str] = []
+    with pytest.raises(RemoteError, match=r"no-stop\.yaml: worker_start_ray_commands has no `ray stop`"):
+        down_cluster(no_stop, progress=lines.append)
+    assert lines == []  # refused before `ray down`
+
+
+def test_ray_processes_are_told_from_others():
+    from ldct.cluster import _is_ray_process
+
+    assert _is_ray_process("ray::DashboardAgent")
+    assert _is_ray_process("/opt/v/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --x=1")
+    assert _is_ray_process("/usr/bin/python3 /usr/lib/python3/dist-packages/ray/_private/log_monitor.py")
+    assert not _is_ray_process("/usr/sbin/sshd -D")
+    assert not _is_ray_process("/opt/v/bin/python /opt/v/bin/mlflow server --port 5000")

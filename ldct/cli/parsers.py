@@ -8,6 +8,7 @@ import the pipeline (torch, Ray, MLflow, timm take seconds to import).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ldct import __version__
 
@@ -198,12 +199,20 @@ def _add_study_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profiles", help="list the named profiles and the files they load from")
     p.set_defaults(handler="ldct.cli.study:cmd_profiles")
 
-    cluster = sub.add_parser("cluster", help="the running Ray cluster (on its head)")
+    cluster = sub.add_parser(
+        "cluster", help="the Ray cluster: wait for its nodes (on the head), take it down"
+    )
     cmds = cluster.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
     p = cmds.add_parser("wait", help="wait until N Ray nodes (head included) have joined")
     p.add_argument("--nodes", type=int, required=True, help="nodes to wait for, the head included")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up (default 900)")
     p.set_defaults(handler="ldct.cli.study:cmd_cluster_wait")
+    p = cmds.add_parser(
+        "down",
+        help="ray down, then stop Ray on each on-prem worker (which ray down leaves running); from the client",
+    )
+    p.add_argument("config", type=Path, help="the cluster config given to `ray up`, e.g. cluster/local.yaml")
+    p.set_defaults(handler="ldct.cli.study:cmd_cluster_down")
 
 
 def build_best_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 from ldct.cli.common import EXIT_ERROR, EXIT_OK
-from ldct.cluster import in_ray_job, running_cluster, wait_for_nodes
+from ldct.cluster import down_cluster, in_ray_job, running_cluster, wait_for_nodes
 from ldct.config import Config, ConfigError, list_profiles, load_config
 from ldct.errors import TrainingError
 from ldct.study.pareto import write_front
@@ -159,6 +159,12 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_cluster_wait(args: argparse.Namespace) -> int:
     """``ldct cluster wait --nodes N``: after ``ray up``, before submitting a study."""
     wait_for_nodes(args.nodes, args.timeout, progress=lambda line: print(line, flush=True))
+    return 0
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    """``ldct cluster down CONFIG``: on the machine that ran ``ray up``."""
+    down_cluster(args.config, progress=lambda line: print(line, flush=True))
     return 0
 
 
