@@ -7,6 +7,7 @@ never Ray Train/Tune, MLflow or any other ldct stage, so every stage above may u
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -332,6 +333,10 @@ def down_cluster(config: Path, progress: Callable[[str], None] = print, settle_s
         if run.returncode != 0:
             failed.append(f"{ip}: `{stop}` failed (exit {run.returncode}): {run.stderr.strip()[-300:]}")
             continue
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)  # ray colours its output
+        said = [ln.strip() for ln in plain.splitlines() if "stopped" in ln.lower()]
+        if said:
+            progress(f"[ldct] {ip}: {said[-1]}")
         deadline = time.monotonic() + settle_s
         while True:
             ps = subprocess.run([*target, "ps -eo args="], capture_output=True, text=True)

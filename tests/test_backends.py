@@ -296,3 +296,21 @@ def test_int8_paths_are_judged(tiny, smoke_cfg, work):
         verdict = gate.judge(gate.run_panel(runner, panel, NORM), reference, panel, smoke_cfg.deploy)
         # The image path stays float, so the error is the residual's alone (not 8-bit image steps).
         assert 0 < verdict["max_abs_hu"] < 50 and np.isfinite(verdict["d_psnr_window_db"]), verdict
+
+
+def test_validation_reads_its_data_once_where_the_cache_is(tiny, smoke_cfg, tmp_path):
+    """`validate --on-cluster` reads the panel on the head and sends it with the GPU task: given
+    those inputs, validation runs with a config whose data cache this process cannot see."""
+    from ldct.config import apply_overrides
+    from ldct.deploy.validate import validate_paths, validation_inputs
+
+    paths = [("torch", "fp32")]
+    inputs = validation_inputs(smoke_cfg, paths)
+    assert inputs[1] is None  # no int8 path, no calibration slices read
+    elsewhere = apply_overrides(smoke_cfg, [f"data.cache={tmp_path / 'not-here'}"])
+    with pytest.raises(Exception, match="not-here"):
+        validate_paths(tiny, elsewhere, paths, repeats=1, size=64, batch_sizes=(1,), log=lambda _: None)
+    report = validate_paths(
+        tiny, elsewhere, paths, repeats=1, size=64, batch_sizes=(1,), log=lambda _: None, inputs=inputs
+    )
+    assert report["panel"] == inputs[0].source and report["chosen"]["backend"] == "torch"

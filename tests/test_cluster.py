@@ -512,3 +512,31 @@ def test_ray_processes_are_told_from_others():
     assert _is_ray_process("/usr/bin/python3 /usr/lib/python3/dist-packages/ray/_private/log_monitor.py")
     assert not _is_ray_process("/usr/sbin/sshd -D")
     assert not _is_ray_process("/opt/v/bin/python /opt/v/bin/mlflow server --port 5000")
+
+
+@pytest.mark.slow
+def test_fps_task_that_fails_names_its_node_and_the_cause(ray_local):
+    """A validation task that raises on its worker is one RemoteError line naming the node, not a
+    Ray traceback. (num_gpus=0: the suite's Ray has no GPU.)"""
+    import torch
+
+    from ldct.cluster import RemoteError
+    from ldct.config import load_config
+    from ldct.registry.gpu_worker import validate_on_gpu_worker
+
+    class Cropping(torch.nn.Module):  # a generator whose output has the wrong shape
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[..., 1:, :]
+
+    with pytest.raises(
+        RemoteError, match=r"the validation task failed on node 127\.0\.0\.1 .*path output has shape"
+    ):
+        validate_on_gpu_worker(
+            Cropping(),
+            load_config("smoke"),
+            [("torch", "fp32")],
+            repeats=1,
+            size=64,
+            timeout_s=120,
+            num_gpus=0,
+        )

@@ -280,3 +280,17 @@ def test_the_retired_lambda_l1_range_is_refused_in_a_profile_and_dropped_from_a_
     # The ratios' ranges and TPE's start-up count are study fields like any other.
     cfg = load_config("smoke", ["study.lambda_adv_range=[1e-4, 0.1]", "study.startup_trials=3"])
     assert cfg.study.lambda_adv_range == (1e-4, 0.1) and cfg.study.startup_trials == 3
+
+
+def test_elastic_worker_range_is_checked_and_overrides_apply_in_any_order():
+    paper = load_config("paper")
+    assert paper.train.worker_range() == paper.train.workers  # fixed unless min_workers is set
+    # min_workers above the current workers is fine when the same overrides raise workers.
+    cfg = apply_overrides(paper, ["train.min_workers=3", "train.workers=8"])
+    assert cfg.train.worker_range() == (3, 8)
+    with pytest.raises(ConfigError, match=r"train.min_workers 5: 0 .* or 1 to train.workers \(4\)"):
+        apply_overrides(paper, ["train.workers=4", "train.min_workers=5"])
+    with pytest.raises(ConfigError, match=r"train.workers 0: at least 1"):
+        apply_overrides(paper, ["train.workers=0"])
+    with pytest.raises(ConfigError, match=r"batch_size 2 is smaller than train.workers 4"):
+        apply_overrides(paper, ["train.workers=4", "train.batch_size=2"])

@@ -361,3 +361,59 @@ def test_lr_schedule_warmup_cosine_and_constant():
     assert nets.opt_c.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5)
     with pytest.raises(ValueError, match="optim.schedule"):
         lr_factor(replace(const, optim={"schedule": "step"}), 1)
+
+
+def test_uneven_rank_shares_average_to_the_global_batch_gradient():
+    """Elastic DDP can run 3 workers on a batch of 5 (2, 2, 1 samples): with each rank's loss
+    weighted by rank_share, the equal-weight average of the ranks' gradients (what DDP's
+    all-reduce computes) is the gradient of the whole batch's mean loss; unweighted it is not."""
+    import copy
+
+    from ldct.training.engine import generator_step, rank_share
+
+    assert rank_share(43, 3, 128) == pytest.approx(129 / 128) and rank_share(64, 2, 128) == 1.0
+    cfg = tiny_config(batch_size=5)
+    cfg = replace(cfg, loss={"lambda_adv": 0.0, "lambda_perceptual": 0.0})  # L1 alone: no critic
+    torch.manual_seed(0)
+    start = build_networks(cfg, "cpu")
+    assert start.critic is None
+    start.generator.eval()  # BatchNorm on running statistics: a sample's gradient ignores its batch
+    low, full = phantom_pairs(5, 32, seed=3)
+    low, full = torch.as_tensor(low), torch.as_tensor(full)
+    parts = [(0, 2), (2, 4), (4, 5)]
+
+    def grads(nets) -> dict[str, torch.Tensor]:
+        return {n: p.grad.clone() for n, p in nets.generator.named_parameters() if p.grad is not None}
+
+    whole = copy.deepcopy(start)
+    generator_step(whole, low, full, cfg, step=1)
+    expected = grads(whole)
+    averaged = {}
+    for weighted in (True, False):
+        per_rank = []
+        for a, b in parts:
+            nets = copy.deepcopy(start)
+            share = rank_share(b - a, 3, 5) if weighted else 1.0
+            generator_step(nets, low[a:b], full[a:b], cfg, step=1, share=share)
+            per_rank.append(grads(nets))
+        averaged[weighted] = {n: sum(g[n] for g in per_rank) / 3 for n in expected}
+    assert expected and any(g.abs().sum() > 0 for g in expected.values())
+    for name, grad in expected.items():
+        torch.testing.assert_close(averaged[True][name], grad, rtol=1e-4, atol=1e-8)
+    assert any(not torch.allclose(averaged[False][n], g, rtol=1e-3, atol=1e-8) for n, g in expected.items())
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_ranks_split_each_global_batch_exactly_once(world):
+    """Every group size an elastic range allows covers global batch b with its ranks' slices, in
+    order, whether or not it divides the batch, so a resize resumes the same sample sequence."""
+    from ldct.training.loop import _StepBatchSampler
+
+    per_rank = [list(_StepBatchSampler(10, r, world, start_batch=3, total_batches=6)) for r in range(world)]
+    for i, b in enumerate(range(3, 6)):
+        joined = [idx for rank in per_rank for idx in rank[i]]
+        assert joined == list(range(b * 10, (b + 1) * 10))
+        sizes = [len(rank[i]) for rank in per_rank]
+        assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="batch_size=2 is smaller than 3 workers"):
+        _StepBatchSampler(2, 0, 3, 0, 1)

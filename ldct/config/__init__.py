@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ldct.config.checks import check_study
+from ldct.config.checks import check_study, check_train
 from ldct.config.coerce import ConfigError
 from ldct.config.coerce import coerce as _coerce
 
@@ -170,6 +170,12 @@ class TrainConfig(_Checked):
     log_every: int = 50
     seed: int = 0
     workers: int = 2
+    # Elastic DDP (Ray Train V2): 0 = exactly `workers`; else start with as many workers as the
+    # cluster has room for between this and `workers`, and resize (a restart from the last
+    # checkpoint) as nodes come and go. The global batch stays batch_size at every size (split
+    # as evenly as it goes, each rank's loss weighted by its share), so a resized run resumes
+    # the same batch sequence with the same effective learning rate.
+    min_workers: int = 0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     # Torch intra-op threads per worker (0 = what Ray's CPU reservation implies).
@@ -193,6 +199,14 @@ class TrainConfig(_Checked):
     # there creates `debug_pause_file` (holding its PID) and sleeps, so a test can SIGKILL it.
     debug_pause_step: int = 0
     debug_pause_file: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_train(self)
+
+    def worker_range(self) -> int | tuple[int, int]:
+        """Ray Train's ``num_workers``: ``workers``, or ``(min_workers, workers)`` when elastic."""
+        return (self.min_workers, self.workers) if self.min_workers else self.workers
 
 
 @dataclass(frozen=True)
@@ -387,16 +401,26 @@ def profile_path(profile: str | Path) -> Path:
 
 
 def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``section.key=value`` strings; unknown keys and wrong types raise ConfigError."""
+    """Apply ``section.key=value`` strings; unknown keys and wrong types raise ConfigError.
+
+    A section's overrides apply together, so that fields checked against each other (e.g.
+    ``train.min_workers`` and ``train.workers``) can change in any order; a later value of the
+    same key wins."""
+    grouped: dict[str, tuple[list[str], dict[str, Any]]] = {}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         dotted, raw = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
+        items, changes = grouped.setdefault(section, ([], {}))
+        items.append(item)
+        changes[key] = raw.strip()
+    for section, (items, changes) in grouped.items():
         try:
-            config = _replace_section(config, section, {key: raw.strip()})
+            config = _replace_section(config, section, changes)
         except ConfigError as exc:
-            raise ConfigError(f"override {item!r}: {exc}") from exc
+            named = items[0] if len(items) == 1 else ", ".join(items)
+            raise ConfigError(f"override {named!r}: {exc}") from exc
     return config
 
 

@@ -60,3 +60,19 @@ def check_study(study: Any) -> None:
                 "psnr_body trial ('max psnr_body'); a rule over another metric needs it as the second "
                 "objective, e.g. study.objectives = [psnr_body, lcd_auc]"
             )
+
+
+def check_train(train: Any) -> None:
+    """Worker counts of a TrainConfig against its global batch."""
+    if train.workers < 1:
+        raise ConfigError(f"train.workers {train.workers}: at least 1")
+    if not 0 <= train.min_workers <= train.workers:
+        raise ConfigError(
+            f"train.min_workers {train.min_workers}: 0 (a fixed group of train.workers) or 1 to "
+            f"train.workers ({train.workers}) for elastic DDP"
+        )
+    if train.batch_size < train.workers:
+        raise ConfigError(
+            f"train.batch_size {train.batch_size} is smaller than train.workers {train.workers}: "
+            "every worker needs at least one sample of the global batch"
+        )

@@ -13,11 +13,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from ldct.config import Config
 from ldct.deploy import backends, gate
 from ldct.deploy.throughput import measure_runner
+
+ValidationInputs = tuple[gate.Panel, list[np.ndarray] | None]
+
+
+def validation_inputs(cfg: Config, paths: Sequence[tuple[str, str]]) -> ValidationInputs:
+    """What validation reads from the data: the gate's test panel, and training slices to
+    calibrate int8 paths (None without one). Read where the data cache is: on a cluster, the head
+    reads them and the GPU worker gets them with its task, so it needs no cache of its own."""
+    calibration = gate.calibration_slices(cfg) if any(p == "int8" for _, p in paths) else None
+    return gate.test_panel(cfg), calibration
 
 
 def validate_paths(
@@ -28,20 +39,20 @@ def validate_paths(
     batch_sizes: Sequence[int] = (1, 4),
     size: int = 512,
     log: Callable[[str], None] = print,
+    inputs: ValidationInputs | None = None,
 ) -> dict[str, Any]:
     """Gate and time ``paths``; returns ``{"rows": [...], "chosen": row | None, "panel": str}``.
 
     Each row: ``backend``, ``precision``, ``gate`` (the verdict), and for gated paths
     ``throughput`` (:func:`measure_runner`). ``chosen`` is the passing row with the highest
-    batch-1 FPS.
+    batch-1 FPS. ``inputs``: :func:`validation_inputs` read elsewhere (default: read here).
     """
     norm = cfg.normalization
-    panel = gate.test_panel(cfg)
+    panel, calibration = inputs if inputs is not None else validation_inputs(cfg, paths)
     log(f"precision gate on {panel.source}")
     reference = backends.TorchRunner.from_generator(generator, "fp32")
     reference_hu = gate.run_panel(reference, panel, norm)
     reference_scores = gate._window_scores(reference_hu, panel)
-    calibration = gate.calibration_slices(cfg) if any(p == "int8" for _, p in paths) else None
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ldct-validate-") as tmp:
         for backend, precision in paths:

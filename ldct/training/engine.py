@@ -233,12 +233,12 @@ def _debug_poison(cfg: Config, step: int, which: str, loss: torch.Tensor) -> tor
 
 
 def critic_step(
-    nets: Networks, low: torch.Tensor, full: torch.Tensor, cfg: Config, step: int
+    nets: Networks, low: torch.Tensor, full: torch.Tensor, cfg: Config, step: int, share: float = 1.0
 ) -> dict[str, float]:
     """One critic update on a batch: ``E[D(fake)] - E[D(real)] + λ_gp·GP``.
 
     Returns ``loss_critic``, ``wasserstein`` (the distance estimate ``E[D(real)] - E[D(fake)]``)
-    and ``gp``.
+    and ``gp``. ``share``: this rank's weight in DDP's gradient average (:func:`rank_share`).
     """
     low, full = _to_device(nets, low), _to_device(nets, full)
     critic_module = unwrap(nets.critic)
@@ -258,16 +258,17 @@ def critic_step(
     loss = _debug_poison(cfg, step, "loss_critic", wasserstein_loss + cfg.loss.lambda_gp * gp)
     values = _checked(step, {"loss_critic": loss, "wasserstein": -wasserstein_loss, "gp": gp})
     nets.opt_c.zero_grad(set_to_none=True)
-    nets.scaler_c.scale(loss).backward()
+    nets.scaler_c.scale(loss * share).backward()
     nets.scaler_c.step(nets.opt_c)
     nets.scaler_c.update()
     return values
 
 
 def generator_step(
-    nets: Networks, low: torch.Tensor, full: torch.Tensor, cfg: Config, step: int
+    nets: Networks, low: torch.Tensor, full: torch.Tensor, cfg: Config, step: int, share: float = 1.0
 ) -> dict[str, float]:
-    """One generator update: ``λ_adv·adv + λ_l1·L1 + λ_perceptual·perceptual``.
+    """One generator update: ``λ_adv·adv + λ_l1·L1 + λ_perceptual·perceptual``; ``share`` as in
+    :func:`critic_step`.
 
     ``cfg.train.debug_nan_*`` can make ``loss_g`` (or, in critic_step, ``loss_critic``) NaN/inf
     at one step: a test hook for the non-finite handling all the way up to Ray/Tune.
@@ -295,7 +296,7 @@ def generator_step(
         loss = _debug_poison(cfg, step, "loss_g", loss)
         values = _checked(step, {"loss_g": loss, **terms})
         nets.opt_g.zero_grad(set_to_none=True)
-        nets.scaler_g.scale(loss).backward()
+        nets.scaler_g.scale(loss * share).backward()
         nets.scaler_g.step(nets.opt_g)
         nets.scaler_g.update()
     finally:
@@ -331,22 +332,39 @@ def _apply_schedule(nets: Networks, cfg: Config, step: int) -> None:
             group["lr"] = base * factor
 
 
+def rank_share(local: int, world: int, global_batch: int) -> float:
+    """The factor on a rank's loss that makes DDP's gradient average the global batch's mean.
+
+    DDP averages the ranks' gradients with equal weights; each rank's loss is a mean over its
+    own ``local`` samples. When the global batch does not split evenly (an elastic group of 3
+    on a batch of 128: 43, 43, 42), weighting each rank by ``local * world / global_batch``
+    makes the average exactly the mean over all samples; an even split gives 1.
+    """
+    return local * world / global_batch
+
+
 def train_iteration(
     nets: Networks,
     next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     cfg: Config,
     step: int,
+    world: int = 1,
 ) -> dict[str, float]:
     """``cfg.train.n_critic`` critic steps (a fresh batch each) then one generator step (another
     fresh batch). Critic figures are averaged over its steps; without a critic (λ_adv = 0) only
-    the generator step runs. Raises NonFiniteLossError."""
+    the generator step runs. ``world`` > 1: the batches are this rank's share of global batches
+    of ``cfg.train.batch_size`` (see :func:`rank_share`). Raises NonFiniteLossError."""
     _apply_schedule(nets, cfg, step)
+
+    def share(batch: torch.Tensor) -> float:
+        return rank_share(batch.shape[0], world, cfg.train.batch_size) if world > 1 else 1.0
+
     critic_logs = []
     for _ in range(cfg.train.n_critic if nets.critic is not None else 0):
         low, full = next_batch()[:2]
-        critic_logs.append(critic_step(nets, low, full, cfg, step))
+        critic_logs.append(critic_step(nets, low, full, cfg, step, share(low)))
     low, full = next_batch()[:2]
-    out = generator_step(nets, low, full, cfg, step)
+    out = generator_step(nets, low, full, cfg, step, share(low))
     if critic_logs:
         for key in critic_logs[0]:
             out[key] = sum(log[key] for log in critic_logs) / len(critic_logs)

@@ -102,20 +102,24 @@ class LocalSession:
 class _StepBatchSampler(Sampler[list[int]]):
     """Yields the index lists of global batches ``start, start+1, ...``, this rank's share of each.
 
-    Global batch b covers dataset indices [b*B, (b+1)*B); rank r takes a contiguous slice of it.
-    Addressing batches by number (not by epoch + shuffle) is what makes resume exact.
+    Global batch b covers dataset indices [b*B, (b+1)*B); rank r takes a contiguous slice of it,
+    B // W samples or one more when W does not divide B (the first B % W ranks; each rank's loss
+    is weighted by its share, engine.rank_share). Addressing batches by number (not by epoch +
+    shuffle) is what makes resume exact, also when an elastic group resumes at another size.
     """
 
     def __init__(self, global_batch: int, rank: int, world_size: int, start_batch: int, total_batches: int):
-        if global_batch % world_size:
-            raise ValueError(f"train.batch_size={global_batch} is not divisible by {world_size} workers")
+        if global_batch < world_size:
+            raise ValueError(f"train.batch_size={global_batch} is smaller than {world_size} workers")
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
-        self.local = global_batch // world_size
+        base, extra = divmod(global_batch, world_size)
+        self.local = base + (rank < extra)
+        self.offset = rank * base + min(rank, extra)
         self.start, self.total = start_batch, total_batches
 
     def __iter__(self) -> Iterator[list[int]]:
         for b in range(self.start, self.total):
-            first = b * self.global_batch + self.rank * self.local
+            first = b * self.global_batch + self.offset
             yield list(range(first, first + self.local))
 
     def __len__(self) -> int:
@@ -211,7 +215,7 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * 7919 + rank)
         tick = time.perf_counter()
         try:
-            losses = train_iteration(nets, feed, cfg, step + 1)
+            losses = train_iteration(nets, feed, cfg, step + 1, world)
         except NonFiniteLossError as exc:
             message = (
                 f"{exc} (run stopped; worker rank {rank}; "
@@ -374,6 +378,9 @@ def _validate_and_report(
                 )
             metrics["is_best"] = int(metrics[VAL_METRIC] > best)
             best = max(best, metrics[VAL_METRIC])
+            # How many workers trained up to here: with train.min_workers (elastic DDP) the
+            # group's size can change at each restart.
+            metrics["world_size"] = world
             if world > 1:
                 metrics["weights_spread"] = weights_spread(nets, device)
             if step % checkpoint_every == 0 or step == cfg.train.iterations:

@@ -104,7 +104,7 @@ def build_trainer(
         ray_train_loop,
         train_loop_config=loop_config_for(cfg, cache_dir, splits),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+            num_workers=cfg.train.worker_range(), use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=name,
