@@ -307,7 +307,7 @@ def test_validation_reads_its_data_once_where_the_cache_is(tiny, smoke_cfg, tmp_
     paths = [("torch", "fp32")]
     inputs = validation_inputs(smoke_cfg, paths)
     assert inputs[1] is None  # no int8 path, no calibration slices read
-    elsewhere = apply_overrides(smoke_cfg, [f"data.cache={tmp_path / 'not-here'}"])
+    elsewhere = apply_overrides(smoke_cfg, [f"data.root={tmp_path / 'not-here'}"])
     with pytest.raises(Exception, match="not-here"):
         validate_paths(tiny, elsewhere, paths, repeats=1, size=64, batch_sizes=(1,), log=lambda _: None)
     report = validate_paths(

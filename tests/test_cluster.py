@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -518,6 +519,7 @@ def test_ray_processes_are_told_from_others():
 def test_fps_task_that_fails_names_its_node_and_the_cause(ray_local):
     """A validation task that raises on its worker is one RemoteError line naming the node, not a
     Ray traceback. (num_gpus=0: the suite's Ray has no GPU.)"""
+    import ray
     import torch
 
     from ldct.cluster import RemoteError
@@ -528,8 +530,9 @@ def test_fps_task_that_fails_names_its_node_and_the_cause(ray_local):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x[..., 1:, :]
 
+    (ip,) = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
     with pytest.raises(
-        RemoteError, match=r"the validation task failed on node 127\.0\.0\.1 .*path output has shape"
+        RemoteError, match=rf"the validation task failed on node {re.escape(ip)} .*path output has shape"
     ):
         validate_on_gpu_worker(
             Cropping(),

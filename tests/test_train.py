@@ -138,24 +138,28 @@ def test_two_worker_ddp_keeps_ranks_identical_and_a_nan_on_rank_1_stops_both(tmp
 
 @pytest.mark.slow
 def test_elastic_ddp_starts_with_the_workers_that_fit(tmp_path, ray_local):
-    """train.min_workers (Ray Train V2's elastic num_workers): on this 2-CPU Ray, 4 workers of
-    0.6 CPU never fit, 3 do; the run trains with 3, its batch of 4 split 2/1/1 (engine.rank_share)."""
+    """train.min_workers (Ray Train V2's elastic num_workers): 4 workers of 0.6 CPU never fit on
+    this 2-CPU Ray (a fixed group would wait until its start timeout); elastic, the run starts
+    with those that do (2 or 3: Train counts what its coordinator reserves, not the bare total),
+    and trains them on a batch of 5 that splits unevenly (3/2 or 2/2/1, engine.rank_share) into
+    one model on every rank."""
     cfg = _smoke(
         "train.workers=4",
         "train.min_workers=1",
         "train.cpus_per_worker=0.6",
+        "train.batch_size=5",
         "train.iterations=2",
         "train.val_every=2",
     )
-    assert cfg.train.worker_range() == (1, 4) and cfg.train.batch_size == 4
+    assert cfg.train.worker_range() == (1, 4)
     cache_dir, splits = prepare_data(cfg)
     trainer = build_trainer(cfg, name="elastic", storage_path=tmp_path, cache_dir=cache_dir, splits=splits)
     result = trainer.fit()
     assert result.error is None, result.error
     (checkpoint,) = {p.parent for p in (tmp_path / "elastic").rglob("state.pt")}
     state = load_state(checkpoint)
-    assert state["step"] == 2 and state["metrics"]["world_size"] == 3
-    assert state["metrics"]["weights_spread"] == 0.0  # uneven shares, one model on every rank
+    assert state["step"] == 2 and state["metrics"]["world_size"] in (2, 3), state["metrics"]
+    assert state["metrics"]["weights_spread"] == 0.0
 
 
 def test_a_worker_that_cannot_see_the_cache_names_its_node_and_the_fix(tmp_path):

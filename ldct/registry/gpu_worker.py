@@ -7,6 +7,7 @@ gates `champion` comes from a T4 worker, not from the CPU head. Ray core only (a
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ldct.cluster import RemoteError, connect, root_cause
@@ -57,9 +58,14 @@ def validate_on_gpu_worker(
     try:
         return ray.get(task)
     except ray.exceptions.RayTaskError as exc:
+        # The error ray.get raises is also an instance of the task's own exception class, whose
+        # attributes shadow RayTaskError's (.ip raises AttributeError): read the node from the
+        # message's first line, "ray::_validate_on_gpu() (pid=N, ip=A.B.C.D)".
+        where = re.search(r"\(pid=(\d+), ip=([^)\s]+)\)", str(exc))
+        node = f"node {where[2]} (pid {where[1]})" if where else "its node"
         raise RemoteError(
-            f"the validation task failed on node {exc.ip} (pid {exc.pid}): {root_cause(exc)}; its "
-            "full traceback is above and in that node's /tmp/ray/session_latest/logs/worker-*"
+            f"the validation task failed on {node}: {root_cause(exc)}; its full traceback is above "
+            "and in that node's /tmp/ray/session_latest/logs/worker-*"
         ) from exc
     except ray.exceptions.RayError as exc:
         # The node or its worker process died (OOM, a lost GPU node): no result, no traceback.
