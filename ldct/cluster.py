@@ -334,9 +334,10 @@ def down_cluster(config: Path, progress: Callable[[str], None] = print, settle_s
             failed.append(f"{ip}: `{stop}` failed (exit {run.returncode}): {run.stderr.strip()[-300:]}")
             continue
         plain = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)  # ray colours its output
-        said = [ln.strip() for ln in plain.splitlines() if "stopped" in ln.lower()]
-        if said:
-            progress(f"[ldct] {ip}: {said[-1]}")
+        # Its summary line, without the logger's "date time WARN file:line -- " prefix.
+        said = [ln.split(" -- ", 1)[-1].strip() for ln in plain.splitlines() if "stopped" in ln.lower()]
+        if said:  # its first sentence: "Stopped only 1 out of 4 Ray processes within ... 16 seconds"
+            progress(f"[ldct] {ip}: {said[-1].split('. ', 1)[0].rstrip('.')}")
         deadline = time.monotonic() + settle_s
         while True:
             ps = subprocess.run([*target, "ps -eo args="], capture_output=True, text=True)
