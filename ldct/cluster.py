@@ -329,7 +329,14 @@ def down_cluster(config: Path, progress: Callable[[str], None] = print, settle_s
     for ip in workers:
         target = [*ssh, f"{user}@{ip}"]
         progress(f"[ldct] {ip}: {stop}")
-        run = subprocess.run([*target, f"bash -c {shlex.quote(str(stop))}"], capture_output=True, text=True)
+        try:
+            # `ray stop` gives its processes 16 s, then SIGKILLs them: minutes mean a hung host.
+            run = subprocess.run(
+                [*target, f"bash -c {shlex.quote(str(stop))}"], capture_output=True, text=True, timeout=180
+            )
+        except subprocess.TimeoutExpired:
+            failed.append(f"{ip}: `{stop}` did not return within 180 s")
+            continue
         if run.returncode != 0:
             failed.append(f"{ip}: `{stop}` failed (exit {run.returncode}): {run.stderr.strip()[-300:]}")
             continue
@@ -340,7 +347,10 @@ def down_cluster(config: Path, progress: Callable[[str], None] = print, settle_s
             progress(f"[ldct] {ip}: {said[-1].split('. ', 1)[0].rstrip('.')}")
         deadline = time.monotonic() + settle_s
         while True:
-            ps = subprocess.run([*target, "ps -eo args="], capture_output=True, text=True)
+            try:
+                ps = subprocess.run([*target, "ps -eo args="], capture_output=True, text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                ps = subprocess.CompletedProcess([], 255, "", "no answer within 60 s")
             left = [a for a in ps.stdout.splitlines() if _is_ray_process(a.strip())]
             if ps.returncode == 0 and not left:
                 progress(f"[ldct] {ip}: no Ray process left")
