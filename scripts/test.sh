@@ -12,21 +12,22 @@ bash scripts/install_ssh.sh || echo "[test] scripts/install_ssh.sh failed: the c
 # Passive OpenMP waiting: torch threads must not spin against Ray workers on 2 cores.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # Two parts, each with the pytest options given here (e.g. -q): the suite (pyproject.toml leaves
-# out the `twohost` marker), then the two-host cluster test on its own, since it takes both cores
-# for minutes (tests/test_cluster_multinode.py). Both run; the exit status fails if either did.
-# LDCT_TESTS=suite or LDCT_TESTS=twohost runs one part.
+# out the `aftersuite` marker), then the tests that must run alone: the two-host cluster test,
+# which takes both cores for minutes (tests/test_cluster_multinode.py), and elastic DDP, which
+# needs an idle Ray (tests/test_train.py). Both parts run; the exit status fails if either did.
+# LDCT_TESTS=suite or LDCT_TESTS=after runs one part.
 part=${LDCT_TESTS:-all}
 status=0
-if [[ $part != twohost ]]; then
+if [[ $part != after ]]; then
     started=$SECONDS
     .venv/bin/python -m pytest "$@" || status=$?
     echo "[test] the suite: exit $status, $((SECONDS - started)) s"
 fi
 if [[ $part != suite ]]; then
     started=$SECONDS
-    two=0
-    .venv/bin/python -m pytest -n 0 -m twohost tests/test_cluster_multinode.py "$@" || two=$?
-    echo "[test] the two-host test: exit $two, $((SECONDS - started)) s"
-    [[ $status -ne 0 ]] || status=$two
+    after=0
+    .venv/bin/python -m pytest -n 0 -m aftersuite tests/test_train.py tests/test_cluster_multinode.py "$@" || after=$?
+    echo "[test] after the suite (two hosts, elastic DDP): exit $after, $((SECONDS - started)) s"
+    [[ $status -ne 0 ]] || status=$after
 fi
 exit $status

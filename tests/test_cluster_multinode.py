@@ -11,7 +11,7 @@ SSH user and key, this suite's environment instead of pip installs, CPU counts t
 work lands); see `_variant`. Ports are the config's own: every host has its own port space.
 
 Needs root (namespaces, sshd as root); installs openssh-server, rsync, iproute2 where missing.
-Runs after the suite (scripts/test.sh), not in it: ~6 min of both cores (2026-12-07).
+Runs after the suite (scripts/test.sh, marker aftersuite), not in it: ~6 min of both cores (2026-12-07).
 
 A launcher step silent for QUIET_S seconds fails then, not at its timeout. A failed run keeps the
 launcher's output, each host's sshd log and both hosts' Ray logs in /var/tmp/ldct-twohost-failed-*
@@ -37,7 +37,7 @@ from _launch import run_launcher
 from _netns import HOME, LDCT_HOME, SHARED, Network
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.twohost]
+pytestmark = [pytest.mark.slow, pytest.mark.twohost, pytest.mark.aftersuite]
 S3_PORT = 9000
 
 

@@ -93,29 +93,21 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_elastic_ddp_keeps_ranks_identical_and_a_nan_on_rank_1_stops_all(tmp_path, ray_local):
-    """One elastic DDP run, so that Ray Train's start-up is paid once. train.min_workers (Ray
-    Train V2's elastic num_workers): 4 workers of 0.6 CPU never fit on this 2-CPU Ray, so a fixed
-    group would wait until its start timeout; elastic, the run starts once at least 2 fit, with
-    those that do (2 or 3: Train counts what its coordinator reserves, and a previous test's
-    workers may still be leaving). Its batch of 5 splits unevenly (3/2 or 2/2/1,
-    engine.rank_share); the step-2 checkpoint holds identical ranks (the weights all-gathered at
-    validation differ by exactly 0); then a NaN made on rank 1 at step 3 stops every worker with
-    the step, the loss and the rank named."""
+def test_two_worker_ddp_keeps_ranks_identical_and_a_nan_on_rank_1_stops_both(tmp_path, ray_local):
+    """One 2-worker DDP run, so that Ray Train's start-up is paid once: its step-2 checkpoint
+    holds identical ranks (the weights all-gathered at validation differ by exactly 0), then a NaN
+    made on rank 1 at step 3 stops both workers with the step, the loss and the rank named."""
     import time
 
     cfg = _smoke(
-        "train.workers=4",
-        "train.min_workers=2",
-        "train.cpus_per_worker=0.6",
-        "train.batch_size=5",
+        "train.workers=2",
+        "train.cpus_per_worker=0.5",
         "train.iterations=4",
         "train.val_every=2",
         "train.debug_nan_step=3",
         "train.debug_nan_rank=1",
         "study.max_failures=0",
     )
-    assert cfg.train.worker_range() == (2, 4)
     cache_dir, splits = prepare_data(cfg)
     trainer = build_trainer(cfg, name="ddp-nan", storage_path=tmp_path, cache_dir=cache_dir, splits=splits)
     started = time.perf_counter()
@@ -128,22 +120,48 @@ def test_elastic_ddp_keeps_ranks_identical_and_a_nan_on_rank_1_stops_all(tmp_pat
     (checkpoint,) = {p.parent for p in (tmp_path / "ddp-nan").rglob("state.pt")}
     state = load_state(checkpoint)
     assert state["step"] == 2
-    world = state["metrics"]["world_size"]
-    assert world in (2, 3), state["metrics"]
     assert state["metrics"]["weights_spread"] == 0.0
     assert math.isfinite(state["metrics"]["val_psnr_window"]) and math.isfinite(
         state["metrics"]["val_psnr_body"]
     )
     assert error is not None
     failures = getattr(error, "worker_failures", None) or getattr(error.__cause__, "worker_failures", {})
-    # Every rank raised the same error at the same step (rank 0 did not wait in an all-reduce
+    # Both ranks raised the same error at the same step (rank 0 did not wait in an all-reduce
     # until Ray killed it or gloo timed out), naming the step, the loss and the rank that saw it.
-    assert set(failures) == set(range(world)), error
+    assert set(failures) == {0, 1}, error
     for rank, exc in failures.items():
         text = str(exc)
         assert "at step 3" in text and "loss_g" in text and "on rank 1" in text, (rank, text)
         assert f"worker rank {rank}" in text
-    assert seconds < 240, seconds  # start-up (~30-60 s here) plus seconds, not a timeout
+    assert seconds < 180, seconds  # start-up (~30-60 s here) plus seconds, not a timeout
+
+
+@pytest.mark.slow
+@pytest.mark.aftersuite
+def test_elastic_ddp_starts_with_the_workers_that_fit(tmp_path, ray_local):
+    """train.min_workers (Ray Train V2's elastic num_workers): 4 workers of 0.6 CPU never fit on
+    this 2-CPU Ray, so a fixed group would wait until its start timeout; elastic, the run starts
+    once at least 2 fit, with those that do (2 or 3: Train counts what its coordinator reserves),
+    and trains them on a batch of 5 that splits unevenly (3/2 or 2/2/1, engine.rank_share) into
+    one model on every rank. Runs after the suite (scripts/test.sh): on the suite's shared Ray,
+    right after other runs, Train's elastic policy waited up to ~100 s for free CPUs."""
+    cfg = _smoke(
+        "train.workers=4",
+        "train.min_workers=2",
+        "train.cpus_per_worker=0.6",
+        "train.batch_size=5",
+        "train.iterations=2",
+        "train.val_every=2",
+    )
+    assert cfg.train.worker_range() == (2, 4)
+    cache_dir, splits = prepare_data(cfg)
+    trainer = build_trainer(cfg, name="elastic", storage_path=tmp_path, cache_dir=cache_dir, splits=splits)
+    result = trainer.fit()
+    assert result.error is None, result.error
+    (checkpoint,) = {p.parent for p in (tmp_path / "elastic").rglob("state.pt")}
+    state = load_state(checkpoint)
+    assert state["step"] == 2 and state["metrics"]["world_size"] in (2, 3), state["metrics"]
+    assert state["metrics"]["weights_spread"] == 0.0
 
 
 def test_a_worker_that_cannot_see_the_cache_names_its_node_and_the_fix(tmp_path):
