@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ldct.cluster import cpu_thread_env, init_ray, storage_uri
+from ldct.cluster import SHARED_FIX, cpu_thread_env, init_ray, storage_uri
 from ldct.config import Config
 from ldct.data.manifest import MANIFEST, CacheNotFound
 from ldct.training.checkpoint import load_state
@@ -78,8 +78,7 @@ def check_cache_visible(cache_dir: Path) -> None:
         raise CacheNotFound(
             f"{cache_dir / MANIFEST}: the data cache the study prepared on its driver's node is not "
             f"visible on node {ray.util.get_node_ip_address()} ({socket.gethostname()}): every node "
-            "must see it at the same path; put data.cache (and data.root) on storage all nodes "
-            "mount, e.g. --set data.cache=/mnt/nfs/ldct-cache data.root=/mnt/nfs/mayo"
+            f"must see it at the same path: {SHARED_FIX['data.cache']}"
         )
 
 
