@@ -1,10 +1,13 @@
 """What a LOSO repeat (``ldct repeat --protocol loso``) costs on this machine, before running it.
 
-Measures one short in-process training run of the profile (seconds per iteration and per
-validation), one run's Ray Train start-up (a constant: ~30 s on 2 cores, docs/DESIGN.md §5a), and
-the evaluation of one noise realization of a 512² real slice (re-simulation, BM3D with σ estimated,
-one generator forward, the metrics), then prints the estimate for
-runs = folds × arms × seeds and evaluations = folds × realizations × (arms × seeds + 2).
+Measures short training runs of the profile as the repeat schedules them: ``study.max_concurrent``
+runs at once, each in its own process with the profile's ``train.torch_threads`` (two 1-thread runs
+share 2 cores; one run alone would be faster than either of them), giving seconds per iteration
+and per validation; one run's Ray Train start-up (a constant: ~30 s on 2 cores, docs/DESIGN.md
+§5a); and the evaluation of one noise realization of a 512² real slice (re-simulation, BM3D with σ
+estimated, one generator forward, the metrics). It prints the estimate for
+runs = folds × arms × seeds, in waves of ``max_concurrent``, and
+evaluations = folds × realizations × (arms × seeds + 2).
 
     python benchmarks/loso_cost.py                      # quick profile, 5 folds, 2 arms, 1 seed, K = 4
     python benchmarks/loso_cost.py --arms 5 --seeds 2 --realizations 8
@@ -13,9 +16,29 @@ runs = folds × arms × seeds and evaluations = folds × realizations × (arms �
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
+
+
+def _short_run(profile: str, iterations: int, out: str) -> dict[str, Any]:
+    """One short in-process training run (in a worker process); its timings and last checkpoint."""
+    from ldct.config import load_config
+    from ldct.training.loop import run_local
+
+    short = load_config(profile, [f"train.iterations={iterations}", f"train.val_every={iterations}"])
+    tick = time.perf_counter()
+    session = run_local(short, Path(out))
+    wall = time.perf_counter() - tick
+    report = session.reports[-1]
+    return {
+        "wall": wall,
+        "train_seconds": report["train_seconds"],
+        "checkpoint": str(session.checkpoints[-1]),
+    }
 
 
 def main() -> None:
@@ -40,26 +63,28 @@ def main() -> None:
     from ldct.evaluation.denoisers import torch_denoiser
     from ldct.study.loso import bm3d_estimated, realizations, score_image, slice_info
     from ldct.training.checkpoint import generator_from_state, load_state
-    from ldct.training.loop import prepare_data, run_local
+    from ldct.training.loop import prepare_data
 
     cfg = load_config(args.profile)
-    short = load_config(
-        args.profile,
-        [f"train.iterations={args.iterations}", f"train.val_every={args.iterations}"],
-    )
-    cache_dir, _ = prepare_data(short)
+    cache_dir, _ = prepare_data(cfg)  # made once here, not raced by the parallel runs
+    parallel = max(1, cfg.study.max_concurrent)
     with tempfile.TemporaryDirectory() as tmp:
-        tick = time.perf_counter()
-        session = run_local(short, Path(tmp))
-        wall = time.perf_counter() - tick
-        report = session.reports[-1]
-        per_it = report["train_seconds"] / args.iterations
-        per_val = max(wall - report["train_seconds"], 0.0)  # validation + checkpoint + set-up
-        generator, run_cfg = generator_from_state(load_state(session.checkpoints[-1]))
+        # spawn: a forked child would inherit this process's torch thread pool.
+        with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [
+                pool.submit(_short_run, args.profile, args.iterations, str(Path(tmp) / f"run{i}"))
+                for i in range(parallel)
+            ]
+            measured = [f.result() for f in futures]
+        per_it = max(m["train_seconds"] for m in measured) / args.iterations
+        # validation + checkpoint + set-up of the slowest run
+        per_val = max(max(m["wall"] - m["train_seconds"], 0.0) for m in measured)
+        generator, run_cfg = generator_from_state(load_state(measured[0]["checkpoint"]))
     t = cfg.train
     validations = -(-t.iterations // t.val_every)
     per_run = args.startup + t.iterations * per_it + validations * per_val
     runs = args.folds * args.arms * args.seeds
+    waves = -(-runs // parallel)
 
     info = slice_info(cache_dir, [args.slice])[args.slice]
     full = np.asarray(open_patient(cache_dir, args.slice)[1][0], dtype=np.float32)
@@ -83,20 +108,20 @@ def main() -> None:
         f"profile {cfg.profile}: {t.iterations} iterations of batch {t.batch_size}, validation every {t.val_every}"
     )
     print(
-        f"measured: {per_it:.3f} s/iteration, {per_val:.1f} s per validation (short run of {args.iterations})"
+        f"measured: {per_it:.3f} s/iteration, {per_val:.1f} s per validation ({parallel} short run(s) of "
+        f"{args.iterations} at once, {t.torch_threads or 'default'} torch thread(s) each)"
     )
     print(f"one run: {args.startup:.0f} s start-up + {t.iterations * per_it:.0f} s training + "
           f"{validations * per_val:.0f} s validation = {per_run / 60:.1f} min")  # fmt: skip
     print(
-        f"runs: {args.folds} folds x {args.arms} arms x {args.seeds} seeds = {runs} -> {runs * per_run / 60:.1f} min"
+        f"runs: {args.folds} folds x {args.arms} arms x {args.seeds} seeds = {runs}, {parallel} at a time "
+        f"(study.max_concurrent) -> {waves} waves, {waves * per_run / 60:.1f} min"
     )
     print(f"one realization of {args.slice} ({full.shape[0]}²): simulate {simulate:.1f} s, LDCT + BM3D(σ est.) "
           f"{bm3d_s:.1f} s, model + metrics {model:.2f} s per run; {per_realization:.1f} s in all")  # fmt: skip
     print(f"evaluation: {args.folds} folds x {args.realizations} realizations -> {evaluation / 60:.1f} min "
           "(upper bound: the 128² CTSMALL costs less; BM3D outputs are cached on a re-run)")  # fmt: skip
-    print(
-        f"total: {(runs * per_run + evaluation) / 60:.1f} min with runs one at a time (study.max_concurrent = 1)"
-    )
+    print(f"total: {(waves * per_run + evaluation) / 60:.1f} min")
 
 
 if __name__ == "__main__":
