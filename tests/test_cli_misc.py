@@ -71,3 +71,12 @@ def test_study_hands_its_options_to_the_study_parser(capsys):
     with pytest.raises(SystemExit):
         main(["study", "--help"])
     assert "--resume" in capsys.readouterr().out
+
+
+def test_the_study_summary_shares_step_time_among_trials_run_side_by_side():
+    from ldct.cli.study import steps_line
+
+    # The 2026-12-07 quick study: 23.7 min of steps in 14.8 min of wall time, two trials at a time.
+    line = steps_line(23.7 * 60, 14.8 * 60, 2)
+    assert "23.7 min summed over trials, up to 2 at a time" in line and "(80 % of 2 x the wall time)" in line
+    assert steps_line(60.0, 120.0, 1) == "training steps took 1.0 min (50 % of the wall time)"

@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     pruned = sum(t["status"] == "stopped" for t in result.trials)
     print(
         f"\nstudy {result.study}: {completed}/{len(result.trials)} trials completed ({pruned} pruned by ASHA) in "
-        f"{result.wall_seconds / 60:.1f} min; training steps took {result.train_seconds / 60:.1f} min "
-        f"({100 * result.train_seconds / max(result.wall_seconds, 1e-9):.0f} % of the wall time)"
+        f"{result.wall_seconds / 60:.1f} min; {steps_line(result.train_seconds, result.wall_seconds, cfg.study.max_concurrent)}"
     )
     if result.registered_version:
         print(f"registered ldct-denoiser version {result.registered_version} as alias 'candidate'")
@@ -125,6 +124,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if result.registration_error:
         print(f"{parser.prog}: error: registration failed: {result.registration_error}", file=sys.stderr)
     return 0 if completed and not result.registration_error else 1
+
+
+def steps_line(train_seconds: float, wall_seconds: float, concurrent: int) -> str:
+    """How much of a study's wall time its training steps filled. With trials running side by side
+    their step times add up past the wall time, so the share is of ``concurrent`` x the wall time."""
+    share = 100 * train_seconds / max(wall_seconds * max(concurrent, 1), 1e-9)
+    if concurrent <= 1:
+        return f"training steps took {train_seconds / 60:.1f} min ({share:.0f} % of the wall time)"
+    return (
+        f"training steps took {train_seconds / 60:.1f} min summed over trials, up to {concurrent} at a time "
+        f"({share:.0f} % of {concurrent} x the wall time)"
+    )
 
 
 def _report(results: str | None, cfg: Config, result: StudyResult) -> None:
