@@ -336,3 +336,14 @@ def test_extra_points_and_the_paper_label():
     assert any(d.startswith("model.encoder 'resnet10t'") for d in quick)
     assert paper_deviations(load_config("paper")) == []
     assert paper_label("quick") == "paper λ's under profile quick"
+
+
+def test_the_study_summary_is_strict_json():
+    import json
+    import math
+
+    from ldct.study.report import json_safe
+
+    summary = {"best": {"iq_lcd_auc": math.nan, "psnr": 31.3, "fps": [math.inf, 2.0]}, "n": 6, "tag": "x"}
+    text = json.dumps(json_safe(summary), allow_nan=False)  # raises on any NaN/inf left
+    assert json.loads(text) == {"best": {"iq_lcd_auc": None, "psnr": 31.3, "fps": [None, 2.0]}, "n": 6, "tag": "x"}

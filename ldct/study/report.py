@@ -60,6 +60,19 @@ COLUMNS = [
 STATUS_TEXT = {"stopped": "pruned (ASHA)"}
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN/inf float as None: summary.json is read by strict JSON parsers
+    (JavaScript's, jq), which refuse Python's bare ``NaN`` (a trial without image-quality metrics
+    has NaN ones)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _float(value: Any) -> float:
     try:
         return float(value)
@@ -332,7 +345,7 @@ def write_report(
                 (out / "best_test.md").write_text(_test_markdown(full_table))
     if parent is not None and parent.data.tags.get("ldct.optuna_storage"):
         summary["param_importances"] = write_importances(study, parent.data.tags["ldct.optuna_storage"], out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False))
     # The same files (and the test table as metrics) on the study's parent run, for the MLflow UI.
     log_report(mlflow_client, study, out, summary.get("best_test"), parent_id)
     return out
