@@ -346,4 +346,8 @@ def test_the_study_summary_is_strict_json():
 
     summary = {"best": {"iq_lcd_auc": math.nan, "psnr": 31.3, "fps": [math.inf, 2.0]}, "n": 6, "tag": "x"}
     text = json.dumps(json_safe(summary), allow_nan=False)  # raises on any NaN/inf left
-    assert json.loads(text) == {"best": {"iq_lcd_auc": None, "psnr": 31.3, "fps": [None, 2.0]}, "n": 6, "tag": "x"}
+    assert json.loads(text) == {
+        "best": {"iq_lcd_auc": None, "psnr": 31.3, "fps": [None, 2.0]},
+        "n": 6,
+        "tag": "x",
+    }
